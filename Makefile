@@ -1,0 +1,34 @@
+# factedit: two commands for a fresh machine.
+#   make demo   set up, then run the demo on the embedded demo model
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test lint train-world clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/factedit demo --out demo-output
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check factedit tests
+
+lint: setup
+	$(BIN)/ruff check factedit tests
+
+# Retrain the embedded demo model (about 50 minutes on 2 CPU cores).
+train-world: setup
+	$(BIN)/factedit world train --recipe recipes/demo-world.yaml --out checkpoints/demo-world --overwrite
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,1 @@
+"""Analysis (locate): where a model retrieves a fact."""

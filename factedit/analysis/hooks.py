@@ -1,0 +1,68 @@
+"""Hooks shared by the analyses: per-layer attention masks and activation capture."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from factedit.models.adapter import ModelAdapter
+
+
+def causal_mask(batch: int, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(B, 1, T, T) additive mask: 0 on and below the diagonal, dtype-min above."""
+    m = torch.full((seq, seq), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return m.expand(batch, 1, seq, seq).clone()
+
+
+@contextmanager
+def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor | None]) -> Iterator[None]:
+    """Replace the ``attention_mask`` each attention module receives by ``masks(layer)``
+    (a full additive (B, 1, T, T) mask, causality included), where it is not None."""
+    handles = []
+    for layer in range(adapter.n_layers):
+        mask = masks(layer)
+        if mask is None:
+            continue
+
+        def pre(module, args, kwargs, mask=mask):
+            kwargs["attention_mask"] = mask.to(dtype=_dtype_of(module))
+            return args, kwargs
+
+        handles.append(adapter.attn(layer).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+@contextmanager
+def capture(adapter: ModelAdapter, what: dict[str, tuple[Callable[[int], torch.nn.Module], str]],
+            store: dict[str, list]) -> Iterator[None]:
+    """Record per-layer activations. ``what`` maps a name to (module getter, "in"|"out");
+    ``store[name][layer]`` receives the module's first input or its (first) output."""
+    handles = []
+    for name, (getter, kind) in what.items():
+        store[name] = [None] * adapter.n_layers
+        for layer in range(adapter.n_layers):
+            mod = getter(layer)
+            if kind == "in":
+                def hook(m, args, kwargs, name=name, layer=layer):
+                    x = args[0] if args else kwargs["hidden_states"]
+                    store[name][layer] = x
+                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                def hook(m, args, out, name=name, layer=layer):
+                    store[name][layer] = out[0] if isinstance(out, tuple) else out
+                handles.append(mod.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,68 @@
+"""Subject token positions from the tokenizer's character offsets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from factedit.errors import FactEditError
+
+
+class SubjectNotFoundError(FactEditError):
+    pass
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    prompt: str
+    input_ids: list[int]
+    subject_span: tuple[int, int]  # [start, end) in tokens
+
+    @property
+    def last_subject(self) -> int:
+        return self.subject_span[1] - 1
+
+    @property
+    def last(self) -> int:
+        return len(self.input_ids) - 1
+
+
+def fill_prompt(prompt: str, subject: str) -> tuple[str, int]:
+    """A template with ``{}`` or a full prompt -> (full prompt, subject's char start).
+
+    In a full prompt the subject's last occurrence is used: it is the one nearest to the
+    prediction.
+    """
+    if not prompt.strip():
+        raise FactEditError("the prompt is empty: give a template like '{} was born in' or a full prompt")
+    if not subject.strip():
+        raise FactEditError("the subject is empty: give the subject's exact text as it appears in the prompt")
+    if "{}" in prompt:
+        if prompt.count("{}") > 1:
+            raise FactEditError(f"prompt {prompt!r} has more than one '{{}}': use exactly one for the subject")
+        return prompt.replace("{}", subject), prompt.index("{}")
+    start = prompt.rfind(subject)
+    if start < 0:
+        raise SubjectNotFoundError(
+            f"subject {subject!r} does not occur in prompt {prompt!r}: "
+            "check its spelling and case, or write the prompt as a template with '{}'"
+        )
+    return prompt, start
+
+
+def tokenize_with_subject(tokenizer, prompt: str, subject: str) -> TokenizedPrompt:
+    """Tokenise ``prompt`` (no special tokens added beyond the tokenizer's own BOS) and find
+    the tokens that overlap the subject's characters."""
+    text, c0 = fill_prompt(prompt, subject)
+    c1 = c0 + len(subject)
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    pos = [i for i, (s, e) in enumerate(offsets) if e > s and s < c1 and e > c0]
+    if not pos:
+        raise SubjectNotFoundError(f"no token of {text!r} covers the subject {subject!r}")
+    span = (pos[0], pos[-1] + 1)
+    if span[1] >= len(ids):
+        raise FactEditError(
+            f"the subject {subject!r} ends the prompt {text!r}: a relation must follow the subject "
+            "so that the last position can predict the attribute"
+        )
+    return TokenizedPrompt(text, list(ids), span)

@@ -1,0 +1,90 @@
+"""Load a causal LM and its tokenizer: the embedded demo model, a local folder or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from factedit.errors import ModelLoadError
+from factedit.paths import demo_checkpoint
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))} or auto") from None
+
+
+def _check_local_weights(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model folder")
+    has_st = any(path.glob("*.safetensors"))
+    has_bin = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_st and has_bin and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded: "
+            "convert them to safetensors, or pass --allow-pickle if you trust the source"
+        )
+    if not has_st and not has_bin:
+        raise ModelLoadError(f"{path} holds no weight files (*.safetensors)")
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str = "eager",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Return ``(model, tokenizer)`` in eval mode.
+
+    ``None`` loads the embedded demo model. Weights load from safetensors only unless
+    ``allow_pickle``; ``trust_remote_code`` is off unless asked. Analysis hooks need
+    ``attn_implementation="eager"`` (the default here), so that attention masks added
+    by factedit reach the attention logits in every family.
+    """
+    source = str(demo_checkpoint()) if name_or_path is None else str(name_or_path)
+    local = Path(source)
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_local and not local.exists():
+        raise ModelLoadError(f"model folder {source} does not exist: check the path")
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"{local} is a file: pass the model's folder")
+        _check_local_weights(local, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=resolve_dtype(dtype),
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model from {source}: {first}") from exc
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
