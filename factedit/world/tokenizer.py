@@ -13,7 +13,9 @@ EOS = "<|endoftext|>"
 
 def train_tokenizer(world: World, vocab_size: int = 2048, seed: int = 0) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # a leading space is added to every text, so a name is the same tokens at the start of a
+    # text as after a word (otherwise every entity has two spellings to learn)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -1,0 +1,15 @@
+"""GPT-NeoX / Pythia: fused query_key_value (interleaved per head), parallel residual."""
+
+from factedit.models.adapter import FamilySpec, register
+
+SPEC = register(FamilySpec(
+    model_types=("gpt_neox",),
+    blocks="gpt_neox.layers",
+    attn="attention",
+    attn_out="attention.dense",
+    mlp="mlp",
+    mlp_in="mlp.dense_h_to_4h",
+    mlp_out="mlp.dense_4h_to_h",
+    final_norm="gpt_neox.final_layer_norm",
+    unembed="embed_out",
+))

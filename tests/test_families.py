@@ -1,0 +1,94 @@
+"""Every supported family: adapter lookup, per-head decomposition and attention knockout
+against a naive reference (one forward per intervention, blocking by post-softmax
+renormalisation instead of factedit's pre-softmax masking)."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, source_positions, window_layers
+from factedit.analysis.projection import components
+from factedit.analysis.spans import TokenizedPrompt
+from factedit.models.adapter import ModelAdapter, UnsupportedModelError, family_for
+
+from .families import FAMILIES, tiny_model
+
+IDS = [5, 17, 23, 42, 8, 61, 3, 77]
+SPAN = (2, 5)
+
+
+@contextmanager
+def renormalised_softmax(adapter, layers, q, sources):
+    """While the attention modules of ``layers`` run, zero the softmax weights of the edges
+    q -> sources and renormalise the row: the naive way to cut those edges."""
+    orig = torch.nn.functional.softmax
+    state = {"on": False}
+
+    def patched(x, dim=None, *a, **k):
+        p = orig(x, dim=dim, *a, **k)
+        if not state["on"]:
+            return p
+        p = p.clone()
+        p[..., q, sources] = 0
+        return p / p[..., q : q + 1, :].sum(-1, keepdim=True).where(
+            torch.arange(p.shape[-2], device=p.device).view(-1, 1) == q, torch.ones((), dtype=p.dtype))
+
+    hs = []
+    for la in layers:
+        mod = adapter.attn(la)
+        hs.append(mod.register_forward_pre_hook(lambda m, a: state.update(on=True)))
+        hs.append(mod.register_forward_hook(lambda m, a, o: state.update(on=False)))
+    torch.nn.functional.softmax = patched
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = orig
+        for h in hs:
+            h.remove()
+
+
+def test_unknown_family_lists_supported():
+    with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
+        family_for("mamba")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_knockout_matches_naive_reference(family):
+    model = tiny_model(family)
+    adapter = ModelAdapter(model)
+    tp = TokenizedPrompt("", IDS, SPAN)
+    window = 2
+    res = attention_knockout(adapter, tp, window, target=11)
+    src = source_positions(tp)
+    q = tp.last
+    with torch.no_grad():
+        p0 = model(input_ids=torch.tensor([IDS])).logits[0, -1].softmax(-1)
+        assert int(p0.argmax()) == res.prediction
+        worst = 0.0
+        for s in SOURCE_SETS:
+            for c in range(adapter.n_layers):
+                layers = list(window_layers(c, window, adapter.n_layers))
+                with renormalised_softmax(adapter, layers, q, src[s]):
+                    p = model(input_ids=torch.tensor([IDS])).logits[0, -1].softmax(-1)
+                want = (float(p[res.prediction]) / float(p0[res.prediction]) - 1) * 100
+                want_t = (float(p[11]) / float(p0[11]) - 1) * 100
+                worst = max(worst, abs(res.curves[s][c] - want), abs(res.target_curves[s][c] - want_t))
+    assert worst < 1e-4, worst
+    assert max(abs(v) for s in SOURCE_SETS for v in res.curves[s]) > 1e-2  # the knockout did something
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_sum_to_mhsa_output(family):
+    model = tiny_model(family)
+    adapter = ModelAdapter(model)
+    comp = components(adapter, IDS)
+    for layer in range(adapter.n_layers):
+        bias = adapter.attn_out_bias(layer)
+        summed = comp.heads[layer].sum(0) + (bias if bias is not None else 0)
+        torch.testing.assert_close(summed, comp.attn[layer], atol=1e-10, rtol=0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([IDS])).logits[0, -1]
+    torch.testing.assert_close(comp.logits, logits, atol=1e-10, rtol=0)
+    # the logit lens of the last residual is the model's own output
+    torch.testing.assert_close(adapter.logit_lens(comp.resid[-1, -1]), logits, atol=1e-8, rtol=0)
