@@ -11,6 +11,7 @@ import torch
 
 from factedit.io import atomic_write_text
 from factedit.models.loading import load_model
+from factedit.plots import attribute_rate_figure, head_heatmap, knockout_figure
 from factedit.world.evaluate import evaluate_recall
 from factedit.world.generate import World
 from factedit.world.mechanism import measure_mechanism
@@ -61,8 +62,17 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
          + " ".join(f"{x:.2f}" for x in mech.attribute_rate))
     echo(f"  facts with an extraction head (a head's output alone ranks the attribute first): "
          f"{s['d_extraction_head_share']:.0%}")
-    result = {"examples": rows, "recall": rec, "mechanism": s}
     out = Path(out)
+    knockout_figure(mech.knockout, window, out / "knockout.png",
+                    title=f"Attention knockout, mean over {s['n_facts']} demo facts")
+    attribute_rate_figure({"own attributes": mech.attribute_rate,
+                           "another entity's attributes (control)": mech.attribute_rate_control},
+                          out / "attribute_rate.png")
+    head_heatmap(mech.head_share, out / "extraction_heads.png",
+                 title="Share of facts where the head alone ranks the attribute first",
+                 label="share of facts")
+    echo(f"wrote {out}/knockout.png, attribute_rate.png, extraction_heads.png")
+    result = {"examples": rows, "recall": rec, "mechanism": s}
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     echo(f"\nwrote {out / 'demo.json'}")
     return result

@@ -15,6 +15,12 @@ from factedit.models.adapter import ModelAdapter, UnsupportedModelError, family_
 from .families import FAMILIES, tiny_model
 
 IDS = [5, 17, 23, 42, 8, 61, 3, 77]
+
+# The models run in float64, so both paths agree to ~1e-10 in relative change (%).
+# Llama-style RMSNorm (Llama, Mistral, Qwen2, Gemma) casts to float32 inside the norm; a
+# last-bit difference between the batched and the one-row run then becomes a float32
+# rounding step (~6e-8 relative), i.e. up to ~1e-3 in % for a low-probability target.
+TOLERANCE = {"llama": 1e-3, "mistral": 1e-3, "qwen2": 1e-3, "gemma": 1e-3}
 SPAN = (2, 5)
 
 
@@ -74,7 +80,7 @@ def test_knockout_matches_naive_reference(family):
                 want = (float(p[res.prediction]) / float(p0[res.prediction]) - 1) * 100
                 want_t = (float(p[11]) / float(p0[11]) - 1) * 100
                 worst = max(worst, abs(res.curves[s][c] - want), abs(res.target_curves[s][c] - want_t))
-    assert worst < 1e-4, worst
+    assert worst < TOLERANCE.get(family, 1e-4), worst
     assert max(abs(v) for s in SOURCE_SETS for v in res.curves[s]) > 1e-2  # the knockout did something
 
 

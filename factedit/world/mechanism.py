@@ -34,6 +34,7 @@ class MechanismReport:
     attribute_rate_control: list[float]
     extraction_head_share: float  # (d)
     top_heads: list[tuple[int, int, float]]  # (layer, head, share of facts at rank 1)
+    head_share: list[list[float]]  # (L, H) share of facts where the head ranks the attribute first
     mlp_extraction_share: float
     attn_extraction_share: float
 
@@ -119,6 +120,7 @@ def measure_mechanism(model, tok, world: World, n_facts: int = 100, window: int 
         attribute_rate_control=(ar_ctrl / n).tolist(),
         extraction_head_share=any_head / n,
         top_heads=flat[:8],
+        head_share=share.tolist(),
         mlp_extraction_share=mlp_ev / n,
         attn_extraction_share=attn_ev / n,
     )

@@ -29,6 +29,7 @@ class ModelSpec:
     n_layer: int = 8
     n_embd: int = 256
     n_head: int = 8
+    n_inner: int | None = None  # MLP width (default 4 * n_embd)
     n_positions: int = 128
 
     def validate(self) -> None:
@@ -50,6 +51,8 @@ class TrainSpec:
     grad_clip: float = 1.0
     prefix_prob: float = 0.3
     threads: int = 2
+    curriculum_steps: int = 0  # grow the entity pool over this many steps (0: all from the start)
+    curriculum_start: float = 0.1  # the pool's initial fraction of the entities
     bf16: bool = False  # CPU autocast; faster where the CPU has bf16 instructions
     eval_every: int = 1000
     eval_entities: int = 300

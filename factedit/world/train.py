@@ -56,12 +56,23 @@ class Batcher:
         self.rng = random.Random(recipe.train.seed)
         self.max_len = recipe.model.n_positions
         self.eos = tok.eos_token_id
+        self.step = 0
+
+    def entity(self):
+        """An entity from the curriculum's pool: it starts with a fraction of the entities and
+        grows linearly to all of them (a short knowledge-acquisition plateau needs few
+        individuals at first; the pool is a fixed prefix of the shuffled entity list)."""
+        spec, n = self.spec, len(self.world.entities)
+        if spec.curriculum_steps > 0 and self.step < spec.curriculum_steps:
+            frac = spec.curriculum_start + (1 - spec.curriculum_start) * self.step / spec.curriculum_steps
+            n = max(1, round(frac * n))
+        return self.world.entities[self.rng.randrange(n)]
 
     def queries(self, n: int) -> list:
         """Query examples, returned as two padded batches (short and long) to save padding."""
         rows = []
         for _ in range(n):
-            e = self.rng.choice(self.world.entities)
+            e = self.entity()
             prompt, target = query_example(self.world, e, self.rng, self.spec.prefix_prob)
             p, t = self.tok.encode(prompt), self.tok.encode(target)
             rows.append((p + t, [0.0] * len(p) + [1.0] * len(t)))
@@ -72,11 +83,15 @@ class Batcher:
     def texts(self, n: int, kind: str):
         seqs, masks = [], []
         for _ in range(n):
-            e = self.rng.choice(self.world.entities)
+            e = self.entity()
             text = bio_text(self.world, e, self.rng) if kind == "bio" else index_text(self.world, e, self.rng)
             ids = (self.tok.encode(text) + [self.eos])[: self.max_len]
             seqs.append(ids)
-            masks.append([1.0] * len(ids))
+            mask = [1.0] * len(ids)
+            if kind == "index":  # the name opens the line and cannot be predicted: no loss on it
+                n_name = len(self.tok.encode(e.name))
+                mask[:n_name] = [0.0] * n_name
+            masks.append(mask)
         return _pad(seqs, masks, self.eos)
 
 
@@ -84,7 +99,7 @@ def build_model(recipe: WorldRecipe, tok: PreTrainedTokenizerFast) -> GPT2LMHead
     m = recipe.model
     cfg = GPT2Config(
         vocab_size=len(tok), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
-        n_head=m.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_head=m.n_head, n_inner=m.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id, tie_word_embeddings=True,
     )
@@ -129,6 +144,7 @@ def train_world(recipe: WorldRecipe, out: str | Path, progress: bool = True,
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
+        batcher.step = step
         model.train()
         losses = {}
         opt.zero_grad(set_to_none=True)
