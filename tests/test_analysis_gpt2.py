@@ -75,3 +75,24 @@ def test_components_match_naive_and_heads_sum_to_mhsa():
         for h in range(adapter.n_heads):
             want = z[h] @ w[h * adapter.head_dim:(h + 1) * adapter.head_dim]
             torch.testing.assert_close(comp.heads[layer, h], want, atol=1e-10, rtol=0)
+
+
+def test_knockout_on_the_demo_model_matches_naive_reference(demo):
+    from factedit.analysis.spans import tokenize_with_subject
+
+    model, tok, world = demo
+    model = type(model)(model.config).double().eval()
+    model.load_state_dict({k: v.double() for k, v in demo[0].state_dict().items()})
+    adapter = ModelAdapter(model)
+    e = world.entities[0]
+    tp = tokenize_with_subject(tok, world.relations["birthplace"].templates[1], e.name)
+    res = attention_knockout(adapter, tp, 3)
+    src = source_positions(tp)
+    with torch.no_grad():
+        p0 = naive_gpt2.forward(model, tp.input_ids)[-1].softmax(-1)
+        for s in SOURCE_SETS:
+            for c in range(adapter.n_layers):
+                blocked = {la: src[s] for la in window_layers(c, 3, adapter.n_layers)}
+                p = naive_gpt2.forward(model, tp.input_ids, blocked)[-1].softmax(-1)
+                want = (float(p[res.prediction]) / float(p0[res.prediction]) - 1) * 100
+                assert res.curves[s][c] == pytest.approx(want, abs=1e-4)

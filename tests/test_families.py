@@ -16,11 +16,12 @@ from .families import FAMILIES, tiny_model
 
 IDS = [5, 17, 23, 42, 8, 61, 3, 77]
 
-# The models run in float64, so both paths agree to ~1e-10 in relative change (%).
-# Llama-style RMSNorm (Llama, Mistral, Qwen2, Gemma) casts to float32 inside the norm; a
-# last-bit difference between the batched and the one-row run then becomes a float32
-# rounding step (~6e-8 relative), i.e. up to ~1e-3 in % for a low-probability target.
-TOLERANCE = {"llama": 1e-3, "mistral": 1e-3, "qwen2": 1e-3, "gemma": 1e-3}
+# The models run in float64, so GPT-2 and GPT-J (softmax in the model's dtype) agree to
+# ~1e-10 in relative change (%). The other families' eager attention computes its softmax in
+# float32 whatever the model's dtype; a last-bit difference between the batched and the
+# one-row run then becomes a float32 rounding step (~6e-8 relative), up to ~1e-3 in % for a
+# low-probability token of these near-uniform random models.
+TOLERANCE = {f: 1e-3 for f in ("llama", "mistral", "qwen2", "gemma", "opt", "phi", "gpt_neox")}
 SPAN = (2, 5)
 
 
@@ -31,8 +32,8 @@ def renormalised_softmax(adapter, layers, q, sources):
     orig = torch.nn.functional.softmax
     state = {"on": False}
 
-    def patched(x, dim=None, *a, **k):
-        p = orig(x, dim=dim, *a, **k)
+    def patched(x, dim=None, **k):
+        p = orig(x, dim=dim, **k)
         if not state["on"]:
             return p
         p = p.clone()

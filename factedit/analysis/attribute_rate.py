@@ -6,7 +6,16 @@ from __future__ import annotations
 import torch
 
 from factedit.models.adapter import ModelAdapter
-from factedit.world.vocab import STOPWORDS
+
+# Function words that say nothing about a subject (the paper drops stopwords and tokens of
+# two characters or fewer before taking the top tokens).
+STOPWORDS = frozenset(
+    "the and for with from that this was were are has had have his her its their them they "
+    "who whom which what where when why how not but also into onto over under than then "
+    "there here been being does did done can could would should will shall may might must "
+    "one two all any some such very more most other same only own just about after before "
+    "between during while because each few both".split()
+)
 
 
 def keep_token(text: str) -> bool:

@@ -56,7 +56,10 @@ def tokenize_with_subject(tokenizer, prompt: str, subject: str) -> TokenizedProm
     c1 = c0 + len(subject)
     enc = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    pos = [i for i, (s, e) in enumerate(offsets) if e > s and s < c1 and e > c0]
+    # a whitespace-only token (e.g. the prefix space some tokenizers add, whose offsets
+    # point at the first character) never belongs to the subject
+    pos = [i for i, (s, e) in enumerate(offsets)
+           if e > s and s < c1 and e > c0 and tokenizer.decode([ids[i]]).strip()]
     if not pos:
         raise SubjectNotFoundError(f"no token of {text!r} covers the subject {subject!r}")
     span = (pos[0], pos[-1] + 1)

@@ -134,8 +134,3 @@ LAST_SYLLABLES = ["Brom", "Cald", "Dunn", "Ferr", "Gold", "Hart", "Kess", "Lind"
                   "Norr", "Pell", "Quill", "Rask", "Stav", "Thorn", "Vell", "Wick", "Yarr"]
 LAST_ENDINGS = ["ley", "wick", "stone", "berg", "ford", "mann", "ton", "ard", "ick",
                 "worth", "by", "ow"]
-
-STOPWORDS = frozenset(
-    "the a an of in on at to for by with from as is was are be and or his her their its "
-    "this that who which what where when does do did q".split()
-)

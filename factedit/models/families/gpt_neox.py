@@ -11,5 +11,5 @@ SPEC = register(FamilySpec(
     mlp_in="mlp.dense_h_to_4h",
     mlp_out="mlp.dense_4h_to_h",
     final_norm="gpt_neox.final_layer_norm",
-    unembed="embed_out",
+    unembed="lm_head",
 ))
