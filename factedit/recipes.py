@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from factedit.errors import FactEditError
+
 T = TypeVar("T")
 
 
-class RecipeError(ValueError):
+class RecipeError(FactEditError, ValueError):
     """A recipe file or section is malformed."""
 
 
