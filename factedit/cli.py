@@ -105,6 +105,81 @@ def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as
         f"L{a}H{b} {c:.2f}" for a, b, c in rep.top_heads[:5]))
 
 
+def _model_options(f):
+    f = click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights (off by default).")(f)
+    f = click.option("--device", default=None, help="Device, e.g. cuda:0 (default: CPU).")(f)
+    f = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")(f)
+    f = click.option("--model", "model_path", default=None,
+                     help="Model folder or hub id (default: the embedded demo model).")(f)
+    return f
+
+
+def _load(model_path, dtype, device, allow_pickle, trust_remote_code):
+    from factedit.models.loading import load_model
+
+    return load_model(model_path, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
+
+
+@main.command()
+@_model_options
+@click.option("--prompt", required=True, help="Template with {} for the subject, or a full prompt.")
+@click.option("--subject", required=True, help="The subject, exactly as it appears in the prompt.")
+@click.option("--target", default=None, help="Follow this attribute instead of the model's prediction.")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Recipe YAML whose 'analysis:' section sets the options.")
+@click.option("--window", type=int, default=None, help="Attention-knockout window k (overrides the recipe).")
+@click.option("--related", default=None, help="Text about the subject, for the attribute rate.")
+@click.option("--related-file", default=None, type=click.Path(dir_okay=False),
+              help="File with text about the subject, for the attribute rate.")
+@click.option("--raw-unembed", is_flag=True, help="Project with the raw unembedding (the paper's code), "
+              "not the logit lens.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Write circuit.json and PNG plots here.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the circuit JSON only.")
+def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target, recipe_path,
+           window, related, related_file, raw_unembed, out, overwrite, as_json) -> None:
+    """Locate a fact's recall circuit: enrichment MLPs and extraction heads, with scores."""
+    import dataclasses
+    from pathlib import Path
+
+    from factedit.analysis.circuit import load_locate_config
+    from factedit.analysis.locate import config_for_model
+    from factedit.analysis.locate import locate as run_locate
+    from factedit.errors import FactEditError
+    from factedit.paths import check_output_dir
+
+    if related is not None and related_file is not None:
+        raise FactEditError("give --related or --related-file, not both")
+    if related_file is not None:
+        p = Path(related_file)
+        if not p.is_file():
+            raise FactEditError(f"--related-file {p} does not exist")
+        related = p.read_text()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
+    if window is not None:
+        cfg = dataclasses.replace(cfg, knockout_window=window)
+    if raw_unembed:
+        cfg = dataclasses.replace(cfg, projection="raw")
+    cfg.validate()
+    circuit = run_locate(prompt, subject, target, model=model, tokenizer=tok, related=related, config=cfg)
+    if out is not None:
+        from factedit.plots import circuit_figures
+
+        circuit.save(Path(out) / "circuit.json")
+        written = circuit_figures(circuit, Path(out))
+    if as_json:
+        click.echo(circuit.to_json(indent=None))
+        return
+    click.echo(circuit.summary())
+    if out is not None:
+        click.echo(f"wrote {out}/circuit.json, " + ", ".join(p.name for p in written))
+
+
 @main.command()
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))

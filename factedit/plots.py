@@ -57,12 +57,84 @@ def attribute_rate_figure(rates: dict[str, list[float]], path: Path, title: str 
     _save(fig, path)
 
 
-def head_heatmap(scores: list[list[float]], path: Path, title: str = "", label: str = "score") -> None:
-    """A layer x head heatmap."""
+def head_heatmap(scores: list[list[float]], path: Path, title: str = "", label: str = "score",
+                 marks: list[tuple[int, int]] | None = None) -> None:
+    """A layer x head heatmap; ``marks`` (layer, head) get a red box."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     im = ax.imshow(scores, aspect="auto", origin="lower", cmap="viridis")
+    for layer, head in marks or []:
+        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title or "Extraction by head")
     fig.colorbar(im, ax=ax, label=label)
     _save(fig, path)
+
+
+def sublayer_figure(sub: dict, path: Path, title: str = "") -> None:
+    """Sublayer knockout at the subject positions: change of p(token) at the output, and the
+    attribute rate read higher up, per centre layer of the removed window."""
+    has_rate = sub["mlp"]["attribute_rate"] is not None
+    fig, axes = plt.subplots(1, 2 if has_rate else 1, figsize=(10 if has_rate else 5.5, 3.4), squeeze=False)
+    colors = {"mlp": "#d62728", "attn": "#9467bd"}
+    names = {"mlp": "MLP updates removed", "attn": "MHSA updates removed"}
+    ax = axes[0][0]
+    for k in ("mlp", "attn"):
+        ys = sub[k]["prob_change"]
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, color=colors[k], label=names[k])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel(f"centre layer of the removed window (k={sub['window']})")
+    ax.set_ylabel("change of p(token) [%]")
+    ax.set_title("Output probability")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if has_rate:
+        ax = axes[0][1]
+        for k in ("mlp", "attn"):
+            ys = sub[k]["attribute_rate"]
+            ax.plot(range(len(ys)), ys, marker="o", ms=3, color=colors[k], label=names[k])
+        ax.axhline(sub["base_attribute_rate"], color="black", ls="--", lw=1, label="no knockout")
+        ax.set_xlabel(f"centre layer of the removed window (k={sub['window']})")
+        ax.set_ylabel(f"attribute rate at layer {sub['read_layer']}")
+        ax.set_title("Subject enrichment")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "Sublayer knockout at the subject positions", fontsize=10)
+    _save(fig, path)
+
+
+def projection_figure(proj: dict[str, list[float]], path: Path, token: str, title: str = "") -> None:
+    """Probability of the token in the vocabulary projection of the residual stream, of each
+    MHSA and of each MLP output at the last position, per layer."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for k, lab, c in (("resid", "residual stream", "black"), ("attn", "MHSA output", "#9467bd"),
+                      ("mlp", "MLP output", "#d62728")):
+        ys = proj[f"{k}_prob"]
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, color=c, label=lab)
+        top = [i for i, r in enumerate(proj[f"{k}_rank"]) if r == 1]
+        ax.scatter(top, [ys[i] for i in top], s=60, facecolors="none", edgecolors=c)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"p({token.strip()}) in the projection")
+    ax.set_title(title or "Vocabulary projection at the last position (circles: rank 1)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def circuit_figures(circuit, out: Path) -> list[Path]:
+    """The figures of one RecallCircuit, in the paper's style."""
+    out = Path(out)
+    fact = f"{circuit.prompt} -> {circuit.prediction.strip()}"
+    tok = circuit.target or circuit.prediction
+    paths = [out / "knockout.png", out / "projection.png", out / "extraction_heads.png", out / "sublayer_knockout.png"]
+    knockout_figure({s: circuit.knockout[s] for s in ("subject", "non_subject", "last")},
+                    circuit.knockout["window"], paths[0], title=f"Attention knockout: {fact}")
+    projection_figure(circuit.projection, paths[1], tok)
+    head_heatmap(circuit.head_prob, paths[2], title=f"p({tok.strip()}) in each head's output at the last position",
+                 label="probability", marks=[(h.layer, h.head) for h in circuit.extraction_heads])
+    sublayer_figure(circuit.sublayer_knockout, paths[3], title=f"Sublayer knockout at the subject: {fact}")
+    if circuit.attribute_rate_by_position is not None:
+        paths.append(out / "attribute_rate.png")
+        attribute_rate_figure({k.replace("_", " ") + " token": v for k, v in circuit.attribute_rate_by_position.items()},
+                              paths[-1], title=f"Attribute rate of {circuit.subject!r} by position")
+    return paths

@@ -42,3 +42,19 @@ def attribute_rate(adapter: ModelAdapter, tok, stream: torch.Tensor, related: se
     """Per layer of ``stream`` ((L+1, d), embeddings first): the share of the top-k kept tokens
     that are in ``related``."""
     return [sum(t in related for t in top_tokens(adapter, tok, v, k, final_norm)) / k for v in stream]
+
+
+def related_tokens(tok, texts: str | list[str]) -> set[int]:
+    """The subject's related-token set from a text about it (the paper used its Wikipedia
+    paragraphs) or a list of strings: every token of the text as the model's tokenizer splits
+    it, plus each word's own token(s) with and without a leading space, so that a word counts
+    whether or not the model would start it with a space. Filtered like the projection."""
+    if isinstance(texts, str):
+        texts = [texts]
+    ids: set[int] = set()
+    for text in texts:
+        pieces = [text] + [w for w in text.split() if w]
+        for piece in pieces:
+            for variant in (piece, " " + piece.strip()):
+                ids.update(tok.encode(variant, add_special_tokens=False))
+    return {i for i in ids if keep_token(tok.decode([i]))}

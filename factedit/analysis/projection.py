@@ -25,6 +25,7 @@ class Components:
     attn: torch.Tensor  # (L, d)    MHSA output at the last position
     mlp: torch.Tensor  # (L, d)     MLP output at the last position
     heads: torch.Tensor  # (L, H, d) each head's output at the last position (no bias)
+    attn_in: torch.Tensor  # (L, T, d)  each attention module's input (after the block's norm)
     logits: torch.Tensor  # (V,)    the model's output logits at the last position
 
     def stream(self) -> torch.Tensor:
@@ -42,6 +43,7 @@ def components(adapter: ModelAdapter, input_ids: list[int]) -> Components:
         "attn": (adapter.attn, "out"),
         "mlp": (adapter.mlp, "out"),
         "z": (adapter.attn_out, "in"),
+        "attn_in": (adapter.attn, "in"),
     }
     ids = torch.tensor([input_ids], device=device)
     with capture(adapter, what, store):
@@ -58,6 +60,7 @@ def components(adapter: ModelAdapter, input_ids: list[int]) -> Components:
         attn=torch.stack([x[0, -1] for x in store["attn"]]),
         mlp=torch.stack([x[0, -1] for x in store["mlp"]]),
         heads=heads,
+        attn_in=torch.stack([x[0] for x in store["attn_in"]]),
         logits=logits,
     )
 

@@ -31,8 +31,18 @@ class FamilySpec:
     mlp_out: str  # MLP output (down) projection, relative to a block
     final_norm: str  # from the model root
     unembed: str  # from the model root
+    v_proj: str = ""  # value projection (or fused qkv projection), relative to a block
+    qkv: str = "separate"  # "separate" v_proj | "gpt2_fused" [q|k|v] | "neox_fused" per head [q,k,v]
     conv1d: bool = False  # GPT-2 Conv1D: weight stored as (in, out)
     n_heads_attr: str = "num_attention_heads"
+    n_kv_heads_attr: str = "num_key_value_heads"  # grouped KV heads, where the config has them
+    unembed_pre: str | None = None  # applied between the final norm and the unembedding (OPT project_out)
+
+    def __post_init__(self) -> None:
+        if self.qkv not in ("separate", "gpt2_fused", "neox_fused"):
+            raise ValueError(f"FamilySpec.qkv must be separate, gpt2_fused or neox_fused, not {self.qkv!r}")
+        if not self.v_proj:
+            raise ValueError("FamilySpec.v_proj must name the value (or fused qkv) projection")
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
@@ -63,6 +73,16 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
+def _get_optional(root: nn.Module, path: str) -> nn.Module | None:
+    """A submodule that some configs replace by None (e.g. OPT's project_out)."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 class ModelAdapter:
     """A loaded model seen through its family spec."""
 
@@ -75,6 +95,7 @@ class ModelAdapter:
         self.n_heads = int(getattr(self.config, self.spec.n_heads_attr))
         self.d_model = int(self.config.hidden_size)
         self.head_dim = int(getattr(self.config, "head_dim", None) or self.d_model // self.n_heads)
+        self.n_kv_heads = int(getattr(self.config, self.spec.n_kv_heads_attr, None) or self.n_heads)
 
     # ---- modules ------------------------------------------------------------------------
     def block(self, layer: int) -> nn.Module:
@@ -89,16 +110,23 @@ class ModelAdapter:
     def mlp(self, layer: int) -> nn.Module:
         return _get(self.blocks[layer], self.spec.mlp)
 
+    def mlp_in(self, layer: int) -> nn.Module:
+        return _get(self.blocks[layer], self.spec.mlp_in)
+
     def mlp_out(self, layer: int) -> nn.Module:
         return _get(self.blocks[layer], self.spec.mlp_out)
+
+    def v_proj(self, layer: int) -> nn.Module:
+        return _get(self.blocks[layer], self.spec.v_proj)
 
     def module_name(self, layer: int, rel: str) -> str:
         """Full dotted name, e.g. ``transformer.h.3.mlp.c_proj``."""
         return f"{self.spec.blocks}.{layer}.{rel}"
 
     @property
-    def final_norm(self) -> nn.Module:
-        return _get(self.model, self.spec.final_norm)
+    def final_norm(self) -> nn.Module | None:
+        """None where the family may leave it out (OPT-350m applies no final norm)."""
+        return _get_optional(self.model, self.spec.final_norm)
 
     @property
     def unembed(self) -> nn.Module:
@@ -117,9 +145,49 @@ class ModelAdapter:
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
         return self.attn_out(layer).bias
 
+    def head_value_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_V split by head: ((H, d_model, head_dim), bias (H, head_dim) or None), so that head
+        h's value at a position with attention input x is ``x @ W[h] + b[h]``. Grouped KV heads
+        are expanded: query head h reads KV head ``h // (H / n_kv_heads)``."""
+        mod = self.v_proj(layer)
+        w = self.out_weight(mod)  # (out, d_model)
+        b = mod.bias
+        H, dh, d = self.n_heads, self.head_dim, self.d_model
+        if self.spec.qkv == "gpt2_fused":  # out = [q (H*dh) | k | v]
+            rows = slice(2 * H * dh, 3 * H * dh)
+            w, b = w[rows], None if b is None else b[rows]
+            n_kv = H
+        elif self.spec.qkv == "neox_fused":  # out viewed as (H, 3*dh): [q, k, v] per head
+            w = w.view(H, 3 * dh, d)[:, 2 * dh :]
+            b = None if b is None else b.view(H, 3 * dh)[:, 2 * dh :]
+            w, b = w.reshape(H * dh, d), None if b is None else b.reshape(H * dh)
+            n_kv = H
+        else:
+            n_kv = self.n_kv_heads
+        w = w.view(n_kv, dh, d).transpose(1, 2)  # (n_kv, d, dh)
+        b = None if b is None else b.view(n_kv, dh)
+        group = H // n_kv
+        if group > 1:
+            w = w.repeat_interleave(group, 0)
+            b = None if b is None else b.repeat_interleave(group, 0)
+        return w, b
+
+    def head_ov(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Each head's OV map applied to attention inputs ``x`` (..., d_model):
+        (..., H, d_model), what head h would write if it attended only to x."""
+        w_v, b_v = self.head_value_weights(layer)  # (H, d, dh)
+        v = torch.einsum("...d,hdk->...hk", x.to(w_v.dtype), w_v)
+        if b_v is not None:
+            v = v + b_v
+        return torch.einsum("...hk,hkd->...hd", v, self.head_out_weights(layer))
+
     # ---- projection to the vocabulary -------------------------------------------------------
     def logit_lens(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         """(..., d_model) -> (..., vocab) logits, through the final norm unless told not to."""
-        if final_norm:
+        if final_norm and self.final_norm is not None:
             x = self.final_norm(x)
+        if self.spec.unembed_pre is not None:
+            pre = _get_optional(self.model, self.spec.unembed_pre)
+            if pre is not None:
+                x = pre(x)
         return self.unembed(x)

@@ -10,6 +10,8 @@ SPEC = register(FamilySpec(
     mlp="mlp",
     mlp_in="mlp.dense_h_to_4h",
     mlp_out="mlp.dense_4h_to_h",
+    v_proj="attention.query_key_value",
+    qkv="neox_fused",
     final_norm="gpt_neox.final_layer_norm",
     unembed="lm_head",
 ))

@@ -10,6 +10,7 @@ SPEC = register(FamilySpec(
     mlp="mlp",
     mlp_in="mlp.fc_in",
     mlp_out="mlp.fc_out",
+    v_proj="attn.v_proj",
     final_norm="transformer.ln_f",
     unembed="lm_head",
     n_heads_attr="n_head",

@@ -10,6 +10,7 @@ SPEC = register(FamilySpec(
     mlp="mlp",
     mlp_in="mlp.up_proj",
     mlp_out="mlp.down_proj",
+    v_proj="self_attn.v_proj",
     final_norm="model.norm",
     unembed="lm_head",
 ))

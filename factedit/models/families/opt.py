@@ -10,6 +10,8 @@ SPEC = register(FamilySpec(
     mlp="fc2",
     mlp_in="fc1",
     mlp_out="fc2",
+    v_proj="self_attn.v_proj",
+    unembed_pre="model.decoder.project_out",
     final_norm="model.decoder.final_layer_norm",
     unembed="lm_head",
 ))

@@ -10,6 +10,7 @@ SPEC = register(FamilySpec(
     mlp="mlp",
     mlp_in="mlp.fc1",
     mlp_out="mlp.fc2",
+    v_proj="self_attn.v_proj",
     final_norm="model.final_layernorm",
     unembed="lm_head",
 ))

@@ -1,0 +1,214 @@
+"""`RecallCircuit`: one fact's recall circuit and every curve it was located from.
+
+It round-trips through JSON (`to_json` / `from_json`); `circuit.json` files carry the model's
+fingerprint so that an edit can refuse a circuit located on another model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factedit.errors import FactEditError
+from factedit.io import atomic_write_text
+from factedit.recipes import RecipeError
+
+FORMAT = "factedit.recall_circuit/1"
+
+
+class CircuitError(FactEditError):
+    pass
+
+
+@dataclass
+class LocateConfig:
+    """How a circuit is located. ``None`` means "scale with the model" (see ``resolved``)."""
+
+    knockout_window: int | None = None  # k layers; the paper used 9 for GPT-2 XL's 48
+    sublayer_window: int = 1  # layers whose MLP/MHSA updates are removed per row
+    read_layer: int | None = None  # stream index for the attribute rate after sublayer knockout
+    attribute_top_k: int = 50  # kept tokens in the attribute rate (the paper's 50)
+    projection: str = "logit_lens"  # "logit_lens" (final norm + unembedding) or "raw" (the paper's)
+    head_max_rank: int = 1  # a head is an extraction head when it ranks the token this high
+    max_heads: int = 10
+    max_enrichment: int = 3
+    ov_check_heads: int = 5  # top extraction heads that get the OV parameter check
+
+    def validate(self) -> None:
+        if self.projection not in ("logit_lens", "raw"):
+            raise RecipeError(f"analysis.projection must be 'logit_lens' or 'raw', not {self.projection!r}")
+        for name in ("sublayer_window", "attribute_top_k", "head_max_rank", "max_heads", "max_enrichment"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"analysis.{name} must be at least 1, got {getattr(self, name)}")
+        if self.knockout_window is not None and self.knockout_window < 1:
+            raise RecipeError(f"analysis.knockout_window must be at least 1, got {self.knockout_window}")
+
+    def resolved(self, n_layers: int) -> LocateConfig:
+        """Fill the model-dependent defaults and check the windows against the model."""
+        from factedit.analysis.sublayer import default_read_layer
+
+        c = dataclasses.replace(self)
+        if c.knockout_window is None:
+            c.knockout_window = max(1, round(9 * n_layers / 48))
+        if c.read_layer is None:
+            c.read_layer = default_read_layer(n_layers)
+        for name in ("knockout_window", "sublayer_window"):
+            if getattr(c, name) > n_layers:
+                raise FactEditError(
+                    f"{name} {getattr(c, name)} is larger than the model's {n_layers} layers: "
+                    f"use a window between 1 and {n_layers}"
+                )
+        if not 0 <= c.read_layer <= n_layers:
+            raise FactEditError(f"read_layer {c.read_layer} must lie between 0 (embeddings) and {n_layers}")
+        return c
+
+    @property
+    def final_norm(self) -> bool:
+        return self.projection == "logit_lens"
+
+
+@dataclass
+class EnrichmentMLP:
+    layer: int
+    score: float  # drop caused by removing this MLP's updates at the subject positions
+
+
+@dataclass
+class ExtractionHead:
+    layer: int
+    head: int
+    score: float  # probability of the token in the head's own projection at the last position
+    rank: int  # its rank there (1 = top)
+    ov_rank: int | None = None  # rank in the head's OV map applied to the subject (parameter check)
+
+
+@dataclass
+class RecallCircuit:
+    prompt: str
+    subject: str
+    subject_span: list[int]  # [start, end) in tokens
+    tokens: list[str]
+    prediction: str  # the model's top-1 next token
+    prediction_id: int
+    prediction_prob: float
+    target: str | None  # the token followed ("the attribute"): the given target, else the prediction
+    target_id: int
+    target_prob: float
+    model: str
+    model_fingerprint: str
+    n_layers: int
+    n_heads: int
+    config: dict[str, Any]
+    # attention knockout: relative change (%) of p(prediction) per centre layer
+    knockout: dict[str, Any]  # {"window": k, "subject": [...], "non_subject": [...], "last": [...]}
+    knockout_target: dict[str, Any] | None  # the same for the given target, if any
+    # attribute rate per stream layer (0 = embeddings), at the last subject token
+    attribute_rate: list[float] | None
+    attribute_rate_by_position: dict[str, list[float]] | None  # first_subject, last_subject, last
+    related_source: str | None  # where the related-token set came from
+    # vocabulary projection at the last position, of the followed token
+    projection: dict[str, list[float]]  # resid/attn/mlp _rank and _prob, per layer
+    extraction_events: dict[str, list[int]]  # {"attn": layers, "mlp": layers} at rank 1
+    head_rank: list[list[int]]  # (L, H)
+    head_prob: list[list[float]]  # (L, H)
+    sublayer_knockout: dict[str, Any]
+    enrichment_metric: str
+    enrichment_mlps: list[EnrichmentMLP] = field(default_factory=list)
+    extraction_heads: list[ExtractionHead] = field(default_factory=list)
+    format: str = FORMAT
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "circuit") -> RecallCircuit:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CircuitError(f"{where} is not a factedit recall circuit (expected format {FORMAT!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(data) - {"enrichment_mlps", "extraction_heads", "format"})
+        if missing:
+            raise CircuitError(f"{where} lacks field(s) {', '.join(missing)}")
+        kw = {k: v for k, v in data.items() if k in names}
+        try:
+            kw["enrichment_mlps"] = [EnrichmentMLP(**m) for m in data.get("enrichment_mlps", [])]
+            kw["extraction_heads"] = [ExtractionHead(**h) for h in data.get("extraction_heads", [])]
+        except TypeError as exc:
+            raise CircuitError(f"{where}: malformed enrichment_mlps/extraction_heads entry: {exc}") from exc
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "circuit") -> RecallCircuit:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CircuitError(f"{where} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RecallCircuit:
+        path = Path(path)
+        if not path.is_file():
+            raise CircuitError(f"circuit file {path} does not exist")
+        return cls.from_json(path.read_text(), where=str(path))
+
+    def summary(self) -> str:
+        """A short human summary."""
+        L = self.n_layers
+        tok = (self.target or self.prediction).strip()
+        s0, s1 = self.subject_span
+        lines = [
+            f"fact:        {self.prompt!r} -> {self.prediction.strip()!r} (p = {self.prediction_prob:.3f})"
+            + (f"; following target {tok!r} (p = {self.target_prob:.3g})" if self.target else ""),
+            f"subject:     tokens [{s0}, {s1}) = {self.tokens[s0:s1]}",
+        ]
+        k = self.knockout["window"]
+        for src in ("subject", "non_subject", "last"):
+            c = self.knockout[src]
+            la = min(range(L), key=lambda i: c[i])
+            lines.append(f"knockout:    block {src:11s} -> last (window {k}): strongest at layer {la} "
+                         f"({c[la]:+.1f}%), top window {c[-1]:+.1f}%")
+        if self.attribute_rate is not None:
+            ar = self.attribute_rate
+            top = max(range(len(ar)), key=lambda i: ar[i])
+            lines.append(f"enrichment:  attribute rate at the last subject token {ar[0]:.2f} (embeddings) -> "
+                         f"{ar[top]:.2f} (layer {top}), related tokens from {self.related_source}")
+        mlps = ", ".join(f"L{m.layer} ({m.score:.3g})" for m in self.enrichment_mlps) or "none"
+        lines.append(f"enrichment MLPs: {mlps}  [{self.enrichment_metric}]")
+        heads = ", ".join(
+            f"L{h.layer}H{h.head} (p {h.score:.2f}, rank {h.rank}"
+            + (f", OV rank {h.ov_rank}" if h.ov_rank is not None else "") + ")"
+            for h in self.extraction_heads[:5]
+        ) or "none at rank 1"
+        lines.append(f"extraction heads: {heads}")
+        ev = self.extraction_events
+        lines.append(f"extraction events of {tok!r}: MHSA layers {ev['attn'] or 'none'}, MLP layers {ev['mlp'] or 'none'}")
+        return "\n".join(lines)
+
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse to use this circuit on a model other than the one it was located on."""
+        if fingerprint != self.model_fingerprint:
+            raise CircuitError(
+                f"the circuit for {self.prompt!r} was located on another model ({self.model}, "
+                f"fingerprint {self.model_fingerprint}); this model's fingerprint is {fingerprint}: "
+                "run `factedit locate` on this model again"
+            )
+
+
+def load_locate_config(path: str | Path) -> LocateConfig:
+    """The ``analysis:`` section of a recipe file (other sections are ignored here)."""
+    from factedit.recipes import from_dict, load_yaml
+
+    data = load_yaml(path)
+    if "analysis" not in data:
+        raise RecipeError(f"recipe {path} has no 'analysis:' section for locate")
+    return from_dict(LocateConfig, data["analysis"], where=f"{path}: analysis")

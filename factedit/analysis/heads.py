@@ -1,0 +1,44 @@
+"""Extraction heads: which heads' own outputs at the last position put the attribute on top,
+and whether a head holds the subject -> attribute mapping in its weights (OV check)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from factedit.analysis.projection import Components, rank_and_prob
+from factedit.models.adapter import ModelAdapter
+
+
+@dataclass
+class HeadScores:
+    rank: torch.Tensor  # (L, H) rank of the token in each head's projection (1 = top)
+    prob: torch.Tensor  # (L, H) its probability there
+
+
+def head_scores(adapter: ModelAdapter, comp: Components, token: int, final_norm: bool = True) -> HeadScores:
+    rank, prob = rank_and_prob(adapter, comp.heads, token, final_norm)
+    return HeadScores(rank=rank, prob=prob)
+
+
+def top_heads(scores: HeadScores, max_rank: int, limit: int) -> list[tuple[int, int]]:
+    """Heads with rank <= max_rank, highest probability first, at most ``limit``."""
+    L, H = scores.rank.shape
+    cand = [(la, h) for la in range(L) for h in range(H) if int(scores.rank[la, h]) <= max_rank]
+    cand.sort(key=lambda lh: -float(scores.prob[lh]))
+    return cand[:limit]
+
+
+@torch.no_grad()
+def ov_rank(adapter: ModelAdapter, comp: Components, position: int, heads: list[tuple[int, int]],
+            token: int, final_norm: bool = True) -> list[int]:
+    """For each (layer, head): the rank of ``token`` in the vocabulary projection of the head's
+    OV map applied to the attention input at ``position`` (the subject's last token), i.e.
+    what the head would write if it attended to the subject alone."""
+    out = []
+    for layer, h in heads:
+        written = adapter.head_ov(layer, comp.attn_in[layer, position])[h]  # (d,)
+        rank, _ = rank_and_prob(adapter, written, token, final_norm)
+        out.append(int(rank))
+    return out
