@@ -44,7 +44,7 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
             mark = "ok" if pred == e.facts[rid] else "WRONG"
             tag = " (held-out template)" if heldout else ""
             echo(f"{prompt + tag:58s} {pred:12s} {float(p[top]):5.2f}  {e.facts[rid]} {mark}")
-            rows.append({"prompt": prompt, "prediction": pred, "prob": float(p[top]),
+            rows.append({"prompt": prompt, "subject": e.name, "prediction": pred, "prob": float(p[top]),
                          "truth": e.facts[rid], "heldout_template": heldout})
 
     rec = evaluate_recall(model, tok, world, max_entities=200)
@@ -72,7 +72,17 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
                  title="Share of facts where the head alone ranks the attribute first",
                  label="share of facts")
     echo(f"wrote {out}/knockout.png, attribute_rate.png, extraction_heads.png")
-    result = {"examples": rows, "recall": rec, "mechanism": s}
+
+    from factedit.analysis.locate import locate
+    from factedit.plots import circuit_figures
+
+    ex = rows[0]
+    circuit = locate(ex["prompt"], ex["subject"], model=model, tokenizer=tok)
+    echo(f"\nrecall circuit of one fact (`factedit locate`):\n{circuit.summary()}")
+    circuit.save(out / "circuit" / "circuit.json")
+    circuit_figures(circuit, out / "circuit")
+    echo(f"wrote {out}/circuit/: circuit.json and its figures")
+    result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict()}
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     echo(f"\nwrote {out / 'demo.json'}")
     return result

@@ -135,6 +135,7 @@ def circuit_figures(circuit, out: Path) -> list[Path]:
     sublayer_figure(circuit.sublayer_knockout, paths[3], title=f"Sublayer knockout at the subject: {fact}")
     if circuit.attribute_rate_by_position is not None:
         paths.append(out / "attribute_rate.png")
-        attribute_rate_figure({k.replace("_", " ") + " token": v for k, v in circuit.attribute_rate_by_position.items()},
-                              paths[-1], title=f"Attribute rate of {circuit.subject!r} by position")
+        by_pos = circuit.attribute_rate_by_position
+        attribute_rate_figure({k.replace("_", " ") + " token": v for k, v in by_pos.items()}, paths[-1],
+                              title=f"Attribute rate of {circuit.subject!r} by position")
     return paths

@@ -40,3 +40,50 @@ def test_world_eval_runs_on_the_demo_model():
     # the runner mixes stderr (transformers' loading bar) into the output; the JSON ends it
     rec = json.loads(res.output[res.output.rindex("{"):])
     assert rec["recall_train_templates"] >= 0.99 and rec["n_train_templates"] == 20 * 8 * 4
+
+
+FACT = ["--prompt", "{} was born in", "--subject", "Roric Dunnford"]
+
+
+def test_locate_json_is_the_only_stdout():
+    import json
+
+    res = CliRunner().invoke(main, ["locate", *FACT, "--json"])
+    assert res.exit_code == 0, res.output
+    circuit = json.loads(res.stdout)  # stdout holds the JSON and nothing else
+    assert circuit["prediction"].strip() == "Madrid" and circuit["subject_span"] == [0, 2]
+    assert circuit["knockout"]["window"] == 3  # from the demo recipe
+
+
+def test_locate_writes_circuit_and_figures(tmp_path):
+    from factedit.analysis.circuit import RecallCircuit
+
+    out = tmp_path / "loc"
+    res = CliRunner().invoke(main, ["locate", *FACT, "--target", "Paris", "--window", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "enrichment MLPs" in res.stdout and "knockout" in res.stdout
+    c = RecallCircuit.load(out / "circuit.json")
+    assert c.target.strip() == "Paris" and c.knockout["window"] == 2
+    for name in ("knockout", "projection", "extraction_heads", "sublayer_knockout", "attribute_rate"):
+        assert (out / f"{name}.png").stat().st_size > 5000
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_locate_bad_input_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "loc"
+    cases = [
+        (["--prompt", "{} was born in", "--subject", ""], "subject is empty"),
+        (["--prompt", "Ada was born in", "--subject", "Roric Dunnford"], "does not occur in prompt"),
+        ([*FACT, "--window", "9"], "larger than the model's 8 layers"),
+        ([*FACT, "--target", " "], "target is empty"),
+        ([*FACT, "--related", "x", "--related-file", "y"], "not both"),
+    ]
+    for args, msg in cases:
+        res = CliRunner().invoke(main, ["locate", *args, "--out", str(out)])
+        assert res.exit_code == 2, (args, res.output)
+        assert msg in res.output and "Traceback" not in res.output
+        assert not out.exists() or not any(out.iterdir())
+    bad = tmp_path / "r.yaml"
+    bad.write_text("analysis: {knockout_windw: 3}\n")
+    res = CliRunner().invoke(main, ["locate", *FACT, "--recipe", str(bad)])
+    assert res.exit_code == 2 and "knockout_windw" in res.output

@@ -99,3 +99,13 @@ def test_heads_sum_to_mhsa_output(family):
     torch.testing.assert_close(comp.logits, logits, atol=1e-10, rtol=0)
     # the logit lens of the last residual is the model's own output
     torch.testing.assert_close(adapter.logit_lens(comp.resid[-1, -1]), logits, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residual_is_sum_of_sublayer_outputs(family):
+    """What `components` records as the MHSA and MLP outputs at the last position are exactly
+    the updates the residual stream receives (sequential and parallel blocks alike)."""
+    model = tiny_model(family)
+    comp = components(ModelAdapter(model), IDS)
+    stream = comp.stream()[:, -1]  # (L+1, d)
+    torch.testing.assert_close(stream[1:] - stream[:-1], comp.attn + comp.mlp, atol=1e-10, rtol=0)

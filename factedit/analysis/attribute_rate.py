@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from factedit.analysis.hooks import upcast
 from factedit.models.adapter import ModelAdapter
 
 # Function words that say nothing about a subject (the paper drops stopwords and tokens of
@@ -27,7 +28,7 @@ def keep_token(text: str) -> bool:
 @torch.no_grad()
 def top_tokens(adapter: ModelAdapter, tok, vec: torch.Tensor, k: int, final_norm: bool = True) -> list[int]:
     """The k highest-scoring token ids of ``vec``'s projection that pass ``keep_token``."""
-    logits = adapter.logit_lens(vec, final_norm=final_norm).float()
+    logits = upcast(adapter.logit_lens(vec, final_norm=final_norm))
     kept: list[int] = []
     for i in logits.argsort(descending=True).tolist():
         if keep_token(tok.decode([i])):

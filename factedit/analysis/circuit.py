@@ -191,7 +191,8 @@ class RecallCircuit:
         ) or "none at rank 1"
         lines.append(f"extraction heads: {heads}")
         ev = self.extraction_events
-        lines.append(f"extraction events of {tok!r}: MHSA layers {ev['attn'] or 'none'}, MLP layers {ev['mlp'] or 'none'}")
+        lines.append(f"extraction events of {tok!r}: MHSA layers {ev['attn'] or 'none'}, "
+                     f"MLP layers {ev['mlp'] or 'none'}")
         return "\n".join(lines)
 
     def check_model(self, fingerprint: str) -> None:

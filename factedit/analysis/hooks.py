@@ -44,9 +44,10 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
 
 @contextmanager
 def capture(adapter: ModelAdapter, what: dict[str, tuple[Callable[[int], torch.nn.Module], str]],
-            store: dict[str, list]) -> Iterator[None]:
+            store: dict[str, list], batch: int = 1) -> Iterator[None]:
     """Record per-layer activations. ``what`` maps a name to (module getter, "in"|"out");
-    ``store[name][layer]`` receives the module's first input or its (first) output."""
+    ``store[name][layer]`` receives the module's first input or its (first) output, as
+    (batch, T, d) even where the family flattens tokens (OPT's MLP works on (batch*T, d))."""
     handles = []
     for name, (getter, kind) in what.items():
         store[name] = [None] * adapter.n_layers
@@ -55,14 +56,24 @@ def capture(adapter: ModelAdapter, what: dict[str, tuple[Callable[[int], torch.n
             if kind == "in":
                 def hook(m, args, kwargs, name=name, layer=layer):
                     x = args[0] if args else kwargs["hidden_states"]
-                    store[name][layer] = x
+                    store[name][layer] = as_btd(x, batch)
                 handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 def hook(m, args, out, name=name, layer=layer):
-                    store[name][layer] = out[0] if isinstance(out, tuple) else out
+                    store[name][layer] = as_btd(out[0] if isinstance(out, tuple) else out, batch)
                 handles.append(mod.register_forward_hook(hook))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half and bfloat16 to float32 for softmax and ranks; float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def as_btd(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch*T, d) -> (batch, T, d); (batch, T, d) unchanged."""
+    return x.view(batch, -1, x.shape[-1]) if x.dim() == 2 else x

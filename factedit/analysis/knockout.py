@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from factedit.analysis.hooks import attention_masks, causal_mask
+from factedit.analysis.hooks import attention_masks, causal_mask, upcast
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
@@ -77,7 +77,7 @@ def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
         masks.append(m)
     ids = torch.tensor([tp.input_ids] * B, device=device)
     with attention_masks(adapter, lambda layer: masks[layer]):
-        logits = adapter.model(input_ids=ids).logits[:, q].float()  # (B, V)
+        logits = upcast(adapter.model(input_ids=ids).logits[:, q])  # (B, V)
     probs = logits.softmax(-1)
     pred = int(probs[0].argmax())
 

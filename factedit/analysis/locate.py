@@ -14,6 +14,7 @@ import torch
 from factedit.analysis.attribute_rate import attribute_rate, related_tokens
 from factedit.analysis.circuit import EnrichmentMLP, ExtractionHead, LocateConfig, RecallCircuit
 from factedit.analysis.heads import head_scores, ov_rank, top_heads
+from factedit.analysis.hooks import upcast
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
@@ -106,7 +107,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     tp = tokenize_with_subject(tok, prompt, subject)
     check_length(model, tp)
     comp = components(adapter, tp.input_ids)
-    probs = comp.logits.float().softmax(-1)
+    probs = upcast(comp.logits).softmax(-1)
     pred = int(probs.argmax())
     target_id = target_token_ids(tok, tp.prompt, target)[0] if target is not None else pred
     token = target_id

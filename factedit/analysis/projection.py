@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from factedit.analysis.hooks import capture
+from factedit.analysis.hooks import capture, upcast
 from factedit.models.adapter import ModelAdapter
 
 
@@ -69,7 +69,7 @@ def components(adapter: ModelAdapter, input_ids: list[int]) -> Components:
 def rank_and_prob(adapter: ModelAdapter, vecs: torch.Tensor, token: int,
                   final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank (1 = top) and probability of ``token`` in the projection of each (..., d) vector."""
-    logits = adapter.logit_lens(vecs, final_norm=final_norm).float()  # (..., V)
+    logits = upcast(adapter.logit_lens(vecs, final_norm=final_norm))  # (..., V)
     tgt = logits[..., token : token + 1]
     rank = (logits > tgt).sum(-1) + 1
     prob = logits.softmax(-1)[..., token]

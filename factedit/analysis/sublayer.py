@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from factedit.analysis.attribute_rate import attribute_rate
-from factedit.analysis.hooks import capture
+from factedit.analysis.hooks import as_btd, capture, upcast
 from factedit.analysis.knockout import window_layers
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
@@ -47,9 +47,9 @@ class SublayerKnockoutResult:
 
 @contextmanager
 def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, list[int]],
-                   positions: list[int]) -> Iterator[None]:
+                   positions: list[int], batch: int) -> Iterator[None]:
     """Zero the output of sublayer ``kind`` ("mlp" or "attn") at ``positions`` for the batch
-    rows ``rows_by_layer[layer]``."""
+    rows ``rows_by_layer[layer]`` (of ``batch`` rows)."""
     getter = adapter.mlp if kind == "mlp" else adapter.attn
     handles = []
     for layer, rows in rows_by_layer.items():
@@ -58,9 +58,11 @@ def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, li
 
         def hook(module, args, out, rows=rows):
             o = out[0] if isinstance(out, tuple) else out
-            o = o.clone()
+            shape = o.shape
+            o = as_btd(o.clone(), batch)  # OPT's MLP output is (batch*T, d)
             r = torch.tensor(rows, device=o.device)[:, None]
             o[r, torch.tensor(positions, device=o.device)[None, :]] = 0
+            o = o.reshape(shape)
             return (o, *out[1:]) if isinstance(out, tuple) else o
 
         handles.append(getter(layer).register_forward_hook(hook))
@@ -92,16 +94,16 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
 
     store: dict[str, list] = {}
     ids = torch.tensor([tp.input_ids] * B, device=device)
-    with remove_updates(adapter, "mlp", by_kind["mlp"], subject), \
-            remove_updates(adapter, "attn", by_kind["attn"], subject), \
+    with remove_updates(adapter, "mlp", by_kind["mlp"], subject, B), \
+            remove_updates(adapter, "attn", by_kind["attn"], subject, B), \
             capture(adapter, {"block_in": (adapter.block, "in"), "block_out": (adapter.block, "out"),
-                              "attn": (adapter.attn, "out")}, store):
-        logits = adapter.model(input_ids=ids).logits[:, q].float()  # (B, V)
+                              "attn": (adapter.attn, "out")}, store, batch=B):
+        logits = upcast(adapter.model(input_ids=ids).logits[:, q])  # (B, V)
     probs = logits.softmax(-1)[:, token]  # (B,)
     stream = [store["block_in"][0]] + store["block_out"]  # L+1 x (B, T, d)
     subj_rep = stream[read_layer][:, s_last]  # (B, d)
     attn_last = torch.stack([a[:, q] for a in store["attn"]], 1)  # (B, L, d)
-    extraction = adapter.logit_lens(attn_last, final_norm).float().softmax(-1)[..., token].amax(1)  # (B,)
+    extraction = upcast(adapter.logit_lens(attn_last, final_norm)).softmax(-1)[..., token].amax(1)  # (B,)
 
     rates = None
     if related is not None:
