@@ -108,3 +108,15 @@ def test_residual_is_sum_of_sublayer_outputs(family):
     comp = components(ModelAdapter(model), IDS)
     stream = comp.stream()[:, -1]  # (L+1, d)
     torch.testing.assert_close(stream[1:] - stream[:-1], comp.attn + comp.mlp, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_pattern_of_last_position(family):
+    model = tiny_model(family)
+    comp = components(ModelAdapter(model), IDS)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([IDS]), output_attentions=True)
+    want = torch.stack([a[0, :, -1] for a in out.attentions])  # (L, H, T)
+    torch.testing.assert_close(comp.attn_pattern, want, atol=1e-12, rtol=0)
+    ones = torch.ones_like(comp.attn_pattern[..., 0])
+    torch.testing.assert_close(comp.attn_pattern.sum(-1), ones, atol=1e-6, rtol=0)  # fp32 softmax

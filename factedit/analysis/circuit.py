@@ -114,6 +114,7 @@ class RecallCircuit:
     extraction_events: dict[str, list[int]]  # {"attn": layers, "mlp": layers} at rank 1
     head_rank: list[list[int]]  # (L, H)
     head_prob: list[list[float]]  # (L, H)
+    subject_attention: list[list[float]] | None  # (L, H) attention of the last position on the subject
     sublayer_knockout: dict[str, Any]
     enrichment_metric: str
     enrichment_mlps: list[EnrichmentMLP] = field(default_factory=list)

@@ -184,6 +184,8 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         extraction_events=events,
         head_rank=hs.rank.tolist(),
         head_prob=hs.prob.tolist(),
+        subject_attention=(None if comp.attn_pattern is None else
+                           comp.attn_pattern[:, :, tp.subject_span[0] : tp.subject_span[1]].sum(-1).tolist()),
         sublayer_knockout={
             "window": sk.window, "read_layer": sk.read_layer, "base_prob": sk.base_prob,
             "base_attribute_rate": sk.base_attribute_rate, "base_extraction": sk.base_extraction,

@@ -26,6 +26,7 @@ class Components:
     mlp: torch.Tensor  # (L, d)     MLP output at the last position
     heads: torch.Tensor  # (L, H, d) each head's output at the last position (no bias)
     attn_in: torch.Tensor  # (L, T, d)  each attention module's input (after the block's norm)
+    attn_pattern: torch.Tensor | None  # (L, H, T) attention weights of the last position (eager attention)
     logits: torch.Tensor  # (V,)    the model's output logits at the last position
 
     def stream(self) -> torch.Tensor:
@@ -46,8 +47,21 @@ def components(adapter: ModelAdapter, input_ids: list[int]) -> Components:
         "attn_in": (adapter.attn, "in"),
     }
     ids = torch.tensor([input_ids], device=device)
-    with capture(adapter, what, store):
-        logits = adapter.model(input_ids=ids).logits[0, -1]
+    patterns: list = [None] * adapter.n_layers
+
+    def keep_pattern(layer):
+        def hook(m, a, out):
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            patterns[layer] = w[0, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
+        return hook
+
+    handles = [adapter.attn(la).register_forward_hook(keep_pattern(la)) for la in range(adapter.n_layers)]
+    try:
+        with capture(adapter, what, store):
+            logits = adapter.model(input_ids=ids).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
     resid = torch.stack([x[0] for x in store["block_out"]])  # (L, T, d)
     z = torch.stack([x[0, -1] for x in store["z"]])  # (L, H*dh)
     L = adapter.n_layers
@@ -61,6 +75,7 @@ def components(adapter: ModelAdapter, input_ids: list[int]) -> Components:
         mlp=torch.stack([x[0, -1] for x in store["mlp"]]),
         heads=heads,
         attn_in=torch.stack([x[0] for x in store["attn_in"]]),
+        attn_pattern=torch.stack(patterns) if all(p is not None for p in patterns) else None,
         logits=logits,
     )
 

@@ -172,6 +172,23 @@ class ModelAdapter:
             b = None if b is None else b.repeat_interleave(group, 0)
         return w, b
 
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head ``head`` reads (grouped-query attention)."""
+        n_kv = self.n_heads if self.spec.qkv != "separate" else self.n_kv_heads
+        return head // (self.n_heads // n_kv)
+
+    def value_rows(self, layer: int, kv_head: int) -> list[int]:
+        """Indices, in the value (or fused qkv) projection's output, of KV head ``kv_head``'s
+        value vector."""
+        H, dh = self.n_heads, self.head_dim
+        if self.spec.qkv == "gpt2_fused":
+            start = 2 * H * dh + kv_head * dh
+        elif self.spec.qkv == "neox_fused":
+            start = kv_head * 3 * dh + 2 * dh
+        else:
+            start = kv_head * dh
+        return list(range(start, start + dh))
+
     def head_ov(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Each head's OV map applied to attention inputs ``x`` (..., d_model):
         (..., H, d_model), what head h would write if it attended only to x."""

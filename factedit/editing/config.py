@@ -1,0 +1,67 @@
+"""Edit hyperparameters: the ``edit:`` section of a recipe (validated like every recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factedit.recipes import RecipeError, from_dict, load_yaml
+
+METHODS = ("circuit", "mlp", "heads", "lora")
+
+
+@dataclass
+class EditConfig:
+    method: str = "circuit"  # circuit (MLPs + heads) | mlp (ROME/MEMIT-style) | heads | lora (baseline)
+    # where: candidate layers for the MLP update; the located enrichment MLP is used when it lies
+    # among them, else the candidate layer nearest to it (or the first, when none was located)
+    mlp_layers: list[int] | None = None  # None: every layer is a candidate
+    batch_layers: list[int] | None = None  # MLP layers a batch edit spreads over (MEMIT); None: around the best
+    batch_span: int = 1  # when batch_layers is None: this many layers ending at the most common located layer
+    max_heads: int = 2  # extraction heads that get a value update
+    head_fallback: str = "attention"  # no located extraction head: "attention" (heads reading the subject) | "none"
+    # keys: the subject's last token, after random context prefixes
+    n_prefixes: int = 10
+    prefix_tokens: list[int] = field(default_factory=lambda: [5, 10])
+    # the new value (ROME's v*): Adam on the target's log-likelihood with a KL term
+    steps: int = 25
+    lr: float = 0.5
+    kl_weight: float = 0.0625
+    kl_prompt: str = "{} is a"
+    weight_decay: float = 0.5
+    clamp: float = 4.0  # ||delta|| <= clamp * ||current value||
+    stop_nll: float = 0.05  # stop early once the mean target NLL is below this
+    # statistics of keys
+    stats_samples: int = 20000  # token positions
+    stats_max_length: int = 128
+    ridge: float = 1e-4  # added to C (relative to its mean diagonal) before solving
+    batch_lambda: float = 15000.0  # MEMIT's weight of C against the new keys
+    # LoRA fine-tuning baseline
+    lora_rank: int = 4
+    lora_steps: int = 40
+    lora_lr: float = 5e-3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise RecipeError(f"edit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.head_fallback not in ("attention", "none"):
+            raise RecipeError(f"edit.head_fallback must be 'attention' or 'none', not {self.head_fallback!r}")
+        for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span"):
+            if getattr(self, name) < 0 or (name != "n_prefixes" and getattr(self, name) == 0):
+                raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
+        if "{}" not in self.kl_prompt:
+            raise RecipeError(f"edit.kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
+        if self.clamp <= 0 or self.lr <= 0:
+            raise RecipeError("edit.clamp and edit.lr must be positive")
+
+    def check_layers(self, n_layers: int) -> None:
+        for name in ("mlp_layers", "batch_layers"):
+            for la in getattr(self, name) or []:
+                if not 0 <= la < n_layers:
+                    raise RecipeError(f"edit.{name} holds layer {la}, but the model has layers 0..{n_layers - 1}")
+
+
+def load_edit_config(path: str | Path) -> EditConfig:
+    data = load_yaml(path)
+    return from_dict(EditConfig, data.get("edit", {}), where=f"{path}: edit")

@@ -1,0 +1,181 @@
+"""Second-moment statistics of keys, C = E[k k^T], streamed from a text corpus and cached.
+
+Keys are the inputs of the projection an edit changes: the MLP output projection's input
+("mlp") or the attention module's (normed) input ("attn", read by the value projection).
+All requested layers are gathered in the same forward passes. The cache lives in
+``$FACTEDIT_CACHE`` (default ``~/.cache/factedit``)/stats, one safetensors file per
+(model fingerprint, kind, layer, corpus, sample count, length), written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from factedit.errors import FactEditError
+from factedit.models.adapter import ModelAdapter
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named, deterministic stream of texts."""
+
+    name: str  # part of the cache key: it must change when the texts do
+    texts: Iterable[str]
+
+
+def world_corpus(world, seed: int = 0, n: int = 4000) -> Corpus:
+    """The demo world's own text: biographies, index lines and template sentences."""
+    from factedit.world.corpus import bio_text, index_text, query_example
+
+    def gen() -> Iterator[str]:
+        rng = random.Random(seed)
+        for i in range(n):
+            e = rng.choice(world.entities)
+            kind = i % 3
+            if kind == 0:
+                yield bio_text(world, e, rng)
+            elif kind == 1:
+                yield index_text(world, e, rng)
+            else:
+                p, a = query_example(world, e, rng, prefix_prob=0.5)
+                yield p + a + "."
+
+    digest = hashlib.sha256(f"{world.seed}|{len(world.entities)}|{seed}|{n}".encode()).hexdigest()[:12]
+    return Corpus(f"world-{digest}", list(gen()))
+
+
+def text_files_corpus(paths: list[str | Path]) -> Corpus:
+    """Local text: .txt files (one document per file, or per blank-line-separated paragraph)
+    and .jsonl files with a "text" field."""
+    import json
+
+    texts: list[str] = []
+    h = hashlib.sha256()
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FactEditError(f"statistics corpus {p} does not exist: give text files or a folder of them")
+    for f in files:
+        raw = f.read_text(errors="replace")
+        h.update(f.name.encode() + hashlib.sha256(raw.encode()).digest())
+        if f.suffix == ".jsonl":
+            for i, line in enumerate(raw.splitlines(), 1):
+                if line.strip():
+                    try:
+                        texts.append(str(json.loads(line)["text"]))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise FactEditError(f"{f} line {i}: expected a JSON object with a 'text' field") from exc
+        else:
+            texts += [t for t in raw.split("\n\n") if t.strip()]
+    if not texts:
+        raise FactEditError(f"statistics corpus {', '.join(map(str, paths))} holds no text")
+    return Corpus(f"files-{h.hexdigest()[:12]}", texts)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FACTEDIT_CACHE", Path.home() / ".cache" / "factedit")) / "stats"
+
+
+def _cache_path(fingerprint: str, kind: str, layer: int, corpus: Corpus, samples: int, max_length: int) -> Path:
+    key = f"{fingerprint}|{kind}|{layer}|{corpus.name}|{samples}|{max_length}"
+    return cache_dir() / f"{kind}{layer}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+
+@dataclass
+class StatsReport:
+    computed: list[tuple[str, int]]
+    cached: list[tuple[str, int]]
+    seconds: float
+    tokens: int
+
+
+@torch.no_grad()
+def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple[str, int]], fingerprint: str,
+                   samples: int = 20000, max_length: int = 128, use_cache: bool = True,
+                   progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], StatsReport]:
+    """C for each (kind, layer) in ``sites``: (n_in, n_in) float32 on the model's device."""
+    device = next(adapter.model.parameters()).device
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    todo = []
+    for site in dict.fromkeys(sites):
+        path = _cache_path(fingerprint, *site, corpus, samples, max_length)
+        if use_cache and path.is_file():
+            out[site] = load_file(str(path))["C"].to(device)
+        else:
+            todo.append(site)
+    report = StatsReport(computed=todo, cached=[s for s in sites if s not in todo], seconds=0.0, tokens=0)
+    if not todo:
+        return out, report
+
+    t0 = time.perf_counter()
+    acc: dict[tuple[str, int], torch.Tensor] = {}
+    getters = {"mlp": adapter.mlp_out, "attn": adapter.attn}
+    seen = {"n": 0}
+    handles = []
+    for site in todo:
+        kind, layer = site
+
+        def hook(module, args, kwargs, site=site):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64 if device.type == "cpu" else torch.float32)
+            acc[site] = acc.get(site, 0) + x.T @ x
+
+        handles.append(getters[kind](layer).register_forward_pre_hook(hook, with_kwargs=True))
+    bar = tqdm(total=samples, desc=f"key statistics ({len(todo)} sites)", unit="tok", file=sys.stderr,
+               disable=not progress)
+    try:
+        for chunk in _chunks(tok, corpus.texts, max_length):
+            n = min(len(chunk), samples - seen["n"])
+            ids = torch.tensor([chunk[:n]], device=device)
+            adapter.model(input_ids=ids)
+            seen["n"] += n
+            bar.update(n)
+            if seen["n"] >= samples:
+                break
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    if seen["n"] == 0:
+        raise FactEditError(f"statistics corpus {corpus.name} gave no tokens")
+    for site in todo:
+        c = (acc[site] / seen["n"]).float()
+        out[site] = c
+        if use_cache:
+            path = _cache_path(fingerprint, *site, corpus, samples, max_length)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({"C": c.contiguous().cpu()}, str(tmp), metadata={"tokens": str(seen["n"]), "corpus": corpus.name})
+            os.replace(tmp, path)
+    report.seconds = time.perf_counter() - t0
+    report.tokens = seen["n"]
+    return out, report
+
+
+def _chunks(tok, texts: Iterable[str], max_length: int) -> Iterator[list[int]]:
+    """The texts' tokens, concatenated with the EOS token between documents, cut into
+    ``max_length`` windows."""
+    buf: list[int] = []
+    eos = tok.eos_token_id
+    for t in texts:
+        buf += tok.encode(t) + ([eos] if eos is not None else [])
+        while len(buf) >= max_length:
+            yield buf[:max_length]
+            buf = buf[max_length:]
+    if buf:
+        yield buf

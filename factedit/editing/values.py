@@ -1,0 +1,255 @@
+"""The new values an edit must write (ROME's v*, MEMIT's z), found by gradient steps.
+
+For each request we add a free vector to a sublayer's output at the subject's last token,
+in every prompt of that request (the edit prompt after several context prefixes), and fit it
+with Adam so that the model predicts the new target:
+
+    loss_i = mean NLL(target_new | prompt)                 (teacher-forced, every target token)
+           + kl_weight * KL(p_base || p_new) on kl_prompt  (keeps the subject's other facts)
+           + weight_decay * ||delta_i||^2 / ||v_i||^2
+
+and after every step each delta's norm is clamped to ``clamp * ||v_i||`` (v_i: the current
+output there). Sites: the MLP output of one layer, and/or the value vectors of chosen heads
+(the head's slice of the value projection's output). Requests are independent: each has
+its own deltas and rows, so many are fitted in one batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from factedit.analysis.hooks import as_btd
+from factedit.analysis.locate import target_token_ids
+from factedit.analysis.spans import tokenize_with_subject
+from factedit.editing.config import EditConfig
+from factedit.editing.requests import EditRequest
+from factedit.models.adapter import ModelAdapter
+
+
+@dataclass
+class Row:
+    ids: list[int]
+    s_last: int  # the subject's last token
+    req: int  # index of the request in the batch
+    targets: list[tuple[int, int]]  # (position whose next-token prediction is scored, token id)
+    kl: bool = False
+
+
+@dataclass
+class ValueSites:
+    mlp_layer: int | None  # add a delta to this layer's MLP output
+    heads: list[tuple[int, int]]  # (layer, kv head) value vectors
+
+
+@dataclass
+class FittedValues:
+    mlp: torch.Tensor | None  # (n, d) deltas of the MLP output
+    heads: torch.Tensor | None  # (n, n_heads, head_dim) deltas of the value vectors
+    nll: list[float]  # final mean target NLL per request
+    base_nll: list[float]
+
+
+def context_prefixes(tok, texts: list[str], cfg: EditConfig) -> list[str]:
+    """"" plus ``n_prefixes`` random snippets of the corpus (deterministic by seed), cut to the
+    token lengths in ``prefix_tokens``; each ends with a full stop so the prompt starts a
+    sentence."""
+    rng = random.Random(cfg.seed)
+    out = [""]
+    pool = [t for t in texts if t.strip()]
+    for i in range(cfg.n_prefixes):
+        if not pool:
+            break
+        n = cfg.prefix_tokens[i % len(cfg.prefix_tokens)]
+        ids = tok.encode(rng.choice(pool))
+        start = rng.randrange(max(1, len(ids) - n + 1))
+        snippet = tok.decode(ids[start : start + n]).strip()
+        if snippet:
+            out.append(snippet.rstrip(".") + ".")
+    return out
+
+
+def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt: str | None) -> list[Row]:
+    rows = []
+    for i, r in enumerate(requests):
+        for prefix in prefixes:
+            text = f"{prefix} {r.filled_prompt}" if prefix else r.filled_prompt
+            tp = tokenize_with_subject(tok, text, r.subject)
+            tgt = target_token_ids(tok, tp.prompt, r.target_new)
+            n = len(tp.input_ids)
+            rows.append(Row(tp.input_ids + tgt[:-1], tp.last_subject, i,
+                            [(n - 1 + j, t) for j, t in enumerate(tgt)]))
+        if kl_prompt:
+            tp = tokenize_with_subject(tok, kl_prompt, r.subject)
+            rows.append(Row(tp.input_ids, tp.last_subject, i, [], kl=True))
+    return rows
+
+
+def _batch(rows: list[Row], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.ids)] = torch.tensor(r.ids)
+        mask[b, : len(r.ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@contextmanager
+def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], mlp_delta, head_delta,
+                   ) -> Iterator[None]:
+    """Add each row's request's deltas at its subject's last token."""
+    device = next(adapter.model.parameters()).device
+    B = len(rows)
+    b_idx = torch.arange(B, device=device)
+    s_idx = torch.tensor([r.s_last for r in rows], device=device)
+    req = torch.tensor([r.req for r in rows], device=device)
+    handles = []
+    if sites.mlp_layer is not None and mlp_delta is not None:
+        def mlp_hook(m, a, out):
+            o = out[0] if isinstance(out, tuple) else out
+            shape = o.shape
+            o = as_btd(o, B).clone()
+            o[b_idx, s_idx] = o[b_idx, s_idx] + mlp_delta[req].to(o.dtype)
+            o = o.reshape(shape)
+            return (o, *out[1:]) if isinstance(out, tuple) else o
+        handles.append(adapter.mlp(sites.mlp_layer).register_forward_hook(mlp_hook))
+    by_layer: dict[int, list[int]] = {}
+    for j, (layer, _h) in enumerate(sites.heads):
+        by_layer.setdefault(layer, []).append(j)
+    for layer, js in by_layer.items():
+        def v_hook(m, a, out, js=js, layer=layer):
+            o = out.clone()
+            for j in js:
+                cols = torch.tensor(adapter.value_rows(layer, sites.heads[j][1]), device=o.device)
+                sel = o[b_idx, s_idx][:, cols] + head_delta[req, j].to(o.dtype)  # (B, dh)
+                o[b_idx[:, None], s_idx[:, None], cols[None, :]] = sel
+            return o
+        if head_delta is not None:
+            handles.append(adapter.v_proj(layer).register_forward_hook(v_hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ids, mask):
+    """The unedited outputs at the subject (per row), and the KL rows' base distributions."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    B = len(rows)
+    b_idx = torch.arange(B, device=ids.device)
+    s_idx = torch.tensor([r.s_last for r in rows], device=ids.device)
+    if sites.mlp_layer is not None:
+        def h1(m, a, out):
+            o = as_btd(out[0] if isinstance(out, tuple) else out, B)
+            store["mlp"] = o[b_idx, s_idx].detach()
+        handles.append(adapter.mlp(sites.mlp_layer).register_forward_hook(h1))
+    for j, (layer, kv) in enumerate(sites.heads):
+        def h2(m, a, out, j=j, layer=layer, kv=kv):
+            store[f"v{j}"] = out[b_idx, s_idx][:, adapter.value_rows(layer, kv)].detach()
+        handles.append(adapter.v_proj(layer).register_forward_hook(h2))
+    try:
+        logits = adapter.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return store, logits.detach()
+
+
+def fit_values(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+               sites: ValueSites, cfg: EditConfig, chunk: int = 64) -> FittedValues:
+    """Fit the deltas of ``requests`` (``chunk`` requests per batch)."""
+    parts = [_fit_chunk(adapter, tok, requests[i : i + chunk], prefixes, sites, cfg)
+             for i in range(0, len(requests), chunk)]
+    cat = (lambda xs: None if xs[0] is None else torch.cat(xs, 0))
+    return FittedValues(cat([p.mlp for p in parts]), cat([p.heads for p in parts]),
+                        sum((p.nll for p in parts), []), sum((p.base_nll for p in parts), []))
+
+
+def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditConfig) -> FittedValues:
+    model = adapter.model
+    device = next(model.parameters()).device
+    rows = build_rows(tok, requests, prefixes, cfg.kl_prompt if cfg.kl_weight > 0 else None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, mask = _batch(rows, pad, device)
+    n = len(requests)
+    with torch.no_grad():
+        cur, base_logits = _current(adapter, sites, rows, ids, mask)
+    req_of = torch.tensor([r.req for r in rows], device=device)
+    kl_rows = [b for b, r in enumerate(rows) if r.kl]
+    kl_last = torch.tensor([len(rows[b].ids) - 1 for b in kl_rows], device=device)
+    base_kl = base_logits[kl_rows, kl_last].float().log_softmax(-1) if kl_rows else None
+    tb, tp, tt, treq = [], [], [], []
+    for b, r in enumerate(rows):
+        for pos, t in r.targets:
+            tb.append(b)
+            tp.append(pos)
+            tt.append(t)
+            treq.append(r.req)
+    tb, tp, tt, treq = (torch.tensor(x, device=device) for x in (tb, tp, tt, treq))
+    counts = torch.zeros(n, device=device).index_add_(0, treq, torch.ones_like(treq, dtype=torch.float))
+
+    def mean_over(idx, vals):  # per-request mean of per-row values
+        return torch.zeros(n, device=device, dtype=vals.dtype).index_add_(0, idx, vals)
+
+    # norms of the current values, per request (mean over its rows)
+    nrows = torch.zeros(n, device=device).index_add_(0, req_of, torch.ones(len(rows), device=device))
+    dm = dh = None
+    params = []
+    if sites.mlp_layer is not None:
+        v_norm_mlp = mean_over(req_of, cur["mlp"].float().norm(dim=-1)) / nrows  # (n,)
+        dm = torch.zeros(n, adapter.d_model, device=device, requires_grad=True)
+        params.append(dm)
+    if sites.heads:
+        v_norm_h = torch.stack([mean_over(req_of, cur[f"v{j}"].float().norm(dim=-1)) / nrows
+                                for j in range(len(sites.heads))], 1)  # (n, J)
+        dh = torch.zeros(n, len(sites.heads), adapter.head_dim, device=device, requires_grad=True)
+        params.append(dh)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    was = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    base_nll = None
+    try:
+        for _step in range(cfg.steps + 1):
+            with add_at_subject(adapter, sites, rows, dm, dh):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            lp = logits[tb, tp].float().log_softmax(-1).gather(-1, tt[:, None])[:, 0]
+            nll = -mean_over(treq, lp) / counts  # (n,)
+            if base_nll is None:
+                base_nll = nll.detach().clone()
+            if _step == cfg.steps or bool((nll < cfg.stop_nll).all()):
+                break
+            loss = nll.sum()
+            if kl_rows:
+                new = logits[kl_rows, kl_last].float().log_softmax(-1)
+                kl = (base_kl.exp() * (base_kl - new)).sum(-1)  # (n_kl,)
+                loss = loss + cfg.kl_weight * kl.sum()
+            if dm is not None:
+                loss = loss + cfg.weight_decay * (dm.pow(2).sum(-1) / v_norm_mlp.pow(2).clamp_min(1e-12)).sum()
+            if dh is not None:
+                loss = loss + cfg.weight_decay * (dh.pow(2).sum(-1) / v_norm_h.pow(2).clamp_min(1e-12)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if dm is not None:
+                    _clamp(dm, cfg.clamp * v_norm_mlp)
+                if dh is not None:
+                    _clamp(dh, cfg.clamp * v_norm_h)
+    finally:
+        for p, w in zip(model.parameters(), was):
+            p.requires_grad_(w)
+    return FittedValues(None if dm is None else dm.detach(), None if dh is None else dh.detach(),
+                        nll.detach().tolist(), base_nll.tolist())
+
+
+def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    norm = delta.norm(dim=-1)
+    scale = (max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+    delta.mul_(scale[..., None])
