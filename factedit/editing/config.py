@@ -18,6 +18,7 @@ class EditConfig:
     mlp_layers: list[int] | None = None  # None: every layer is a candidate
     batch_layers: list[int] | None = None  # MLP layers a batch edit spreads over (MEMIT); None: around the best
     batch_span: int = 1  # when batch_layers is None: this many layers ending at the most common located layer
+    extraction_threshold: float = 20.0  # % drop from upper-half subject knockout that means "extraction"
     max_heads: int = 2  # extraction heads that get a value update
     head_fallback: str = "attention"  # no located extraction head: "attention" (heads reading the subject) | "none"
     # keys: the subject's last token, after random context prefixes

@@ -35,6 +35,7 @@ from factedit.models.adapter import ModelAdapter
 class Row:
     ids: list[int]
     s_last: int  # the subject's last token
+    last: int  # the prompt's last token
     req: int  # index of the request in the batch
     targets: list[tuple[int, int]]  # (position whose next-token prediction is scored, token id)
     kl: bool = False
@@ -44,6 +45,7 @@ class Row:
 class ValueSites:
     mlp_layer: int | None  # add a delta to this layer's MLP output
     heads: list[tuple[int, int]]  # (layer, kv head) value vectors
+    mlp_position: str = "subject"  # where the MLP delta goes: "subject" (last subject token) | "last"
 
 
 @dataclass
@@ -81,11 +83,11 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt:
             tp = tokenize_with_subject(tok, text, r.subject)
             tgt = target_token_ids(tok, tp.prompt, r.target_new)
             n = len(tp.input_ids)
-            rows.append(Row(tp.input_ids + tgt[:-1], tp.last_subject, i,
+            rows.append(Row(tp.input_ids + tgt[:-1], tp.last_subject, tp.last, i,
                             [(n - 1 + j, t) for j, t in enumerate(tgt)]))
         if kl_prompt:
             tp = tokenize_with_subject(tok, kl_prompt, r.subject)
-            rows.append(Row(tp.input_ids, tp.last_subject, i, [], kl=True))
+            rows.append(Row(tp.input_ids, tp.last_subject, tp.last, i, [], kl=True))
     return rows
 
 
@@ -108,13 +110,14 @@ def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ml
     b_idx = torch.arange(B, device=device)
     s_idx = torch.tensor([r.s_last for r in rows], device=device)
     req = torch.tensor([r.req for r in rows], device=device)
+    m_idx = s_idx if sites.mlp_position == "subject" else torch.tensor([r.last for r in rows], device=device)
     handles = []
     if sites.mlp_layer is not None and mlp_delta is not None:
         def mlp_hook(m, a, out):
             o = out[0] if isinstance(out, tuple) else out
             shape = o.shape
             o = as_btd(o, B).clone()
-            o[b_idx, s_idx] = o[b_idx, s_idx] + mlp_delta[req].to(o.dtype)
+            o[b_idx, m_idx] = o[b_idx, m_idx] + mlp_delta[req].to(o.dtype)
             o = o.reshape(shape)
             return (o, *out[1:]) if isinstance(out, tuple) else o
         handles.append(adapter.mlp(sites.mlp_layer).register_forward_hook(mlp_hook))
@@ -145,10 +148,11 @@ def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ids, mas
     B = len(rows)
     b_idx = torch.arange(B, device=ids.device)
     s_idx = torch.tensor([r.s_last for r in rows], device=ids.device)
+    m_idx = s_idx if sites.mlp_position == "subject" else torch.tensor([r.last for r in rows], device=ids.device)
     if sites.mlp_layer is not None:
         def h1(m, a, out):
             o = as_btd(out[0] if isinstance(out, tuple) else out, B)
-            store["mlp"] = o[b_idx, s_idx].detach()
+            store["mlp"] = o[b_idx, m_idx].detach()
         handles.append(adapter.mlp(sites.mlp_layer).register_forward_hook(h1))
     for j, (layer, kv) in enumerate(sites.heads):
         def h2(m, a, out, j=j, layer=layer, kv=kv):
@@ -162,6 +166,7 @@ def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ids, mas
     return store, logits.detach()
 
 
+@torch.enable_grad()
 def fit_values(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
                sites: ValueSites, cfg: EditConfig, chunk: int = 64) -> FittedValues:
     """Fit the deltas of ``requests`` (``chunk`` requests per batch)."""

@@ -1,0 +1,267 @@
+"""`edit`: targeted low-rank updates to a fact's located recall circuit.
+
+Modes:
+- ``single`` (one request) and ``sequential`` (one after another, each on the model edited
+  so far): per request, fit the new values at the circuit's sites (the enrichment MLP's
+  output and the extraction heads' value vectors at the subject), then insert each with
+  ROME's rank-one closed form; head keys are read after the MLP update is in place.
+- ``batch`` (many requests at once, MEMIT-style): fit the new residual at the top layer of
+  the MLP span, then spread it over the span's layers by least squares, layer by layer.
+  Heads are not updated in this mode.
+- method ``lora``: the plain LoRA fine-tuning baseline through peft, for comparison.
+
+The base model's weights are the same after the call as before it (bit for bit).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from factedit.analysis.circuit import RecallCircuit
+from factedit.analysis.knockout import window_layers
+from factedit.editing.config import EditConfig
+from factedit.editing.insert import least_squares, mean_hidden, mean_keys, rank_one
+from factedit.editing.requests import EditRequest
+from factedit.editing.stats import Corpus, StatsReport, second_moments
+from factedit.editing.values import ValueSites, context_prefixes, fit_values
+from factedit.editing.weights import WeightDelta, apply, restore
+from factedit.errors import FactEditError
+from factedit.models.adapter import ModelAdapter
+from factedit.models.fingerprint import model_fingerprint
+
+
+@dataclass
+class EditPlan:
+    mlp_layer: int | None
+    heads: list[tuple[int, int]]  # (layer, query head)
+    why: str  # where the sites came from
+    mlp_position: str = "subject"  # "subject" (ROME's site) | "last" (a lookup MLP at the last position)
+    mechanism: str = ""  # "extraction" | "lookup", as read from the circuit
+
+
+@dataclass
+class EditResult:
+    delta: WeightDelta
+    requests: list[EditRequest]
+    plans: list[EditPlan]
+    config: EditConfig
+    mode: str
+    base_fingerprint: str
+    base_model: str
+    nll: list[dict] = field(default_factory=list)  # per request: target NLL before/after fitting
+    stats: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
+    """"extraction" when blocking subject -> last edges hurts p(prediction) most in the upper
+    half of the layers, by at least ``threshold`` % (the paper's mechanism: upper layers read
+    the enriched subject); else "lookup" (the subject is read low down, and the fact is
+    computed at the last position)."""
+    ko = circuit.knockout["subject"]
+    worst = min(range(len(ko)), key=lambda la: ko[la])
+    return "extraction" if worst >= len(ko) // 2 and ko[worst] <= -threshold else "lookup"
+
+
+def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> EditPlan:
+    """The sites to update for one fact, from its circuit (located on the fact as the model
+    recalls it now) and the recipe."""
+    cands = cfg.mlp_layers or list(range(n_layers))
+    mlp, position, why = None, "subject", []
+    mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
+    if cfg.method == "circuit" and mech == "lookup":
+        # the MLP at the last position where the prediction first appears (an MLP extraction event)
+        # the MLP at the last position where the prediction first appears (an MLP extraction
+        # event), else the first MLP after the attention that reads the subject
+        position = "last"
+        events = circuit.extraction_events["mlp"]
+        ko = circuit.knockout["subject"]
+        read = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)[0]
+        located = events[0] if events else read
+        mlp = min(cands, key=lambda la: abs(la - located))
+        why.append(f"lookup mechanism (subject read only in low layers): last-position MLP L{mlp}"
+                   + (" (first MLP extraction event)" if events else " (block where the subject is read)"))
+    elif cfg.method in ("circuit", "mlp"):
+        located = circuit.enrichment_mlps[0].layer if circuit and circuit.enrichment_mlps else None
+        if located is None:
+            mlp = cands[0]
+            why.append(f"subject MLP L{mlp}: no enrichment MLP located, first candidate layer")
+        else:
+            mlp = min(cands, key=lambda la: abs(la - located))
+            why.append(f"subject MLP L{mlp}: " + ("located enrichment MLP" if mlp == located
+                                                  else f"candidate nearest to the located L{located}"))
+    heads: list[tuple[int, int]] = []
+    # heads: in the extraction mechanism (or when asked for alone); in a lookup the heads read
+    # raw subject tokens shared with other subjects, so a value edit there would not be specific
+    if circuit is not None and (cfg.method == "heads" or (cfg.method == "circuit" and mech == "extraction")):
+        if circuit.extraction_heads:
+            heads = [(h.layer, h.head) for h in circuit.extraction_heads[: cfg.max_heads]]
+            why.append("heads: located extraction heads")
+        elif cfg.method == "heads" and cfg.head_fallback == "attention" and circuit.subject_attention is not None:
+            # no head extracts the attribute on its own: the heads that carry the subject to
+            # the last position where blocking that flow hurts the prediction
+            ko = circuit.knockout["subject"]
+            att = circuit.subject_attention
+            score = {(la, h): att[la][h] * max(0.0, -ko[la]) / 100.0
+                     for la in range(n_layers) for h in range(len(att[la]))}
+            heads = [lh for lh in sorted(score, key=lambda lh: -score[lh]) if score[lh] > 0][: cfg.max_heads]
+            why.append("heads: none extracts alone; the heads reading the subject where subject knockout hurts")
+    return EditPlan(mlp, heads, "; ".join(why), position, mech)
+
+
+class _Stats:
+    """Second moments, computed on first use for all the sites asked for so far."""
+
+    def __init__(self, adapter, tok, corpus: Corpus, fingerprint: str, cfg: EditConfig, progress: bool):
+        self.adapter, self.tok, self.corpus, self.fp, self.cfg, self.progress = (
+            adapter, tok, corpus, fingerprint, cfg, progress)
+        self.C: dict[tuple[str, int], torch.Tensor] = {}
+        self.reports: list[StatsReport] = []
+
+    def prepare(self, sites: list[tuple[str, int]]) -> None:
+        todo = [s for s in dict.fromkeys(sites) if s not in self.C]
+        if todo:
+            got, rep = second_moments(self.adapter, self.tok, self.corpus, todo, self.fp,
+                                      self.cfg.stats_samples, self.cfg.stats_max_length, progress=self.progress)
+            self.C.update(got)
+            self.reports.append(rep)
+
+    def __getitem__(self, site: tuple[str, int]) -> torch.Tensor:
+        self.prepare([site])
+        return self.C[site]
+
+
+def edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditConfig | None = None,
+         circuits: list[RecallCircuit | None] | None = None, mode: str | None = None,
+         progress: bool = True, log: Callable[[str], None] = lambda m: None) -> EditResult:
+    """Compute the edit of ``requests`` on ``model``. ``circuits`` (one per request, or None to
+    locate each fact here) say where; ``mode`` defaults to single/batch by count."""
+    from factedit.analysis.locate import config_for_model, locate
+
+    cfg = cfg or EditConfig()
+    cfg.validate()
+    if not requests:
+        raise FactEditError("no edit requests given")
+    adapter = ModelAdapter(model)
+    cfg.check_layers(adapter.n_layers)
+    mode = mode or ("single" if len(requests) == 1 else "batch")
+    if mode not in ("single", "sequential", "batch"):
+        raise FactEditError(f"edit mode must be single, sequential or batch, not {mode!r}")
+    if mode == "single" and len(requests) > 1:
+        raise FactEditError("mode 'single' takes one request: use 'batch' or 'sequential' for several")
+    t0 = time.perf_counter()
+    fp = model_fingerprint(model)
+    if circuits is None and cfg.method != "lora":
+        lc = config_for_model(model)
+        circuits = [locate(r.prompt, r.subject, model=model, tokenizer=tok, config=lc, fingerprint=fp)
+                    for r in requests]  # the fact as the model recalls it now
+    circuits = circuits or [None] * len(requests)
+    if len(circuits) != len(requests):
+        raise FactEditError(f"{len(circuits)} circuits for {len(requests)} requests: give one per request")
+    for c in circuits:
+        if c is not None:
+            c.check_model(fp)
+    plans = [plan_for(c, cfg, adapter.n_layers) for c in circuits]
+    res = EditResult(WeightDelta(conv1d=adapter.spec.conv1d), requests, plans, cfg, mode, fp,
+                     str(getattr(model, "name_or_path", "")))
+    if cfg.method == "lora":
+        from factedit.editing.lora_ft import lora_finetune
+
+        res.delta, res.nll = lora_finetune(adapter, tok, requests, corpus, cfg)
+    elif mode == "batch":
+        _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log)
+    else:
+        _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log)
+    res.delta.check_finite()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log) -> None:
+    stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
+    stats.prepare([("mlp", p.mlp_layer) for p in res.plans if p.mlp_layer is not None]
+                  + [("attn", la) for p in res.plans for la, _ in p.heads])
+    prefixes = context_prefixes(tok, list(corpus.texts), cfg)
+    base: dict[str, torch.Tensor] = {}
+    try:
+        for i, (req, plan) in enumerate(zip(requests, res.plans)):
+            kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
+            sites = ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position)
+            fitted = fit_values(adapter, tok, [req], prefixes, sites, cfg)
+            res.nll.append({"before": fitted.base_nll[0], "after_fit": fitted.nll[0]})
+            step = WeightDelta(conv1d=adapter.spec.conv1d)
+            if plan.mlp_layer is not None:
+                k = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, plan.mlp_position)[0]
+                b, a = rank_one(stats[("mlp", plan.mlp_layer)], k, fitted.mlp[0], cfg.ridge)
+                step.add(adapter.module_name(plan.mlp_layer, adapter.spec.mlp_out), b, a)
+                for name, w in apply(adapter.model, step).items():
+                    base.setdefault(name, w)
+            head_step = WeightDelta(conv1d=adapter.spec.conv1d)
+            for j, (la, kv) in enumerate(kv_sites):  # keys read with the MLP update in place
+                k = mean_keys(adapter, tok, [req], prefixes, "attn", la)[0]
+                b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge)
+                name = adapter.module_name(la, adapter.spec.v_proj)
+                b = torch.zeros(adapter.out_weight(adapter.v_proj(la)).shape[0], 1)
+                b[adapter.value_rows(la, kv)] = b_h
+                head_step.add(name, b, a)
+            for name, w in apply(adapter.model, head_step).items():
+                base.setdefault(name, w)
+            for name in step.modules() + head_step.modules():
+                src = step if name in step.factors else head_step
+                for b, a in src.factors[name]:
+                    res.delta.add(name, b, a)
+            if len(requests) > 1:
+                log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
+                    f"(NLL {fitted.base_nll[0]:.2f} -> {fitted.nll[0]:.2f})")
+    finally:
+        restore(adapter.model, base)
+    res.stats = [asdict(r) for r in stats.reports]
+
+
+def batch_layers(circuits: list[RecallCircuit | None], cfg: EditConfig, plans: list[EditPlan]) -> list[int]:
+    if cfg.batch_layers:
+        return sorted(cfg.batch_layers)
+    located = [p.mlp_layer for p in plans if p.mlp_layer is not None]
+    top = collections.Counter(located).most_common(1)[0][0] if located else (cfg.mlp_layers or [0])[0]
+    return list(range(max(0, top - cfg.batch_span + 1), top + 1))
+
+
+def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log) -> None:
+    layers = batch_layers(circuits, cfg, res.plans)
+    position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
+    for p in res.plans:
+        p.mlp_layer, p.heads, p.mlp_position = layers[-1], [], position
+        p.why = (f"batch: MLP layers {layers} at the {position} position (MEMIT-style spread), "
+                 f"residual fitted at L{layers[-1]}")
+    stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
+    stats.prepare([("mlp", la) for la in layers])
+    prefixes = context_prefixes(tok, list(corpus.texts), cfg)
+    z_layer = layers[-1]
+    fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg)
+    res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
+    log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL {sum(fitted.base_nll) / len(requests):.2f} -> "
+        f"{sum(fitted.nll) / len(requests):.2f}")
+    z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + fitted.mlp
+    base: dict[str, torch.Tensor] = {}
+    try:
+        for i, la in enumerate(layers):
+            keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)
+            cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position)
+            resid = (z_target - cur) / (len(layers) - i)
+            b, a = least_squares(stats[("mlp", la)], keys, resid, cfg.batch_lambda, cfg.ridge)
+            step = WeightDelta(conv1d=adapter.spec.conv1d)
+            name = adapter.module_name(la, adapter.spec.mlp_out)
+            step.add(name, b, a)
+            for n_, w in apply(adapter.model, step).items():
+                base.setdefault(n_, w)
+            res.delta.add(name, b, a)
+            log(f"layer {la}: residual norm {float(resid.norm(dim=-1).mean()):.3f}")
+    finally:
+        restore(adapter.model, base)
+    res.delta = res.delta.compact()
+    res.stats = [asdict(r) for r in stats.reports]

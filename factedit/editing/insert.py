@@ -1,0 +1,100 @@
+"""Writing fitted values into weights: keys, ROME's rank-one insertion and MEMIT's batch
+least squares.
+
+A projection W (out, in) maps a key k (in) to a value. To make W k* = W k* + delta while
+moving every other key as little as possible (weighted by the keys' second moment C):
+
+- one key (ROME):   ΔW = delta (C^-1 k*)^T / (k*^T C^-1 k*)            -> ΔW k* = delta exactly
+- many keys (MEMIT): ΔW = R K^T (λ C + K K^T)^-1,  K (in, n), R (out, n)
+
+For the MLP the key is the output projection's input at the subject's last token; for a
+head's value projection it is the attention input (after the block's norm) there. Keys are
+averaged over the context prefixes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from factedit.analysis.hooks import as_btd
+from factedit.analysis.spans import tokenize_with_subject
+from factedit.editing.requests import EditRequest
+from factedit.models.adapter import ModelAdapter
+
+
+@torch.no_grad()
+def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+               module: torch.nn.Module, where: str = "in", chunk: int = 256, position: str = "subject",
+               ) -> torch.Tensor:
+    """(n, width): ``module``'s input (or output) at the subject's last token of each request's
+    prompt, averaged over the context prefixes."""
+    device = next(adapter.model.parameters()).device
+    texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
+             for i, r in enumerate(requests) for p in prefixes]
+    sums: torch.Tensor | None = None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for c0 in range(0, len(texts), chunk):
+        part = texts[c0 : c0 + chunk]
+        tps = [tokenize_with_subject(tok, t, s) for _, t, s in part]
+        T = max(len(tp.input_ids) for tp in tps)
+        ids = torch.full((len(tps), T), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, tp in enumerate(tps):
+            ids[b, : len(tp.input_ids)] = torch.tensor(tp.input_ids)
+            mask[b, : len(tp.input_ids)] = 1
+        got = {}
+        if where == "in":
+            def hook(m, args, kwargs):
+                got["x"] = as_btd(args[0] if args else kwargs["hidden_states"], len(tps))
+            h = module.register_forward_pre_hook(hook, with_kwargs=True)
+        else:
+            def hook(m, args, out):
+                got["x"] = as_btd(out[0] if isinstance(out, tuple) else out, len(tps))
+            h = module.register_forward_hook(hook)
+        try:
+            adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        finally:
+            h.remove()
+        pos = [tp.last_subject if position == "subject" else tp.last for tp in tps]
+        x = got["x"][torch.arange(len(tps)), torch.tensor(pos)].float()  # (b, w)
+        if sums is None:
+            sums = torch.zeros(len(requests), x.shape[-1], device=x.device)
+        sums.index_add_(0, torch.tensor([i for i, _, _ in part], device=x.device), x)
+    return sums / len(prefixes)
+
+
+def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], kind: str,
+              layer: int, position: str = "subject") -> torch.Tensor:
+    """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn")."""
+    module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)
+    return at_subject(adapter, tok, requests, prefixes, module, "in", position=position)
+
+
+def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
+                position: str = "subject") -> torch.Tensor:
+    """(n, d) residual stream after block ``layer`` at the subject's last token (or the last)."""
+    return at_subject(adapter, tok, requests, prefixes, adapter.block(layer), "out", position=position)
+
+
+def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C + ridge * mean(diag C) * I, in float64 (well conditioned for the solves)."""
+    C = C.double()
+    return C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
+def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: float,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's insertion: factors (B (out, 1), A (1, in)) with (B A) key = delta."""
+    Ci_k = torch.linalg.solve(regularised(C, ridge), key.double())  # (in,)
+    a = Ci_k / (key.double() @ Ci_k)
+    return delta.double()[:, None].float(), a[None].float()
+
+
+def least_squares(C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, lam: float, ridge: float,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's insertion for keys (n, in) and residuals (n, out): factors B = R^T (out, n),
+    A = K (λ C + K^T K)^-1 (n, in)."""
+    K = keys.double()
+    M = lam * regularised(C, ridge) + K.T @ K  # (in, in)
+    A = torch.linalg.solve(M, K.T).T  # (n, in), M symmetric
+    return resid.double().T.float(), A.float()
