@@ -42,14 +42,15 @@ def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes
         for b, tp in enumerate(tps):
             ids[b, : len(tp.input_ids)] = torch.tensor(tp.input_ids)
             mask[b, : len(tp.input_ids)] = 1
-        got = {}
+        got: dict[str, torch.Tensor] = {}
+        nb = len(tps)
         if where == "in":
-            def hook(m, args, kwargs):
-                got["x"] = as_btd(args[0] if args else kwargs["hidden_states"], len(tps))
+            def hook(m, args, kwargs, got=got, n=nb):
+                got["x"] = as_btd(args[0] if args else kwargs["hidden_states"], n)
             h = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
-            def hook(m, args, out):
-                got["x"] = as_btd(out[0] if isinstance(out, tuple) else out, len(tps))
+            def hook(m, args, out, got=got, n=nb):
+                got["x"] = as_btd(out[0] if isinstance(out, tuple) else out, n)
             h = module.register_forward_hook(hook)
         try:
             adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device))

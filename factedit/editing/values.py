@@ -172,7 +172,10 @@ def fit_values(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes
     """Fit the deltas of ``requests`` (``chunk`` requests per batch)."""
     parts = [_fit_chunk(adapter, tok, requests[i : i + chunk], prefixes, sites, cfg)
              for i in range(0, len(requests), chunk)]
-    cat = (lambda xs: None if xs[0] is None else torch.cat(xs, 0))
+
+    def cat(xs: list) -> torch.Tensor | None:
+        return None if xs[0] is None else torch.cat(xs, 0)
+
     return FittedValues(cat([p.mlp for p in parts]), cat([p.heads for p in parts]),
                         sum((p.nll for p in parts), []), sum((p.base_nll for p in parts), []))
 
