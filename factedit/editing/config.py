@@ -37,6 +37,7 @@ class EditConfig:
     stats_max_length: int = 128
     ridge: float = 1e-4  # added to C (relative to its mean diagonal) before solving
     batch_lambda: float = 15000.0  # MEMIT's weight of C against the new keys
+    batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # LoRA fine-tuning baseline
     lora_rank: int = 4
     lora_steps: int = 40

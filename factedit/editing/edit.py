@@ -249,7 +249,7 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + fitted.mlp
     base: dict[str, torch.Tensor] = {}
     try:
-        for i, la in enumerate(layers):
+        for i, la in [(i, la) for _ in range(cfg.batch_passes) for i, la in enumerate(layers)]:
             keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)
             cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position)
             resid = (z_target - cur) / (len(layers) - i)

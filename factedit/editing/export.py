@@ -1,0 +1,111 @@
+"""Saving an edit: a standard PEFT LoRA adapter, the `edits.json` manifest and, on request,
+a merged full checkpoint.
+
+- ``adapter_model.safetensors`` holds, per edited module, ``lora_A`` (r, in) and ``lora_B``
+  (out, r) with ``lora_alpha = r`` (scaling 1), so ``lora_B @ lora_A`` is the update exactly.
+  Modules of different rank use peft's ``rank_pattern``/``alpha_pattern``; GPT-2's Conv1D
+  needs ``fan_in_fan_out``. ``PeftModel.from_pretrained(base, DIR)`` loads it with nothing
+  from factedit installed.
+- ``merged/`` (``--merge``) is the base model with the update added, saved by
+  ``save_pretrained`` (safetensors) with the tokenizer.
+
+Every file is written to a temporary name and renamed; ``edits.json`` comes last, so its
+presence means the folder is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+import factedit
+from factedit.editing.edit import EditResult
+from factedit.editing.weights import WeightDelta, applied
+from factedit.io import atomic_write_bytes, atomic_write_text
+
+EDITS_FORMAT = "factedit.edits/1"
+
+
+def adapter_tensors(delta: WeightDelta) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(delta.modules()):
+        b, a = delta.merged_factors(name)
+        out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def adapter_config(delta: WeightDelta, base_model: str) -> dict:
+    from peft import LoraConfig
+
+    ranks = {name: delta.merged_factors(name)[0].shape[1] for name in sorted(delta.modules())}
+    r = max(ranks.values())
+    cfg = LoraConfig(
+        r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=dict(ranks),
+        fan_in_fan_out=delta.conv1d, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model, inference_mode=True,
+    )
+    d = cfg.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+
+
+def manifest(result: EditResult, circuits: list | None) -> dict:
+    return {
+        "format": EDITS_FORMAT,
+        "factedit_version": factedit.__version__,
+        "base_model": result.base_model,
+        "base_fingerprint": result.base_fingerprint,
+        "method": result.config.method,
+        "mode": result.mode,
+        "config": asdict(result.config),
+        "requests": [r.to_dict() for r in result.requests],
+        "plans": [asdict(p) for p in result.plans],
+        "circuits": [None if c is None else c.to_dict() for c in (circuits or [None] * len(result.requests))],
+        "modules": {n: {"rank": int(result.delta.merged_factors(n)[0].shape[1]), "norm": v}
+                    for n, v in sorted(result.delta.norms().items())},
+        "fit_nll": result.nll,
+        "statistics": result.stats,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+def save_edit(result: EditResult, out: str | Path, model, tok, *, merge: bool = False,
+              circuits: list | None = None) -> list[Path]:
+    """Write the adapter (and ``merged/``) into ``out``; returns the paths written."""
+    out = Path(out)
+    delta = result.delta.compact()
+    delta.check_finite()
+    written = [out / "adapter_model.safetensors", out / "adapter_config.json"]
+    atomic_write_bytes(written[0], safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}))
+    atomic_write_text(written[1], json.dumps(adapter_config(delta, result.base_model), indent=1, sort_keys=True))
+    if merge:
+        written.append(save_merged(delta, out / "merged", model, tok))
+    written.append(out / "edits.json")
+    atomic_write_text(written[-1], json.dumps(manifest(result, circuits), indent=1))
+    return written
+
+
+def save_merged(delta: WeightDelta, dest: Path, model, tok) -> Path:
+    """The edited full checkpoint in ``dest`` (built in a temporary folder, then moved in)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        with applied(model, delta):
+            model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        world = Path(str(getattr(model, "name_or_path", ""))) / "world.json"
+        if world.is_file():  # a world model keeps its world (the base facts) for the world tools
+            shutil.copyfile(world, tmp / "world.json")
+        dest.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

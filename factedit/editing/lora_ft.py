@@ -1,0 +1,72 @@
+"""The baseline: plain LoRA fine-tuning through peft on the edit prompts.
+
+LoRA (rank ``lora_rank``) on every MLP output projection (or the recipe's ``mlp_layers``),
+trained with Adam on the new targets' NLL over the same prompts the targeted edit uses (the
+edit prompt after the context prefixes), with no locality term. The trained factors are read
+back into a :class:`WeightDelta` and peft's layers are removed again, so the base model is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from factedit.editing.config import EditConfig
+from factedit.editing.requests import EditRequest
+from factedit.editing.stats import Corpus
+from factedit.editing.values import _batch, build_rows, context_prefixes
+from factedit.editing.weights import WeightDelta
+from factedit.models.adapter import ModelAdapter
+
+
+@torch.enable_grad()
+def lora_finetune(adapter: ModelAdapter, tok, requests: list[EditRequest], corpus: Corpus,
+                  cfg: EditConfig) -> tuple[WeightDelta, list[dict]]:
+    from peft import LoraConfig, get_peft_model
+
+    model = adapter.model
+    layers = cfg.mlp_layers or list(range(adapter.n_layers))
+    names = [adapter.module_name(la, adapter.spec.mlp_out) for la in layers]
+    prefixes = context_prefixes(tok, list(corpus.texts), cfg)
+    rows = build_rows(tok, requests, prefixes, None)
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, mask = _batch(rows, pad, device)
+    tb = torch.tensor([b for b, r in enumerate(rows) for _ in r.targets], device=device)
+    tp = torch.tensor([p for r in rows for p, _ in r.targets], device=device)
+    tt = torch.tensor([t for r in rows for _, t in r.targets], device=device)
+    treq = torch.tensor([r.req for r in rows for _ in r.targets], device=device)
+    counts = torch.zeros(len(requests), device=device).index_add_(0, treq, torch.ones_like(tt, dtype=torch.float))
+
+    def nll_per_request(logits: torch.Tensor) -> torch.Tensor:
+        lp = logits[tb, tp].float().log_softmax(-1).gather(-1, tt[:, None])[:, 0]
+        return -torch.zeros(len(requests), device=device).index_add_(0, treq, lp) / counts
+
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    torch.manual_seed(cfg.seed)
+    pcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=names, lora_dropout=0.0,
+                      fan_in_fan_out=adapter.spec.conv1d, bias="none")
+    peft_model = get_peft_model(model, pcfg)
+    delta = WeightDelta(conv1d=adapter.spec.conv1d)
+    try:
+        params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+        opt = torch.optim.Adam(params, lr=cfg.lora_lr)
+        with torch.no_grad():
+            before = nll_per_request(peft_model(input_ids=ids, attention_mask=mask).logits)
+        for _ in range(cfg.lora_steps):
+            loss = nll_per_request(peft_model(input_ids=ids, attention_mask=mask).logits).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after = nll_per_request(peft_model(input_ids=ids, attention_mask=mask).logits)
+        for name in names:
+            mod = peft_model.base_model.model.get_submodule(name)
+            a = mod.lora_A["default"].weight.detach()
+            b = mod.lora_B["default"].weight.detach() * mod.scaling["default"]
+            delta.add(name, b, a)
+    finally:
+        peft_model.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(was.get(n, False))
+    return delta, [{"before": float(x), "after_fit": float(y)} for x, y in zip(before, after)]
