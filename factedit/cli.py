@@ -180,6 +180,76 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
         click.echo(f"wrote {out}/circuit.json, " + ", ".join(p.name for p in written))
 
 
+@main.command("edit")
+@_model_options
+@click.option("--prompt", default=None, help="Template with {} for the subject, or a full prompt.")
+@click.option("--subject", default=None, help="The subject, exactly as it appears in the prompt.")
+@click.option("--target-new", default=None, help="The new attribute.")
+@click.option("--target-true", default=None, help="The current attribute (optional, recorded and checked).")
+@click.option("--requests", "requests_path", default=None, type=click.Path(dir_okay=False),
+              help="CounterFact records or a flat JSON/JSONL list of {prompt, subject, target_new}.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the adapter.")
+@click.option("--method", type=click.Choice(["circuit", "mlp", "heads", "lora"]), default=None,
+              help="circuit: the located circuit's sites (default); mlp: ROME-style MLP only; heads: heads "
+                   "only; lora: plain LoRA fine-tuning baseline.")
+@click.option("--mode", type=click.Choice(["single", "sequential", "batch"]), default=None,
+              help="Many requests: batch (MEMIT-style, default) or sequential.")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Recipe YAML whose 'edit:' section sets the hyperparameters.")
+@click.option("--circuit", "circuit_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="circuit.json from `factedit locate`, one per request (default: locate here).")
+@click.option("--stats-corpus", multiple=True, type=click.Path(),
+              help="Text files or folders for the key statistics (default: the world's text for a world model).")
+@click.option("--merge", is_flag=True, help="Also write DIR/merged/, a full edited checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+@click.option("--seed", type=int, default=None, help="Random seed (prefix sampling, LoRA init).")
+def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target_new, target_true,
+             requests_path, out, method, mode, recipe_path, circuit_paths, stats_corpus, merge, overwrite,
+             seed) -> None:
+    """Edit facts with targeted low-rank updates; writes a PEFT LoRA adapter."""
+    import dataclasses
+
+    from factedit.analysis.circuit import RecallCircuit
+    from factedit.editing.api import edit, edit_config_for_model
+    from factedit.editing.config import load_edit_config
+    from factedit.editing.requests import EditRequest, load_requests
+    from factedit.errors import FactEditError
+    from factedit.paths import check_output_dir
+
+    single = [prompt, subject, target_new]
+    if requests_path is not None:
+        if any(x is not None for x in single):
+            raise FactEditError("give either --requests FILE or --prompt/--subject/--target-new, not both")
+        requests = load_requests(requests_path)
+    elif all(x is not None for x in single):
+        requests = [EditRequest(prompt, subject, target_new, target_true)]
+    else:
+        raise FactEditError("give --prompt, --subject and --target-new (or --requests FILE)")
+    check_output_dir(out, overwrite)
+    circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
+    model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    cfg = load_edit_config(recipe_path) if recipe_path else edit_config_for_model(model)
+    if method is not None:
+        cfg = dataclasses.replace(cfg, method=method)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    cfg.validate()
+    res = edit(requests, model=model, tokenizer=tok, config=cfg, mode=mode, circuits=circuits,
+               stats_corpus=list(stats_corpus) or None, out=out, merge=merge, overwrite=overwrite,
+               log=lambda m: click.echo(m, err=True))
+    for req, plan, nll in zip(res.requests, res.plans, res.nll):
+        click.echo(f"{req.filled_prompt!r} -> {req.target_new!r}: {plan.why}; "
+                   f"target NLL {nll['before']:.2f} -> {nll['after_fit']:.2f}")
+    for name, norm in res.delta.norms().items():
+        click.echo(f"  updated {name} (|dW| = {norm:.3g})")
+    for st in res.stats:
+        if st["computed"]:
+            click.echo(f"  key statistics: {len(st['computed'])} site(s) from {st['tokens']} tokens in "
+                       f"{st['seconds']:.1f} s (cached for next time)")
+    click.echo(f"wrote {out}/adapter_model.safetensors, adapter_config.json, edits.json"
+               + (", merged/" if merge else "") + f" in {res.seconds:.1f} s")
+
+
 @main.command()
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))

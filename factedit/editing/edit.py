@@ -56,6 +56,7 @@ class EditResult:
     nll: list[dict] = field(default_factory=list)  # per request: target NLL before/after fitting
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    circuits: list[RecallCircuit | None] = field(default_factory=list)
 
 
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
@@ -136,7 +137,7 @@ class _Stats:
         return self.C[site]
 
 
-def edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditConfig | None = None,
+def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditConfig | None = None,
          circuits: list[RecallCircuit | None] | None = None, mode: str | None = None,
          progress: bool = True, log: Callable[[str], None] = lambda m: None) -> EditResult:
     """Compute the edit of ``requests`` on ``model``. ``circuits`` (one per request, or None to
@@ -168,7 +169,7 @@ def edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditCo
             c.check_model(fp)
     plans = [plan_for(c, cfg, adapter.n_layers) for c in circuits]
     res = EditResult(WeightDelta(conv1d=adapter.spec.conv1d), requests, plans, cfg, mode, fp,
-                     str(getattr(model, "name_or_path", "")))
+                     str(getattr(model, "name_or_path", "")), circuits=list(circuits))
     if cfg.method == "lora":
         from factedit.editing.lora_ft import lora_finetune
 

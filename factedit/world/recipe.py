@@ -67,7 +67,8 @@ class WorldRecipe:
     world: WorldSpec = field(default_factory=WorldSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
-    analysis: dict = field(default_factory=dict)  # read by the analysis stage
+    analysis: dict = field(default_factory=dict)  # read by the analysis stage (LocateConfig)
+    edit: dict = field(default_factory=dict)  # read by the editing stage (EditConfig)
 
     @classmethod
     def load(cls, path: str | Path) -> WorldRecipe:

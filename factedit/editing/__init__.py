@@ -1,0 +1,1 @@
+"""The editing stage: targeted low-rank updates to located recall circuits."""

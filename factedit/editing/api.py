@@ -1,0 +1,74 @@
+"""`factedit.edit`: the Python face of `factedit edit` (same options, same files)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from factedit.analysis.circuit import RecallCircuit
+from factedit.editing.config import EditConfig
+from factedit.editing.edit import EditResult, compute_edit
+from factedit.editing.requests import EditRequest, load_requests
+from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
+from factedit.errors import FactEditError
+
+
+def _world(model):
+    from factedit.world.generate import World
+
+    path = Path(str(getattr(model, "name_or_path", "") or "")) / "world.json"
+    return World.load(path) if path.is_file() else None
+
+
+def edit_config_for_model(model) -> EditConfig:
+    """The ``edit:`` section recorded with a world model, else the defaults (ROME's settings)."""
+    from factedit.recipes import from_dict
+
+    world = _world(model)
+    section = world.meta.get("recipe", {}).get("edit", {}) if world is not None else {}
+    return from_dict(EditConfig, section, where="world.json meta.recipe.edit")
+
+
+def resolve_corpus(model, stats_corpus: list[str | Path] | None) -> Corpus:
+    if stats_corpus:
+        return text_files_corpus(list(stats_corpus))
+    world = _world(model)
+    if world is None:
+        raise FactEditError(
+            "the key statistics need a text corpus for this model: pass --stats-corpus with text files "
+            "(.txt, or .jsonl with a 'text' field) or a folder of them"
+        )
+    return world_corpus(world)
+
+
+def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, tokenizer=None,
+         config: EditConfig | None = None, mode: str | None = None,
+         circuits: list[RecallCircuit | None] | None = None, stats_corpus: list[str | Path] | None = None,
+         out: str | Path | None = None, merge: bool = False, overwrite: bool = False,
+         progress: bool = True, log: Callable[[str], None] = lambda m: None) -> EditResult:
+    """Edit facts. ``requests``: one request, a list, or a request file (CounterFact or flat
+    JSON/JSONL). ``model``: a loaded model (with ``tokenizer``), a path, or None for the demo
+    model. With ``out`` the adapter (and ``merged/`` with ``merge``) is written there."""
+    from factedit.paths import check_output_dir
+
+    if isinstance(requests, (str, Path)):
+        requests = load_requests(requests)
+    elif isinstance(requests, EditRequest):
+        requests = [requests]
+    if out is not None:
+        check_output_dir(out, overwrite)
+    if model is None or isinstance(model, (str, Path)):
+        from factedit.models.loading import load_model
+
+        model, tokenizer = load_model(model)
+    elif tokenizer is None:
+        raise FactEditError("edit: pass the tokenizer together with a loaded model")
+    cfg = config or edit_config_for_model(model)
+    corpus = resolve_corpus(model, stats_corpus)
+    result = compute_edit(requests, model, tokenizer, corpus, cfg=cfg, circuits=circuits, mode=mode,
+                          progress=progress, log=log)
+    if out is not None:
+        from factedit.editing.export import save_edit
+
+        save_edit(result, out, model, tokenizer, merge=merge, circuits=result.circuits)
+    return result
