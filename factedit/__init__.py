@@ -2,7 +2,11 @@
 
 from factedit.analysis.circuit import LocateConfig, RecallCircuit
 from factedit.analysis.locate import locate
+from factedit.editing.api import edit
+from factedit.editing.config import EditConfig
+from factedit.editing.requests import EditRequest, load_requests
 from factedit.models.loading import load_model
 
 __version__ = "0.1.0"
-__all__ = ["LocateConfig", "RecallCircuit", "load_model", "locate", "__version__"]
+__all__ = ["EditConfig", "EditRequest", "LocateConfig", "RecallCircuit", "edit", "load_model", "load_requests",
+           "locate", "__version__"]

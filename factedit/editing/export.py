@@ -67,7 +67,8 @@ def manifest(result: EditResult, circuits: list | None) -> dict:
         "config": asdict(result.config),
         "requests": [r.to_dict() for r in result.requests],
         "plans": [asdict(p) for p in result.plans],
-        "circuits": [None if c is None else c.to_dict() for c in (circuits or [None] * len(result.requests))],
+        "circuits": [None if c is None else c.to_dict()
+                     for c in (circuits or result.circuits or [None] * len(result.requests))],
         "modules": {n: {"rank": int(result.delta.merged_factors(n)[0].shape[1]), "norm": v}
                     for n, v in sorted(result.delta.norms().items())},
         "fit_nll": result.nll,

@@ -110,6 +110,10 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
                    progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], StatsReport]:
     """C for each (kind, layer) in ``sites``: (n_in, n_in) float32 on the model's device."""
     device = next(adapter.model.parameters()).device
+    cfg = adapter.model.config
+    context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if context:
+        max_length = min(max_length, int(context))
     out: dict[tuple[str, int], torch.Tensor] = {}
     todo = []
     for site in dict.fromkeys(sites):

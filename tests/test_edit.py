@@ -1,0 +1,278 @@
+"""Editing: requests, statistics, insertion maths, the edit on the demo model, the PEFT
+adapter and the merged checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from factedit.editing.config import EditConfig
+from factedit.editing.edit import compute_edit
+from factedit.editing.export import save_edit
+from factedit.editing.insert import least_squares, rank_one, regularised
+from factedit.editing.requests import EditRequest, RequestError, load_requests
+from factedit.editing.stats import Corpus, second_moments, world_corpus
+from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied, apply, restore
+from factedit.models.adapter import ModelAdapter
+from factedit.models.fingerprint import model_fingerprint
+from factedit.world.evaluate import top1_tokens
+
+from .families import FAMILIES, tiny_model
+
+FAST = dict(stats_samples=4000, n_prefixes=4)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(demo):
+    return world_corpus(demo[2], n=600)
+
+
+def fact(world, i=5, rid="birthplace"):
+    e = world.entities[i]
+    rel = world.relations[rid]
+    new = next(a for a in rel.attributes if a != e.facts[rid])
+    return e, rel, EditRequest(rel.templates[0], e.name, new, e.facts[rid])
+
+
+def top1(model, tok, prompts):
+    return [tok.decode([i]).strip() for i in top1_tokens(model, tok, prompts)]
+
+
+# ---- requests ----------------------------------------------------------------------------
+
+def test_request_files(tmp_path):
+    cf = [{"case_id": 7, "requested_rewrite": {"prompt": "{} was born in", "subject": "Ada",
+                                                "target_new": {"str": "Paris"}, "target_true": {"str": "Rome"}},
+           "paraphrase_prompts": ["Ada's birthplace is"], "neighborhood_prompts": ["Bob was born in"]}]
+    (tmp_path / "cf.json").write_text(json.dumps(cf))
+    (r,) = load_requests(tmp_path / "cf.json")
+    assert (r.prompt, r.subject, r.target_new, r.target_true) == ("{} was born in", "Ada", "Paris", "Rome")
+    assert r.case_id == 7
+    assert r.paraphrase_prompts == ["Ada's birthplace is"] and r.filled_prompt == "Ada was born in"
+    (tmp_path / "flat.jsonl").write_text('{"prompt": "Ada was born in", "subject": "Ada", "target_new": "Oslo"}\n'
+                                         '{"prompt": "{} plays", "subject": "Bob", "target_new": "oboe"}\n')
+    assert [x.target_new for x in load_requests(tmp_path / "flat.jsonl")] == ["Oslo", "oboe"]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('[{"prompt": "{} was born in", "subject": "Ada"}]', "record 0: missing field 'target_new'"),
+    ('[{"prompt": "x", "subject": "Ada", "target_new": "P"}]', "does not occur in the prompt"),
+    ('[{"case_id": 3, "requested_rewrite": {"prompt": "{} is", "subject": "A", "target_new": {"str": 5}}}]',
+     "record 0 (case_id 3), requested_rewrite: field 'target_new' must be a string"),
+    ('{"prompt": "{} is", "subject": "A", "target_new": "B"}\n{oops', "line 2"),
+    ("[]", "holds no requests"),
+])
+def test_bad_request_files_name_record_and_field(tmp_path, text, msg):
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(RequestError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        load_requests(tmp_path / "r.json")
+
+
+# ---- maths -------------------------------------------------------------------------------
+
+def test_rank_one_hits_the_key_and_least_squares_matches_normal_equations():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    C = (X.T @ X / 500).float()
+    k, delta = torch.randn(12, generator=g), torch.randn(7, generator=g)
+    b, a = rank_one(C, k, delta, ridge=0.0)
+    torch.testing.assert_close((b @ a) @ k, delta, atol=1e-5, rtol=1e-5)
+    # the update is the C-weighted least change: for keys C-orthogonal to k it is zero
+    kk = torch.randn(12, generator=g, dtype=torch.float64)
+    kk = kk - (kk @ torch.linalg.solve(C.double(), k.double())) / (k.double() @ torch.linalg.solve(
+        C.double(), k.double())) * k.double()
+    assert float(((b @ a).double() @ kk).norm()) < 1e-4
+    K, R = torch.randn(5, 12, generator=g), torch.randn(5, 7, generator=g)
+    b, a = least_squares(C, K, R, lam=2.0, ridge=0.0)
+    # naive: minimise ||dW K^T - R^T||^2 + lam * tr(dW C dW^T)  ->  dW (lam C + K^T K) = R^T K
+    want = torch.linalg.solve((2.0 * C.double() + K.double().T @ K.double()).T, (R.double().T @ K.double()).T).T
+    torch.testing.assert_close((b @ a).double(), want, atol=1e-5, rtol=1e-4)
+    assert regularised(C, 0.1).diagonal().min() > C.diagonal().min()
+
+
+def test_second_moments_match_naive_and_are_cached(demo, tmp_path):
+    model, tok, _ = demo
+    adapter = ModelAdapter(model)
+    texts = ["Ada was born in Paris.", "Bob plays the oboe. He keeps a pony."] * 5
+    corpus = Corpus("t", texts)
+    fp = model_fingerprint(model)
+    got, rep = second_moments(adapter, tok, corpus, [("mlp", 1), ("attn", 2)], fp, samples=10_000,
+                              max_length=16, progress=False)
+    ids = sum((tok.encode(t) + [tok.eos_token_id] for t in texts), [])
+    keys = {"mlp": [], "attn": []}
+    h1 = adapter.mlp_out(1).register_forward_pre_hook(lambda m, a: keys["mlp"].append(a[0][0]))
+    h2 = adapter.attn(2).register_forward_pre_hook(lambda m, a, kw: keys["attn"].append(
+        (a[0] if a else kw["hidden_states"])[0]), with_kwargs=True)
+    with torch.no_grad():
+        for s in range(0, len(ids), 16):
+            model(input_ids=torch.tensor([ids[s : s + 16]]))
+    h1.remove()
+    h2.remove()
+    for kind, layer in (("mlp", 1), ("attn", 2)):
+        x = torch.cat(keys[kind]).double()
+        torch.testing.assert_close(got[(kind, layer)].double(), x.T @ x / len(ids), atol=1e-5, rtol=1e-4)
+    assert rep.tokens == len(ids) and rep.computed
+    again, rep2 = second_moments(adapter, tok, corpus, [("mlp", 1)], fp, samples=10_000, max_length=16,
+                                 progress=False)
+    assert not rep2.computed and torch.equal(again[("mlp", 1)], got[("mlp", 1)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_rows_are_the_heads_value_vectors(family):
+    """A rank-one update through ``value_rows`` changes exactly that KV head's value at the key
+    by delta (fused GPT-2 and GPT-NeoX layouts, grouped KV heads)."""
+    model = tiny_model(family)
+    adapter = ModelAdapter(model)
+    layer, head = 1, 3
+    kv = adapter.kv_head(head)
+    got = {}
+    h = adapter.v_proj(layer).register_forward_hook(lambda m, a, o: got.update(v=o[0].clone()))
+    hin = adapter.attn(layer).register_forward_pre_hook(
+        lambda m, a, kw: got.update(x=(a[0] if a else kw["hidden_states"])[0].clone()), with_kwargs=True)
+    ids = torch.tensor([[5, 17, 23, 42, 8]])
+    with torch.no_grad():
+        model(input_ids=ids)
+    hin.remove()
+    before, key = got["v"], got["x"][2]
+    rows = adapter.value_rows(layer, kv)
+    delta = torch.randn(len(rows), dtype=torch.float64)
+    C = torch.eye(adapter.d_model)
+    b_h, a = rank_one(C, key.float(), delta.float(), ridge=0.0)
+    b = torch.zeros(adapter.out_weight(adapter.v_proj(layer)).shape[0], 1)
+    b[rows] = b_h
+    d = WeightDelta(conv1d=adapter.spec.conv1d)
+    d.add(adapter.module_name(layer, adapter.spec.v_proj), b, a)
+    with torch.no_grad(), applied(model, d):
+        model(input_ids=ids)
+    h.remove()
+    change = got["v"][2] - before[2]
+    torch.testing.assert_close(change[rows], delta, atol=1e-5, rtol=1e-4)
+    others = [i for i in range(change.shape[-1]) if i not in rows]
+    assert not others or float(change[others].abs().max()) == 0.0
+
+
+def test_apply_then_restore_is_bit_exact(demo):
+    model, _, _ = demo
+    name = "transformer.h.3.mlp.c_proj"
+    before = model.get_submodule(name).weight.detach().clone()
+    d = WeightDelta(conv1d=True)
+    d.add(name, torch.randn(128, 2) * 0.37, torch.randn(2, 512) * 0.11)
+    saved = apply(model, d)
+    assert not torch.equal(model.get_submodule(name).weight, before)
+    restore(model, saved)
+    assert torch.equal(model.get_submodule(name).weight, before)
+
+
+# ---- edits on the demo model -------------------------------------------------------------
+
+def test_single_edit_changes_the_fact_and_nothing_else(demo, corpus):
+    model, tok, world = demo
+    e, rel, req = fact(world)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST), progress=False)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # base untouched
+    plan = res.plans[0]
+    assert plan.mechanism == "lookup" and plan.mlp_position == "last"  # what the demo model does
+    others = [x for x in world.entities[20:30]]
+    other_rids = [r for r in world.relations if r != "birthplace"]
+    with applied(model, res.delta):
+        assert set(top1(model, tok, [t.format(e.name) for t in rel.templates])) == {req.target_new}
+        assert top1(model, tok, [rel.heldout_templates[0].format(e.name)]) == [req.target_new]
+        assert top1(model, tok, [rel.templates[1].format(o.name) for o in others]) == [
+            o.facts["birthplace"] for o in others]
+        same = top1(model, tok, [world.relations[r].templates[0].format(e.name) for r in other_rids])
+    assert sum(s == e.facts[r] for s, r in zip(same, other_rids)) >= len(other_rids) - 1
+
+
+def test_adapter_loads_with_plain_peft_and_merged_with_plain_transformers(demo, corpus, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok, world = demo
+    e, rel, req = fact(world, 9, "instrument")
+    res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST), progress=False)
+    save_edit(res, tmp_path / "a", model, tok, merge=True)
+    ids = torch.tensor([tok.encode(rel.templates[2].format(e.name))])
+    with torch.no_grad():
+        with applied(model, res.delta):
+            want = model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(model.name_or_path)
+        got = PeftModel.from_pretrained(base, tmp_path / "a")(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "merged")(ids).logits
+    # float32: the adapter computes B(A x) where the direct edit adds (BA) to W
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)
+    assert tok.decode([int(got[0, -1].argmax())]).strip() == req.target_new
+    man = json.loads((tmp_path / "a" / "edits.json").read_text())
+    assert man["base_fingerprint"] == model_fingerprint(model) and man["requests"][0]["subject"] == e.name
+    assert man["circuits"][0]["format"].startswith("factedit.recall_circuit")
+
+
+def test_same_edit_same_seed_gives_identical_adapter_bytes(demo, corpus, tmp_path):
+    model, tok, world = demo
+    _, _, req = fact(world, 11, "sport")
+    for d in ("x", "y"):
+        res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST), progress=False)
+        save_edit(res, tmp_path / d, model, tok)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "x" / f).read_bytes() == (tmp_path / "y" / f).read_bytes()
+
+
+def test_non_finite_update_is_refused_and_nothing_written(demo, corpus, tmp_path):
+    model, tok, world = demo
+    _, _, req = fact(world)
+    res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST), progress=False)
+    name = res.delta.modules()[0]
+    b, a = res.delta.factors[name][0]
+    res.delta.factors[name][0] = (b * float("nan"), a)
+    with pytest.raises(NonFiniteEditError, match="NaN or inf"):
+        save_edit(res, tmp_path / "out", model, tok)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batch"])
+def test_many_edits(demo, corpus, mode):
+    model, tok, world = demo
+    reqs, ents = [], []
+    for i in range(6):
+        e, rel, req = fact(world, 40 + i, list(world.relations)[i % 8])
+        reqs.append(req)
+        ents.append((e, rel))
+    cfg = EditConfig(**FAST, batch_lambda=300.0)
+    res = compute_edit(reqs, model, tok, corpus, cfg=cfg, mode=mode, progress=False)
+    with applied(model, res.delta):
+        got = top1(model, tok, [rel.templates[1].format(e.name) for e, rel in ents])
+    assert sum(g == r.target_new for g, r in zip(got, reqs)) >= 5
+
+
+def test_lora_baseline_and_heads_only(demo, corpus):
+    model, tok, world = demo
+    e, rel, req = fact(world, 13, "pet")
+    res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST, method="lora"), progress=False)
+    assert len(res.delta.modules()) == model.config.n_layer and res.nll[0]["after_fit"] < res.nll[0]["before"]
+    with applied(model, res.delta):
+        assert top1(model, tok, [rel.templates[0].format(e.name)]) == [req.target_new]
+    res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST, method="heads"), progress=False)
+    assert res.plans[0].heads and all(".attn.c_attn" in n for n in res.delta.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_runs_on_every_family(family):
+    from .test_locate import word_tokenizer
+
+    model = tiny_model(family).float()
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    tok.eos_token = "[UNK]"
+    corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
+    req = EditRequest("the capital of {} is", "beats music", "apple")
+    for method in ("circuit", "heads"):
+        res = compute_edit([req], model, tok, corpus, progress=False,
+                           cfg=EditConfig(method=method, stats_samples=200, n_prefixes=2, steps=5))
+        assert res.delta.modules()
+        res.delta.check_finite()
