@@ -251,6 +251,45 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
 
 
 @main.command()
+@_model_options
+@click.option("--adapter", "adapter_dir", default=None, type=click.Path(file_okay=False),
+              help="Adapter folder written by `factedit edit`.")
+@click.option("--edited", "edited_dir", default=None, type=click.Path(file_okay=False),
+              help="A merged edited checkpoint (e.g. DIR/merged).")
+@click.option("--requests", "requests_path", default=None, type=click.Path(dir_okay=False),
+              help="The edits to check (default: the adapter's edits.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.json and report.html.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+@click.option("--no-fail", is_flag=True, help="Exit 0 even when an edit fails.")
+@click.option("--no-fluency", is_flag=True, help="Skip the generation-based fluency measure.")
+def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_dir, edited_dir, requests_path, out,
+           overwrite, no_fail, no_fluency) -> None:
+    """Check edits: metrics and the flow re-analysis on the edited model, with a verdict each."""
+    from factedit.paths import check_output_dir
+    from factedit.verify.checks import VerifyOptions
+    from factedit.verify.run import verify as run_verify
+    from factedit.verify.run import write_report
+
+    check_output_dir(out, overwrite)
+    model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    report = run_verify(model=model, tok=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
+                        options=VerifyOptions(fluency=not no_fluency), log=lambda m: click.echo(m, err=True))
+    write_report(report, out)
+    s = report["summary"]
+    click.echo(f"{'#':>3}  {'verdict':7s} {'ES':>5s} {'PS':>5s} {'NS':>5s}  edit")
+    for i, e in enumerate(report["edits"], 1):
+        m, r = e["metrics"], e["request"]
+        f = (lambda v: "  n/a" if v is None else f"{v:5.2f}")  # noqa: E731
+        click.echo(f"{i:3d}  {'pass' if e['passed'] else 'FAIL':7s} {f(m['efficacy_score'])} "
+                   f"{f(m['paraphrase_score'])} {f(m['neighbourhood_score'])}  "
+                   f"{r['prompt'].replace('{}', r['subject'])} -> {r['target_new']}"
+                   + ("" if e["passed"] else f"  [{'; '.join(e['reasons'])}]"))
+    click.echo(f"{s['passed']}/{s['n_edits']} edits pass; wrote {out}/report.json and {out}/report.html")
+    if s["passed"] < s["n_edits"] and not no_fail:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--facts", "n_facts", type=int, default=8, show_default=True)

@@ -58,6 +58,8 @@ def _str(rec: dict, key: str, where: str, optional: bool = False) -> str | None:
             return None
         raise RequestError(f"{where}: missing field {key!r}")
     v = rec[key]
+    if v is None and optional:
+        return None
     if isinstance(v, dict) and "str" in v:  # CounterFact's {"str": ..., "id": ...}
         v = v["str"]
     if not isinstance(v, str):
@@ -76,7 +78,7 @@ def parse_record(rec: Any, index: int) -> EditRequest:
     where = f"record {index}"
     if not isinstance(rec, dict):
         raise RequestError(f"{where}: expected an object, got {type(rec).__name__}")
-    if "case_id" in rec:
+    if rec.get("case_id") is not None:
         where += f" (case_id {rec['case_id']!r})"
     if "requested_rewrite" in rec:
         rw = rec["requested_rewrite"]

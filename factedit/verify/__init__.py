@@ -1,0 +1,1 @@
+"""The verification stage: metrics, flow re-analysis, verdicts and reports."""
