@@ -1,0 +1,136 @@
+"""Verify: metrics against a hand computation, and from the CLI a real edit passes while a no-op,
+a same-size noise and a subject-blind edit fail."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from factedit.cli import main
+from factedit.editing.config import EditConfig
+from factedit.editing.edit import compute_edit
+from factedit.editing.export import save_edit
+from factedit.editing.requests import EditRequest
+from factedit.editing.stats import world_corpus
+from factedit.verify import metrics
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+
+
+def test_teacher_forced_nll_matches_a_hand_computation(demo):
+    model, tok, _ = demo
+    prompt, target = "Roric Dunnford was born in", "Madrid Paris"
+    nll, ids, argmax = metrics.teacher_forced(model, tok, [prompt, "x"], [target, "Paris"])
+    p_ids = tok(prompt)["input_ids"]
+    t_ids = tok.encode(" " + target)
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0].log_softmax(-1)
+    want = -sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(t_ids)) / len(t_ids)
+    assert ids[0] == t_ids and nll[0] == pytest.approx(want, abs=1e-5)
+    assert argmax[0] == [int(logp[len(p_ids) - 1 + j].argmax()) for j in range(len(t_ids))]
+
+
+def test_scores_and_entropy_by_hand():
+    c = {"nll_new": [0.1, 2.0, 1.0], "nll_true": [1.0, 0.5, 1.5]}
+    es, em = metrics.score(c)
+    assert es == pytest.approx(2 / 3)
+    assert em == pytest.approx(sum(math.exp(-a) - math.exp(-b) for a, b in zip(c["nll_new"], c["nll_true"])) / 3)
+    ns, _ = metrics.score(c, reverse=True)
+    assert ns == pytest.approx(1 / 3)
+    # "a b a b": bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert metrics.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+
+
+@pytest.fixture(scope="module")
+def edited(demo, tmp_path_factory):
+    """A real single edit on the demo model, saved as an adapter, plus three broken copies."""
+    model, tok, world = demo
+    root = tmp_path_factory.mktemp("verify")
+    e = world.entities[5]
+    rel = world.relations["birthplace"]
+    new = next(a for a in rel.attributes if a != e.facts["birthplace"])
+    req = EditRequest(rel.templates[0], e.name, new, e.facts["birthplace"])
+    res = compute_edit([req], model, tok, world_corpus(world, n=600),
+                       cfg=EditConfig(stats_samples=4000, n_prefixes=4), progress=False)
+    save_edit(res, root / "good", model, tok)
+    good = load_file(str(root / "good" / "adapter_model.safetensors"))
+
+    def variant(name: str, tensors: dict) -> None:
+        (root / name).mkdir()
+        for f in ("adapter_config.json", "edits.json"):
+            (root / name / f).write_text((root / "good" / f).read_text())
+        save_file(tensors, str(root / name / "adapter_model.safetensors"))
+
+    variant("noop", {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in good.items()})
+    g = torch.Generator().manual_seed(0)
+    variant("noise", {k: torch.randn(v.shape, generator=g) * v.norm() / v.numel() ** 0.5 for k, v in good.items()})
+    # subject-blind: the top MLP writes the new attribute's unembedding direction for any input
+    # (its key is the mean key of ordinary text, so every prompt fires it)
+    la = model.config.n_layer - 1
+    keys = []
+    h = model.transformer.h[la].mlp.c_proj.register_forward_pre_hook(lambda m, a: keys.append(a[0][0]))
+    with torch.no_grad():
+        for t in world_corpus(world, n=50).texts:
+            model(input_ids=torch.tensor([tok.encode(t)[:64]]))
+    h.remove()
+    k = torch.cat(keys).mean(0)
+    w = model.lm_head.weight[tok.encode(" " + new)[0]].detach()
+    name = f"transformer.h.{la}.mlp.c_proj"
+    blind = {f"base_model.model.{name}.lora_A.weight": (k / k.norm() ** 2)[None].contiguous(),
+             f"base_model.model.{name}.lora_B.weight": (w / w.norm() * 200.0)[:, None].contiguous()}
+    variant("blind", blind)
+    cfg = json.loads((root / "good" / "adapter_config.json").read_text())
+    cfg.update(target_modules=[name], rank_pattern={name: 1}, alpha_pattern={name: 1}, r=1, lora_alpha=1)
+    (root / "blind" / "adapter_config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def run_verify(adapter, out):
+    return CliRunner().invoke(main, ["verify", "--adapter", str(adapter), "--out", str(out), "--no-fluency"])
+
+
+def test_real_edit_passes_and_report_is_written(edited, tmp_path):
+    res = run_verify(edited / "good", tmp_path / "v")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "v" / "report.json").read_text())
+    e = rep["edits"][0]
+    assert e["passed"] and e["metrics"]["efficacy_score"] == 1.0 and e["metrics"]["neighbourhood_score"] >= 0.8
+    assert e["flow"]["c_drop_percent"] >= 50 and e["flow"]["b_extraction"]["in_targeted_components"]
+    html = (tmp_path / "v" / "report.html").read_text()
+    assert "1 of 1 edits pass" in html and html.count("data:image/png;base64,") == 4
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ("noop", "(a) the edited model predicts"),
+    ("noise", "(a) the edited model predicts"),
+    ("blind", "(c) blocking subject -> last edges"),
+])
+def test_broken_edits_fail(edited, tmp_path, variant, reason):
+    res = run_verify(edited / variant, tmp_path / "v")
+    assert res.exit_code == 1, res.output
+    rep = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert not rep["edits"][0]["passed"]
+    assert any(r.startswith(reason) for r in rep["edits"][0]["reasons"]), rep["edits"][0]["reasons"]
+    ok = CliRunner().invoke(main, ["verify", "--adapter", str(edited / variant), "--out", str(tmp_path / "w"),
+                                   "--no-fluency", "--no-fail"])
+    assert ok.exit_code == 0
+
+
+def test_adapter_for_another_base_model_is_refused(edited, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (other / f).write_bytes((edited / "good" / f).read_bytes())
+    man = json.loads((edited / "good" / "edits.json").read_text())
+    man["base_fingerprint"] = "sha256:0000"
+    (other / "edits.json").write_text(json.dumps(man))
+    res = run_verify(other, tmp_path / "v")
+    assert res.exit_code == 2 and "made on another base model" in res.output
+    assert not (tmp_path / "v").exists()
