@@ -82,7 +82,32 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
     circuit.save(out / "circuit" / "circuit.json")
     circuit_figures(circuit, out / "circuit")
     echo(f"wrote {out}/circuit/: circuit.json and its figures")
-    result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict()}
+    # edit that fact to another attribute of its relation, then verify the edit
+    from factedit.editing.api import edit as edit_facts
+    from factedit.editing.requests import EditRequest
+    from factedit.verify.run import verify, write_report
+
+    ent = world.entity(ex["subject"])
+    rid = next(r for r, rel in world.relations.items()
+               if any(t.format(ent.name) == ex["prompt"] for t in rel.templates + rel.heldout_templates))
+    new = next(a for a in world.relations[rid].attributes if a != ent.facts[rid])
+    template = world.relations[rid].templates[0]
+    req = EditRequest(template, ent.name, new, ent.facts[rid])
+    echo(f"\nedit (`factedit edit`): {req.filled_prompt!r}: {ent.facts[rid]} -> {new}")
+    res = edit_facts(req, model=model, tokenizer=tok, out=out / "edit", overwrite=True, progress=False)
+    echo(f"  {res.plans[0].why}; wrote {out}/edit/ (PEFT adapter + edits.json) in {res.seconds:.1f} s")
+    report = verify(model=model, tok=tok, adapter=out / "edit")
+    write_report(report, out / "verify")
+    e = report["edits"][0]
+    m = e["metrics"]
+    echo(f"verify (`factedit verify`): {'PASS' if e['passed'] else 'FAIL: ' + '; '.join(e['reasons'])}; "
+         f"efficacy {m['efficacy_score']:.2f}, paraphrase {m['paraphrase_score']:.2f}, "
+         f"neighbourhood {m['neighbourhood_score']:.2f}; new attribute extracted at "
+         f"{e['flow']['b_extraction']['where']}; subject knockout removes {e['flow']['c_drop_percent']:.0f}% of it")
+    echo(f"  after the edit: {req.filled_prompt}{m['generation_after']}")
+    echo(f"wrote {out}/verify/report.html")
+    result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict(),
+              "edit": {"request": req.to_dict(), "verify": report["summary"]}}
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     echo(f"\nwrote {out / 'demo.json'}")
     return result

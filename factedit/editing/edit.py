@@ -77,16 +77,17 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
     if cfg.method == "circuit" and mech == "lookup":
         # the MLP at the last position where the prediction first appears (an MLP extraction event)
-        # the MLP at the last position where the prediction first appears (an MLP extraction
-        # event), else the first MLP after the attention that reads the subject
+        # the MLP at the last position in the first block of the window where blocking the
+        # subject's edges hurts most: the first MLP after the attention that reads the subject.
+        # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
+        # when taking the layer of the first MLP extraction event instead.)
         position = "last"
-        events = circuit.extraction_events["mlp"]
         ko = circuit.knockout["subject"]
         read = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)[0]
-        located = events[0] if events else read
-        mlp = min(cands, key=lambda la: abs(la - located))
-        why.append(f"lookup mechanism (subject read only in low layers): last-position MLP L{mlp}"
-                   + (" (first MLP extraction event)" if events else " (block where the subject is read)"))
+        mlp = min(cands, key=lambda la: abs(la - read))
+        events = circuit.extraction_events["mlp"]
+        why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
+                   + (f"; MLP extraction events at L{events}" if events else ""))
     elif cfg.method in ("circuit", "mlp"):
         located = circuit.enrichment_mlps[0].layer if circuit and circuit.enrichment_mlps else None
         if located is None:
