@@ -103,7 +103,8 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
     echo(f"verify (`factedit verify`): {'PASS' if e['passed'] else 'FAIL: ' + '; '.join(e['reasons'])}; "
          f"efficacy {m['efficacy_score']:.2f}, paraphrase {m['paraphrase_score']:.2f}, "
          f"neighbourhood {m['neighbourhood_score']:.2f}; new attribute extracted at "
-         f"{e['flow']['b_extraction']['where']}; subject knockout removes {e['flow']['c_drop_percent']:.0f}% of it")
+         f"{e['flow']['b_extraction']['where']}; with the subject hidden, "
+         f"{100 * (e['flow']['c_gain_surviving_knockout'] or 0):.0f}% of the edit's gain remains")
     echo(f"  after the edit: {req.filled_prompt}{m['generation_after']}")
     echo(f"wrote {out}/verify/report.html")
     result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict(),

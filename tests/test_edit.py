@@ -87,6 +87,11 @@ def test_rank_one_hits_the_key_and_least_squares_matches_normal_equations():
     kk = kk - (kk @ torch.linalg.solve(C.double(), k.double())) / (k.double() @ torch.linalg.solve(
         C.double(), k.double())) * k.double()
     assert float(((b @ a).double() @ kk).norm()) < 1e-4
+    # with a null key: fires on k, not on k0 (the subject-conditional insertion)
+    k0 = torch.randn(12, generator=g)
+    b, a = rank_one(C, k, delta, ridge=0.0, null_keys=k0[None])
+    torch.testing.assert_close((b @ a) @ k, delta, atol=1e-4, rtol=1e-4)
+    assert float(((b @ a) @ k0).norm()) < 1e-4
     K, R = torch.randn(5, 12, generator=g), torch.randn(5, 7, generator=g)
     b, a = least_squares(C, K, R, lam=2.0, ridge=0.0)
     # naive: minimise ||dW K^T - R^T||^2 + lam * tr(dW C dW^T)  ->  dW (lam C + K^T K) = R^T K

@@ -19,6 +19,7 @@ class EditConfig:
     batch_layers: list[int] | None = None  # MLP layers a batch edit spreads over (MEMIT); None: around the best
     batch_span: int = 1  # when batch_layers is None: this many layers ending at the most common located layer
     extraction_threshold: float = 20.0  # % drop from upper-half subject knockout that means "extraction"
+    subject_conditional: bool = True  # lookup edits: the update must not fire with the subject hidden
     max_heads: int = 2  # extraction heads that get a value update
     head_fallback: str = "attention"  # no located extraction head: "attention" (heads reading the subject) | "none"
     # keys: the subject's last token, after random context prefixes

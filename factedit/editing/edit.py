@@ -42,6 +42,7 @@ class EditPlan:
     why: str  # where the sites came from
     mlp_position: str = "subject"  # "subject" (ROME's site) | "last" (a lookup MLP at the last position)
     mechanism: str = ""  # "extraction" | "lookup", as read from the circuit
+    read_layers: list[int] = field(default_factory=list)  # where the last position reads the subject
 
 
 @dataclass
@@ -83,7 +84,8 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
         # when taking the layer of the first MLP extraction event instead.)
         position = "last"
         ko = circuit.knockout["subject"]
-        read = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)[0]
+        read_window = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)
+        read = read_window[0]
         mlp = min(cands, key=lambda la: abs(la - read))
         events = circuit.extraction_events["mlp"]
         why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
@@ -113,7 +115,10 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
                      for la in range(n_layers) for h in range(len(att[la]))}
             heads = [lh for lh in sorted(score, key=lambda lh: -score[lh]) if score[lh] > 0][: cfg.max_heads]
             why.append("heads: none extracts alone; the heads reading the subject where subject knockout hurts")
-    return EditPlan(mlp, heads, "; ".join(why), position, mech)
+    plan = EditPlan(mlp, heads, "; ".join(why), position, mech)
+    if position == "last":
+        plan.read_layers = [la for la in read_window if la <= mlp]
+    return plan
 
 
 class _Stats:
@@ -199,7 +204,13 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             step = WeightDelta(conv1d=adapter.spec.conv1d)
             if plan.mlp_layer is not None:
                 k = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, plan.mlp_position)[0]
-                b, a = rank_one(stats[("mlp", plan.mlp_layer)], k, fitted.mlp[0], cfg.ridge)
+                null = None
+                if plan.mlp_position == "last" and cfg.subject_conditional and plan.read_layers:
+                    # the same prompt with the subject hidden from the last position must not
+                    # fire the update: the new attribute is then read from the subject
+                    null = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, "last",
+                                     block_subject=plan.read_layers)
+                b, a = rank_one(stats[("mlp", plan.mlp_layer)], k, fitted.mlp[0], cfg.ridge, null)
                 step.add(adapter.module_name(plan.mlp_layer, adapter.spec.mlp_out), b, a)
                 for name, w in apply(adapter.model, step).items():
                     base.setdefault(name, w)

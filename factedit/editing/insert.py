@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from factedit.analysis.hooks import as_btd
+from factedit.analysis.hooks import as_btd, attention_masks, causal_mask
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
 from factedit.models.adapter import ModelAdapter
@@ -25,9 +25,11 @@ from factedit.models.adapter import ModelAdapter
 @torch.no_grad()
 def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
                module: torch.nn.Module, where: str = "in", chunk: int = 256, position: str = "subject",
-               ) -> torch.Tensor:
-    """(n, width): ``module``'s input (or output) at the subject's last token of each request's
-    prompt, averaged over the context prefixes."""
+               block_subject: list[int] | None = None) -> torch.Tensor:
+    """(n, width): ``module``'s input (or output) at the subject's last token (or the last
+    position) of each request's prompt, averaged over the context prefixes. With
+    ``block_subject`` (layers), the edges last position -> subject are blocked there, as in
+    attention knockout."""
     device = next(adapter.model.parameters()).device
     texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
              for i, r in enumerate(requests) for p in prefixes]
@@ -52,8 +54,16 @@ def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes
             def hook(m, args, out, got=got, n=nb):
                 got["x"] = as_btd(out[0] if isinstance(out, tuple) else out, n)
             h = module.register_forward_hook(hook)
+        masks = None
+        if block_subject:
+            base = causal_mask(nb, T, torch.float32, device)
+            blocked = base.clone()
+            for b, tp in enumerate(tps):
+                blocked[b, 0, tp.last, tp.subject_span[0] : tp.subject_span[1]] = torch.finfo(torch.float32).min
+            masks = {la: blocked for la in block_subject}
         try:
-            adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            with attention_masks(adapter, lambda la, masks=masks: (masks or {}).get(la)):
+                adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device))
         finally:
             h.remove()
         pos = [tp.last_subject if position == "subject" else tp.last for tp in tps]
@@ -65,10 +75,10 @@ def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes
 
 
 def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], kind: str,
-              layer: int, position: str = "subject") -> torch.Tensor:
+              layer: int, position: str = "subject", block_subject: list[int] | None = None) -> torch.Tensor:
     """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn")."""
     module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)
-    return at_subject(adapter, tok, requests, prefixes, module, "in", position=position)
+    return at_subject(adapter, tok, requests, prefixes, module, "in", position=position, block_subject=block_subject)
 
 
 def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
@@ -84,10 +94,22 @@ def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: float,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ROME's insertion: factors (B (out, 1), A (1, in)) with (B A) key = delta."""
-    Ci_k = torch.linalg.solve(regularised(C, ridge), key.double())  # (in,)
+             null_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's insertion: factors (B (out, 1), A (1, in)) with (B A) key = delta. With
+    ``null_keys`` (m, in), also (B A) null_keys = 0: the C-smallest update that fires on the
+    key and not on those (u = C^-1 K (K^T C^-1 K)^-1 e_1, K = [key, null_keys])."""
+    Creg = regularised(C, ridge)
+    Ci_k = torch.linalg.solve(Creg, key.double())  # (in,)
     a = Ci_k / (key.double() @ Ci_k)
+    if null_keys is not None and len(null_keys):
+        K = torch.cat([key[None], null_keys], 0).double().T  # (in, 1 + m)
+        Ci_K = torch.linalg.solve(Creg, K)
+        G = K.T @ Ci_K
+        # where a null key is (nearly) the key itself, both cannot hold: keep ROME's update
+        if torch.linalg.cond(G) < 1e8:
+            e1 = torch.zeros(K.shape[1], dtype=K.dtype, device=K.device)
+            e1[0] = 1
+            a = Ci_K @ torch.linalg.solve(G, e1)
     return delta.double()[:, None].float(), a[None].float()
 
 

@@ -109,8 +109,9 @@ def render_html(report: dict) -> str:
                 ("(b) new attribute extracted at", b["where"] + (
                     f"; targeted: {', '.join(b['targeted'])} "
                     f"({'hit' if b['in_targeted_components'] else 'elsewhere'})" if b["targeted"] else "")),
-                ("(c) subject knockout at the read window", f"layer {f['c_read_window_centre']}: "
-                 f"{_fmt(-f['c_drop_percent'] if f['c_drop_percent'] is not None else None)} % of p(new)"),
+                ("(c) subject knockout at the read window", f"window at layer {f['c_read_window_centre']}: "
+                 f"p(new) changes by {_fmt(-f['c_drop_percent'])} %; share of the edit's gain that survives: "
+                 f"{_fmt(f['c_gain_surviving_knockout'])}"),
                 ("(d) extraction heads Jaccard / enrichment", f"{_fmt(f['d_overlap']['extraction_heads_jaccard'])} / "
                  f"{f['d_overlap']['enrichment_before']} &rarr; {f['d_overlap']['enrichment_after']}"),
                 ("(e) neighbours unchanged", _fmt(f["e_neighbours"].get("predictions_unchanged"))),
