@@ -79,8 +79,9 @@ def render_html(report: dict) -> str:
              f"<p><span class='{'pass' if s['passed'] == s['n_edits'] else 'fail'}'>{s['passed']} of "
              f"{s['n_edits']} edits pass.</span></p>",
              "<p class='note'>An edit passes when (a) the edited model predicts the new attribute, (c) blocking "
-             "the subject's edges into the last position, where the base model reads the subject, removes it "
-             "(so it is recalled from the subject, not written regardless of it), (e) neighbouring subjects keep "
+             "the subject's edges into the last position, where the base model reads the subject, takes away "
+             "at least half of what the edit added to p(new) (so it is recalled from the subject, not written "
+             "regardless of it), (e) neighbouring subjects keep "
              "their predictions, and the scores reach their floors. (b) where the new attribute is extracted and "
              "(d) the overlap of the circuits are reported.</p>",
              "<h2>Summary (means over edits)</h2><table>"]
