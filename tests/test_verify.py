@@ -134,3 +134,19 @@ def test_adapter_for_another_base_model_is_refused(edited, tmp_path):
     res = run_verify(other, tmp_path / "v")
     assert res.exit_code == 2 and "made on another base model" in res.output
     assert not (tmp_path / "v").exists()
+
+
+def test_merged_checkpoint_verifies_like_the_adapter(demo, edited, tmp_path):
+    from factedit.editing.export import save_merged
+    from factedit.verify.run import load_adapter_delta
+
+    model, tok, _ = demo
+    save_merged(load_adapter_delta(edited / "good", model), tmp_path / "e" / "merged", model, tok)
+    (tmp_path / "e" / "edits.json").write_text((edited / "good" / "edits.json").read_text())
+    res = CliRunner().invoke(main, ["verify", "--edited", str(tmp_path / "e" / "merged"), "--out",
+                                    str(tmp_path / "v"), "--no-fluency"])
+    assert res.exit_code == 0, res.output
+    a = json.loads((tmp_path / "v" / "report.json").read_text())["edits"][0]["metrics"]
+    res = run_verify(edited / "good", tmp_path / "w")
+    b = json.loads((tmp_path / "w" / "report.json").read_text())["edits"][0]["metrics"]
+    assert a["nll_new"] == pytest.approx(b["nll_new"], abs=1e-3)
