@@ -224,10 +224,8 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                 head_step.add(name, b, a)
             for name, w in apply(adapter.model, head_step).items():
                 base.setdefault(name, w)
-            for name in step.modules() + head_step.modules():
-                src = step if name in step.factors else head_step
-                for b, a in src.factors[name]:
-                    res.delta.add(name, b, a)
+            res.delta.extend(step)
+            res.delta.extend(head_step)
             if len(requests) > 1:
                 log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
                     f"(NLL {fitted.base_nll[0]:.2f} -> {fitted.nll[0]:.2f})")

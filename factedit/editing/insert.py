@@ -19,11 +19,12 @@ import torch
 from factedit.analysis.hooks import as_btd, attention_masks, causal_mask
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
+from factedit.editing.values import pad_right
 from factedit.models.adapter import ModelAdapter
 
 
 @torch.no_grad()
-def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
                module: torch.nn.Module, where: str = "in", chunk: int = 256, position: str = "subject",
                block_subject: list[int] | None = None) -> torch.Tensor:
     """(n, width): ``module``'s input (or output) at the subject's last token (or the last
@@ -38,12 +39,8 @@ def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes
     for c0 in range(0, len(texts), chunk):
         part = texts[c0 : c0 + chunk]
         tps = [tokenize_with_subject(tok, t, s) for _, t, s in part]
-        T = max(len(tp.input_ids) for tp in tps)
-        ids = torch.full((len(tps), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, tp in enumerate(tps):
-            ids[b, : len(tp.input_ids)] = torch.tensor(tp.input_ids)
-            mask[b, : len(tp.input_ids)] = 1
+        ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)
+        T = ids.shape[1]
         got: dict[str, torch.Tensor] = {}
         nb = len(tps)
         if where == "in":
@@ -63,7 +60,7 @@ def at_subject(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes
             masks = {la: blocked for la in block_subject}
         try:
             with attention_masks(adapter, lambda la, masks=masks: (masks or {}).get(la)):
-                adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                adapter.model(input_ids=ids, attention_mask=mask)
         finally:
             h.remove()
         pos = [tp.last_subject if position == "subject" else tp.last for tp in tps]
@@ -78,13 +75,13 @@ def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
               layer: int, position: str = "subject", block_subject: list[int] | None = None) -> torch.Tensor:
     """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn")."""
     module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)
-    return at_subject(adapter, tok, requests, prefixes, module, "in", position=position, block_subject=block_subject)
+    return at_token(adapter, tok, requests, prefixes, module, "in", position=position, block_subject=block_subject)
 
 
 def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
                 position: str = "subject") -> torch.Tensor:
     """(n, d) residual stream after block ``layer`` at the subject's last token (or the last)."""
-    return at_subject(adapter, tok, requests, prefixes, adapter.block(layer), "out", position=position)
+    return at_token(adapter, tok, requests, prefixes, adapter.block(layer), "out", position=position)
 
 
 def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest
 from factedit.editing.stats import Corpus
-from factedit.editing.values import _batch, build_rows, context_prefixes
+from factedit.editing.values import build_rows, context_prefixes, pad_right
 from factedit.editing.weights import WeightDelta
 from factedit.models.adapter import ModelAdapter
 
@@ -31,7 +31,7 @@ def lora_finetune(adapter: ModelAdapter, tok, requests: list[EditRequest], corpu
     rows = build_rows(tok, requests, prefixes, None)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = _batch(rows, pad, device)
+    ids, mask = pad_right([r.ids for r in rows], pad, device)
     tb = torch.tensor([b for b, r in enumerate(rows) for _ in r.targets], device=device)
     tp = torch.tensor([p for r in rows for p, _ in r.targets], device=device)
     tt = torch.tensor([t for r in rows for _, t in r.targets], device=device)

@@ -91,20 +91,22 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt:
     return rows
 
 
-def _batch(rows: list[Row], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r.ids)] = torch.tensor(r.ids)
-        mask[b, : len(r.ids)] = 1
+def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids padded on the right, and the attention mask."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, x in enumerate(seqs):
+        ids[b, : len(x)] = torch.tensor(x)
+        mask[b, : len(x)] = 1
     return ids.to(device), mask.to(device)
 
 
 @contextmanager
 def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], mlp_delta, head_delta,
                    ) -> Iterator[None]:
-    """Add each row's request's deltas at its subject's last token."""
+    """Add each row's request's deltas: the MLP delta at ``sites.mlp_position`` (the subject's
+    last token or the last position), the head deltas at the subject's last token."""
     device = next(adapter.model.parameters()).device
     B = len(rows)
     b_idx = torch.arange(B, device=device)
@@ -185,7 +187,7 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
     device = next(model.parameters()).device
     rows = build_rows(tok, requests, prefixes, cfg.kl_prompt if cfg.kl_weight > 0 else None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = _batch(rows, pad, device)
+    ids, mask = pad_right([r.ids for r in rows], pad, device)
     n = len(requests)
     with torch.no_grad():
         cur, base_logits = _current(adapter, sites, rows, ids, mask)

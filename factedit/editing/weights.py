@@ -33,6 +33,12 @@ class WeightDelta:
             raise ValueError(f"factors of {name}: b {tuple(b.shape)} and a {tuple(a.shape)} do not chain")
         self.factors.setdefault(name, []).append((b.detach().float().cpu(), a.detach().float().cpu()))
 
+    def extend(self, other: WeightDelta) -> None:
+        """Add all of ``other``'s updates to this one."""
+        for name, parts in other.factors.items():
+            for b, a in parts:
+                self.add(name, b, a)
+
     def merged_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) of all of a module's updates stacked: rank = sum of the parts' ranks."""
         bs, as_ = zip(*self.factors[name])
