@@ -47,8 +47,10 @@ def knockout_figure(curves: dict[str, list[float]], window: int, path: Path, tit
 def attribute_rate_figure(rates: dict[str, list[float]], path: Path, title: str = "") -> None:
     """Attribute rate per layer (layer 0 = embeddings), one line per series."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for name, ys in rates.items():
-        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("d", "-.")]  # overlapping series stay visible
+    for i, (name, ys) in enumerate(rates.items()):
+        marker, ls = styles[i % len(styles)]
+        ax.plot(range(len(ys)), ys, marker=marker, ms=4, ls=ls, label=name)
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("attribute rate")
     ax.set_title(title or "Subject enrichment: attribute rate at the last subject token")
