@@ -6,8 +6,9 @@ centre layer l, the edges last position -> source are blocked in all heads of th
 softmax. The measure is the relative change, in %, of the probability of the clean run's
 top-1 token (and of a given target token).
 
-All interventions for a fact run as one batch: row 0 is the clean run, then one row per
-(source set, centre layer).
+Row 0 is the clean run, then one row per (source set, centre layer). Knockout changes only
+what flows into the last position, so by default every row reruns the last position alone,
+from its window's first layer up, on the clean run's keys and values, all rows in one batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from factedit.analysis.hooks import attention_masks, causal_mask, upcast
+from factedit.analysis.rerun import CleanRun, clean_run, prefix_causal_mask, rerun
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
@@ -55,30 +57,28 @@ class KnockoutResult:
     target_curves: dict[str, list[float]] = field(default_factory=dict)
 
 
+def knockout_rows(n_layers: int) -> list[tuple[str, int]]:
+    """One row per (source set, centre layer), in SOURCE_SETS order."""
+    return [(s, c) for s in SOURCE_SETS for c in range(n_layers)]
+
+
 @torch.no_grad()
 def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
-                       target: int | None = None) -> KnockoutResult:
+                       target: int | None = None, method: str = "fast",
+                       clean: CleanRun | None = None) -> KnockoutResult:
+    """The knockout sweep of one fact. ``method="fast"`` reruns only the last position, each
+    row from its window's first layer, on the clean run's keys and values (see
+    :mod:`factedit.analysis.rerun`); ``"naive"`` is the paper's procedure, one full forward
+    pass per intervention, kept as the reference."""
     L = adapter.n_layers
-    T = len(tp.input_ids)
-    q = tp.last
-    sources = source_positions(tp)
-    rows = [(s, c) for s in SOURCE_SETS for c in range(L)]
-    B = 1 + len(rows)
-    device = next(adapter.model.parameters()).device
-    dtype = torch.float32
-    neg = torch.finfo(dtype).min
-    base = causal_mask(B, T, dtype, device)
-    masks = []
-    for layer in range(L):
-        m = base.clone()
-        for r, (s, c) in enumerate(rows, start=1):
-            if layer in window_layers(c, window, L) and sources[s]:
-                m[r, 0, q, sources[s]] = neg
-        masks.append(m)
-    ids = torch.tensor([tp.input_ids] * B, device=device)
-    with attention_masks(adapter, lambda layer: masks[layer]):
-        logits = upcast(adapter.model(input_ids=ids).logits[:, q])  # (B, V)
-    probs = logits.softmax(-1)
+    rows = knockout_rows(L)
+    blocked = _blocked(tp, window, L, rows)
+    if method == "fast":
+        probs = _fast(adapter, tp, rows, blocked, window, clean)
+    elif method == "naive":
+        probs = _naive(adapter, tp, rows, blocked)
+    else:
+        raise FactEditError(f"knockout method must be 'fast' or 'naive', not {method!r}")
     pred = int(probs[0].argmax())
 
     def curves_for(tok_id: int) -> tuple[float, dict[str, list[float]]]:
@@ -94,3 +94,44 @@ def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
         res.target = target
         res.target_base_prob, res.target_curves = curves_for(target)
     return res
+
+
+def _blocked(tp: TokenizedPrompt, window: int, L: int, rows: list[tuple[str, int]]) -> list[dict[int, list[int]]]:
+    """Per row: layer -> source positions whose edges into the last position are blocked."""
+    sources = source_positions(tp)
+    return [{la: sources[s] for la in window_layers(c, window, L) if sources[s]} for s, c in rows]
+
+
+def _fast(adapter, tp, rows, blocked, window, clean) -> torch.Tensor:
+    L, T, q = adapter.n_layers, len(tp.input_ids), tp.last
+    clean = clean or clean_run(adapter, tp.input_ids)
+    row_start = [window_layers(c, window, L).start for _s, c in rows]
+    device = clean.block_in[0].device
+
+    def masks(layer: int, active: list[int]) -> torch.Tensor:
+        m = prefix_causal_mask(len(active), q, T, torch.float32, device)  # (n_active, 1, 1, T)
+        for i, r in enumerate(active):
+            if layer in blocked[r]:
+                m[i, 0, 0, blocked[r][layer]] = torch.finfo(torch.float32).min
+        return m
+
+    out = rerun(adapter, clean, q, row_start, masks=masks)
+    logits = torch.cat([clean.logits[None], out.logits])  # (1 + R, V)
+    return upcast(logits).softmax(-1)
+
+
+def _naive(adapter, tp, rows, blocked) -> torch.Tensor:
+    T, q = len(tp.input_ids), tp.last
+    device = next(adapter.model.parameters()).device
+    ids = torch.tensor([tp.input_ids], device=device)
+    neg = torch.finfo(torch.float32).min
+    logits = [upcast(adapter.model(input_ids=ids).logits[0, q])]
+    for r in range(len(rows)):
+        def mask(layer, r=r):
+            m = causal_mask(1, T, torch.float32, device)
+            if layer in blocked[r]:
+                m[0, 0, q, blocked[r][layer]] = neg
+            return m
+        with attention_masks(adapter, mask):
+            logits.append(upcast(adapter.model(input_ids=ids).logits[0, q]))
+    return torch.stack(logits).softmax(-1)

@@ -1,8 +1,9 @@
 """`locate`: a fact's recall circuit, from attention knockout, vocabulary projection,
 attribute rate and sublayer knockout.
 
-Cost per fact: three batched forward passes (1 + 3L rows for attention knockout, 1 + 2L rows
-for sublayer knockout, one clean pass for the projections).
+Cost per fact: two clean forward passes (one for the projections, one kept for the reruns),
+then the knockout sweeps as partial reruns (3L rows of the last position, 2L rows of the
+positions from the subject on, each from its window's first layer up).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from factedit.analysis.heads import head_scores, ov_rank, top_heads
 from factedit.analysis.hooks import upcast
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.projection import components, rank_and_prob
+from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import sublayer_knockout
 from factedit.errors import FactEditError
@@ -112,7 +114,9 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     target_id = target_token_ids(tok, tp.prompt, target)[0] if target is not None else pred
     token = target_id
 
-    ko = attention_knockout(adapter, tp, cfg.knockout_window, target=target_id if target is not None else None)
+    clean = clean_run(adapter, tp.input_ids)  # shared by both knockout sweeps
+    ko = attention_knockout(adapter, tp, cfg.knockout_window, target=target_id if target is not None else None,
+                            clean=clean)
 
     # vocabulary projection at the last position
     proj: dict[str, list] = {}
@@ -148,7 +152,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         rates = by_pos["last_subject"]
 
     sk = sublayer_knockout(adapter, tok, tp, cfg.sublayer_window, token, rel_ids, cfg.read_layer,
-                           cfg.attribute_top_k, fn)
+                           cfg.attribute_top_k, fn, clean=clean)
     if sk.attribute_rate is not None:
         metric = f"drop of the attribute rate at stream layer {sk.read_layer}"
         scores = [sk.base_attribute_rate - r for r in sk.attribute_rate["mlp"]]

@@ -5,8 +5,9 @@ Unlike the reference code (which zeroes the MLP's pre-activations at every posit
 output bias survives, and makes attention uniform), the sublayer's whole output is removed at
 the subject positions only: the residual stream there never receives that sublayer's update.
 
-All interventions for a fact run as one batch: row 0 is the clean run, then one row per
-(sublayer, centre layer). Per row we read:
+Row 0 is the clean run, then one row per (sublayer, centre layer). Positions before the
+subject never change, so by default each row reruns the positions from the subject on, from
+its window's first layer up, on the clean run's keys and values, all rows in one batch. Per row we read:
 - p(token) at the output (relative change in %, as for attention knockout);
 - the attribute rate of the last subject token's residual at ``read_layer`` (stream index:
   0 = embeddings, l + 1 = after block l), when a related-token set is given;
@@ -25,6 +26,7 @@ import torch
 from factedit.analysis.attribute_rate import attribute_rate
 from factedit.analysis.hooks import as_btd, capture, upcast
 from factedit.analysis.knockout import window_layers
+from factedit.analysis.rerun import CleanRun, clean_run, rerun
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
@@ -47,19 +49,21 @@ class SublayerKnockoutResult:
 
 @contextmanager
 def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, list[int]],
-                   positions: list[int], batch: int) -> Iterator[None]:
+                   positions: list[int], batch: int | dict[int, int]) -> Iterator[None]:
     """Zero the output of sublayer ``kind`` ("mlp" or "attn") at ``positions`` for the batch
-    rows ``rows_by_layer[layer]`` (of ``batch`` rows)."""
+    rows ``rows_by_layer[layer]``. ``batch`` is the number of rows the module sees (per layer
+    where it varies)."""
     getter = adapter.mlp if kind == "mlp" else adapter.attn
     handles = []
     for layer, rows in rows_by_layer.items():
         if not rows:
             continue
+        n = batch[layer] if isinstance(batch, dict) else batch
 
-        def hook(module, args, out, rows=rows):
+        def hook(module, args, out, rows=rows, n=n):
             o = out[0] if isinstance(out, tuple) else out
             shape = o.shape
-            o = as_btd(o.clone(), batch)  # OPT's MLP output is (batch*T, d)
+            o = as_btd(o.clone(), n)  # OPT's MLP output is (batch*T, d)
             r = torch.tensor(rows, device=o.device)[:, None]
             o[r, torch.tensor(positions, device=o.device)[None, :]] = 0
             o = o.reshape(shape)
@@ -73,36 +77,34 @@ def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, li
             h.remove()
 
 
+def sublayer_rows(n_layers: int) -> list[tuple[str, int]]:
+    """One row per (sublayer, centre layer), in SUBLAYERS order."""
+    return [(kind, c) for kind in SUBLAYERS for c in range(n_layers)]
+
+
 @torch.no_grad()
 def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: int, token: int,
                       related: set[int] | None = None, read_layer: int | None = None, top_k: int = 50,
-                      final_norm: bool = True) -> SublayerKnockoutResult:
+                      final_norm: bool = True, method: str = "fast",
+                      clean: CleanRun | None = None) -> SublayerKnockoutResult:
+    """``method="fast"`` reruns positions from the subject's first token on, each row from its
+    window's first layer, on the clean run's keys and values; ``"naive"`` runs one full forward
+    pass per intervention (the reference)."""
     L = adapter.n_layers
     if read_layer is None:
         read_layer = default_read_layer(L)
     if not 0 <= read_layer <= L:
         raise FactEditError(f"read layer {read_layer} must lie between 0 (embeddings) and {L}")
-    rows = [(kind, c) for kind in SUBLAYERS for c in range(L)]
-    B = 1 + len(rows)
-    device = next(adapter.model.parameters()).device
-    subject = list(range(*tp.subject_span))
-    q, s_last = tp.last, tp.last_subject
-    by_kind: dict[str, dict[int, list[int]]] = {k: {la: [] for la in range(L)} for k in SUBLAYERS}
-    for r, (kind, c) in enumerate(rows, start=1):
-        for la in window_layers(c, window, L):
-            by_kind[kind][la].append(r)
-
-    store: dict[str, list] = {}
-    ids = torch.tensor([tp.input_ids] * B, device=device)
-    with remove_updates(adapter, "mlp", by_kind["mlp"], subject, B), \
-            remove_updates(adapter, "attn", by_kind["attn"], subject, B), \
-            capture(adapter, {"block_in": (adapter.block, "in"), "block_out": (adapter.block, "out"),
-                              "attn": (adapter.attn, "out")}, store, batch=B):
-        logits = upcast(adapter.model(input_ids=ids).logits[:, q])  # (B, V)
-    probs = logits.softmax(-1)[:, token]  # (B,)
-    stream = [store["block_in"][0]] + store["block_out"]  # L+1 x (B, T, d)
-    subj_rep = stream[read_layer][:, s_last]  # (B, d)
-    attn_last = torch.stack([a[:, q] for a in store["attn"]], 1)  # (B, L, d)
+    rows = sublayer_rows(L)
+    windows = [window_layers(c, window, L) for _k, c in rows]
+    if method == "fast":
+        logits, subj_rep, attn_last = _fast(adapter, tp, rows, windows, read_layer, clean)
+    elif method == "naive":
+        logits, subj_rep, attn_last = _naive(adapter, tp, rows, windows, read_layer)
+    else:
+        raise FactEditError(f"sublayer knockout method must be 'fast' or 'naive', not {method!r}")
+    B = len(rows) + 1
+    probs = upcast(logits).softmax(-1)[:, token]  # (B,)
     extraction = upcast(adapter.logit_lens(attn_last, final_norm)).softmax(-1)[..., token].amax(1)  # (B,)
 
     rates = None
@@ -124,6 +126,51 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
         base_extraction=float(extraction[0]),
         prob_change=out_prob, attribute_rate=None if rates is None else out_rate, extraction=out_ext,
     )
+
+
+def _fast(adapter, tp, rows, windows, read_layer, clean):
+    """Returns logits (B, V) at the last position, the last subject token's residual at
+    ``read_layer`` (B, d) and the MHSA outputs at the last position (B, L, d); row 0 clean."""
+    s0, s_last = tp.subject_span[0], tp.last_subject
+    clean = clean or clean_run(adapter, tp.input_ids)
+    subject_rel = list(range(0, tp.subject_span[1] - s0))  # subject positions, counted from s0
+
+    def hooks(layer: int, active: list[int]) -> list:
+        out = []
+        for kind in SUBLAYERS:
+            local = [i for i, r in enumerate(active) if rows[r][0] == kind and layer in windows[r]]
+            if local:
+                out.append(remove_updates(adapter, kind, {layer: local}, subject_rel, len(active)))
+        return out
+
+    res = rerun(adapter, clean, s0, [w.start for w in windows], hooks=hooks,
+                keep_stream=[(read_layer, s_last)], keep_attn_last=True)
+    clean_attn = torch.stack([a[-1] for a in clean.attn])  # (L, d)
+    logits = torch.cat([clean.logits[None], res.logits])
+    subj_rep = torch.cat([clean.block_in[read_layer][s_last][None], res.stream[(read_layer, s_last)]])
+    return logits, subj_rep, torch.cat([clean_attn[None], res.attn_last])
+
+
+def _naive(adapter, tp, rows, windows, read_layer):
+    device = next(adapter.model.parameters()).device
+    ids = torch.tensor([tp.input_ids], device=device)
+    subject = list(range(*tp.subject_span))
+    logits, subj_rep, attn_last = [], [], []
+    for r in range(len(rows) + 1):
+        by_kind = {k: {} for k in SUBLAYERS}
+        if r:
+            kind, _c = rows[r - 1]
+            by_kind[kind] = {la: [0] for la in windows[r - 1]}
+        store: dict[str, list] = {}
+        with remove_updates(adapter, "mlp", by_kind["mlp"], subject, 1), \
+                remove_updates(adapter, "attn", by_kind["attn"], subject, 1), \
+                capture(adapter, {"block_in": (adapter.block, "in"), "block_out": (adapter.block, "out"),
+                                  "attn": (adapter.attn, "out")}, store):
+            logits.append(adapter.model(input_ids=ids).logits[0, tp.last])
+        stream = [store["block_in"][0]] + store["block_out"]
+        subj_rep.append(stream[read_layer][0, tp.last_subject])
+        attn_last.append(torch.stack([a[0, tp.last] for a in store["attn"]]))
+    return torch.stack(logits), torch.stack(subj_rep), torch.stack(attn_last)
 
 
 def default_read_layer(n_layers: int) -> int:

@@ -1,0 +1,230 @@
+"""Partial reruns: many interventions at the cost of the states they actually change.
+
+An intervention that first acts at layer ``l`` on positions ``>= p`` leaves every state below
+layer ``l`` and every position before ``p`` exactly as in the clean run. Attention knockout
+into the last position (p = last) and sublayer knockout at the subject (p = first subject
+token) are both of that kind. So one clean pass is kept (:class:`CleanRun`: each block's input
+and the keys and values it cached) and every intervention is rerun only for positions
+``p..T-1`` and only from its first layer up, reusing the clean keys and values of positions
+``< p``. All rows run as one batch; at layer ``l`` the block computes only the rows whose
+intervention has begun, and the other rows carry the clean states.
+
+Rows are "active" at layer l when ``row_start[row] <= l``. Callers build per-layer masks and
+sublayer interventions for the active rows only (see :func:`active_rows`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from factedit.analysis.hooks import as_btd, attention_masks
+from factedit.models.adapter import ModelAdapter
+
+
+@dataclass
+class CleanRun:
+    """One clean forward pass. L layers, T positions, d model width, V vocabulary."""
+
+    input_ids: list[int]
+    block_in: list[torch.Tensor]  # L+1 x (T, d): input of block l; [L] = the last block's output
+    keys: list[torch.Tensor]  # L x (1, kv_heads, T, head_dim) as the model's cache holds them
+    values: list[torch.Tensor]  # L x (1, kv_heads, T, head_dim)
+    attn: list[torch.Tensor]  # L x (T, d) MHSA output
+    logits: torch.Tensor  # (V,) output logits at the last position
+
+
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[layer].keys, cache.layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    return cache[layer][0], cache[layer][1]  # legacy tuple of (k, v)
+
+
+def _new_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k, v, layer)
+    return cache
+
+
+def _last_logits_only(model) -> dict:
+    """Ask for the last position's logits only, where the model's forward supports it."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+@torch.no_grad()
+def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
+    L = adapter.n_layers
+    device = next(adapter.model.parameters()).device
+    block_in: list = [None] * (L + 1)
+    attn: list = [None] * L
+    handles = []
+
+    def keep_in(layer):
+        def hook(m, args, kwargs):
+            block_in[layer] = (args[0] if args else kwargs["hidden_states"])[0]
+        return hook
+
+    def keep_last_out(m, args, out):
+        block_in[L] = (out[0] if isinstance(out, tuple) else out)[0]
+
+    def keep_attn(layer):
+        def hook(m, args, out):
+            attn[layer] = as_btd(out[0] if isinstance(out, tuple) else out, 1)[0]
+        return hook
+
+    for la in range(L):
+        handles.append(adapter.block(la).register_forward_pre_hook(keep_in(la), with_kwargs=True))
+        handles.append(adapter.attn(la).register_forward_hook(keep_attn(la)))
+    handles.append(adapter.block(L - 1).register_forward_hook(keep_last_out))
+    try:
+        out = adapter.model(input_ids=torch.tensor([input_ids], device=device), use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    kv = [_layer_kv(out.past_key_values, la) for la in range(L)]
+    return CleanRun(list(input_ids), block_in, [k for k, _ in kv], [v for _, v in kv], attn,
+                    out.logits[0, -1])
+
+
+def active_rows(row_start: list[int], layer: int) -> list[int]:
+    """The rows whose intervention has begun by ``layer``, in row order."""
+    return [r for r, s in enumerate(row_start) if s <= layer]
+
+
+def prefix_causal_mask(n_rows: int, start: int, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(n_rows, 1, seq - start, seq) additive mask for queries ``start..seq-1`` over keys
+    ``0..seq-1``: 0 where the key is at or before the query, dtype-min after it."""
+    q = torch.arange(start, seq, device=device)[:, None]
+    k = torch.arange(seq, device=device)[None, :]
+    m = torch.zeros(seq - start, seq, dtype=dtype, device=device)
+    m[k > q] = torch.finfo(dtype).min
+    return m.expand(n_rows, 1, seq - start, seq).clone()
+
+
+@dataclass
+class Rerun:
+    """What a partial rerun returns. B rows, n = T - start recomputed positions."""
+
+    logits: torch.Tensor  # (B, V) at the last position
+    stream: dict[tuple[int, int], torch.Tensor]  # (stream layer, position) -> (B, d); 0 = embeddings
+    attn_last: torch.Tensor | None  # (B, L, d) MHSA output at the last position
+
+
+@contextmanager
+def _rows_only(adapter: ModelAdapter, clean: CleanRun, row_start: list[int], start: int) -> Iterator[None]:
+    """Make block l compute only its active rows; the other rows get the clean block output."""
+    B = len(row_start)
+    patched = []
+    for layer in range(adapter.n_layers):
+        block = adapter.block(layer)
+        rows = active_rows(row_start, layer)
+        idx = torch.tensor(rows, dtype=torch.long, device=clean.block_in[0].device)
+        original, n_active = block.forward, len(rows)
+
+        def forward(self, *args, _orig=original, _idx=idx, _n=n_active, _layer=layer, **kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            out = clean.block_in[_layer + 1][start:].expand(B, -1, -1).clone()  # (B, n, d)
+            result = None
+            if _n:
+                result = _orig(h[_idx], *args[1:], **kwargs)
+                out[_idx] = result[0] if isinstance(result, tuple) else result
+            if isinstance(result, tuple):
+                return (out, *[None] * (len(result) - 1))
+            return out
+
+        block.forward = types.MethodType(forward, block)
+        patched.append(block)
+    try:
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+@torch.no_grad()
+def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[int],
+          masks: Callable[[int, list[int]], torch.Tensor] | None = None,
+          hooks: Callable[[int, list[int]], list] | None = None,
+          keep_stream: list[tuple[int, int]] = (), keep_attn_last: bool = False) -> Rerun:
+    """Rerun ``len(row_start)`` rows on positions ``start..T-1``, row r from layer
+    ``row_start[r]`` up.
+
+    ``masks(layer, rows)`` gives the additive attention mask of the active ``rows`` at that
+    layer, (len(rows), 1, n, T), causality included (default: plain causal).
+    ``hooks(layer, rows)`` gives context managers to enter for the rerun (e.g. sublayer
+    interventions), which see tensors of the active rows only, in that order.
+    ``keep_stream`` names the (stream layer, position) pairs to return for every row.
+    """
+    L = adapter.n_layers
+    T = len(clean.input_ids)
+    B = len(row_start)
+    device = clean.block_in[0].device
+    active = [active_rows(row_start, la) for la in range(L)]
+    mask_by_layer = []
+    for la in range(L):
+        if masks is not None:
+            mask_by_layer.append(masks(la, active[la]))
+        else:
+            mask_by_layer.append(prefix_causal_mask(len(active[la]), start, T, torch.float32, device))
+
+    prefix = [(k[..., :start, :].expand(len(active[la]), -1, -1, -1),
+               v[..., :start, :].expand(len(active[la]), -1, -1, -1))
+              for la, (k, v) in enumerate(zip(clean.keys, clean.values))]
+    cache = _new_cache(prefix) if start > 0 else None
+
+    kept: dict[int, torch.Tensor] = {}  # stream layer -> (B, n, d)
+    attn_sub: list = [None] * L
+    handles = []
+    wanted = {s for s, _ in keep_stream}
+    for la in range(L):
+        if la + 1 in wanted:
+            def keep(m, args, out, la=la):
+                kept[la + 1] = out[0] if isinstance(out, tuple) else out
+            handles.append(adapter.block(la).register_forward_hook(keep))
+        if keep_attn_last and active[la]:
+            def keep_attn(m, args, out, la=la):
+                attn_sub[la] = as_btd(out[0] if isinstance(out, tuple) else out, len(active[la]))[:, -1]
+            handles.append(adapter.attn(la).register_forward_hook(keep_attn))
+
+    ids = torch.tensor([clean.input_ids[start:]] * B, device=device)
+    pos = torch.arange(start, T, device=device)[None]
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(_rows_only(adapter, clean, row_start, start))
+            stack.enter_context(attention_masks(adapter, lambda la: mask_by_layer[la]))
+            if hooks is not None:
+                for la in range(L):
+                    for cm in hooks(la, active[la]):
+                        stack.enter_context(cm)
+            logits = adapter.model(input_ids=ids, position_ids=pos, past_key_values=cache,
+                                   use_cache=cache is not None, **_last_logits_only(adapter.model)).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+    stream = {}
+    for s, p in keep_stream:
+        if p < start:
+            stream[(s, p)] = clean.block_in[s][p].expand(B, -1)
+        elif s == 0:
+            stream[(s, p)] = clean.block_in[0][p].expand(B, -1)  # embeddings never change
+        else:
+            stream[(s, p)] = kept[s][:, p - start]
+    attn_last = None
+    if keep_attn_last:
+        attn_last = torch.stack([clean.attn[la][-1].expand(B, -1) for la in range(L)], 1).clone()  # (B, L, d)
+        for la in range(L):
+            if active[la]:
+                attn_last[active[la], la] = attn_sub[la]
+    return Rerun(logits=logits, stream=stream, attn_last=attn_last)
