@@ -107,7 +107,7 @@ class RecallCircuit:
     knockout_target: dict[str, Any] | None  # the same for the given target, if any
     # attribute rate per stream layer (0 = embeddings), at the last subject token
     attribute_rate: list[float] | None
-    attribute_rate_by_position: dict[str, list[float]] | None  # first_subject, last_subject, last
+    attribute_rate_by_position: dict[str, list[float]] | None  # first_subject, last_subject, after_subject, last
     related_source: str | None  # where the related-token set came from
     # vocabulary projection at the last position, of the followed token
     projection: dict[str, list[float]]  # resid/attn/mlp _rank and _prob, per layer

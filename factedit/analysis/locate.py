@@ -149,6 +149,10 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         by_pos = {name: attribute_rate(adapter, tok, stream[:, pos], rel_ids, cfg.attribute_top_k, fn)
                   for name, pos in (("first_subject", tp.subject_span[0]),
                                     ("last_subject", tp.last_subject), ("last", tp.last))}
+        later = list(range(tp.subject_span[1], tp.last))  # between the subject and the last token
+        if later:
+            per = [attribute_rate(adapter, tok, stream[:, pos], rel_ids, cfg.attribute_top_k, fn) for pos in later]
+            by_pos["after_subject"] = [sum(col) / len(col) for col in zip(*per)]
         rates = by_pos["last_subject"]
 
     sk = sublayer_knockout(adapter, tok, tp, cfg.sublayer_window, token, rel_ids, cfg.read_layer,

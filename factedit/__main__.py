@@ -1,0 +1,5 @@
+"""`python -m factedit ...` (and `accelerate launch -m factedit ...`)."""
+
+from factedit.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Audit: where a model retrieves its knowledge, across a dataset."""

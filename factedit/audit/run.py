@@ -1,0 +1,212 @@
+"""`audit`: locate the recall circuit of every fact of a dataset, resumably, on one or many
+processes, then aggregate.
+
+Output folder:
+- ``audit.json``  what was audited (model fingerprint, dataset, analysis config): a rerun with
+  the same folder resumes only if these match;
+- ``facts.jsonl`` one record per fact, appended as computed (shards under data parallelism);
+- ``summary.json``, ``*.png``, ``report.html`` written at the end (atomically).
+
+Facts the model does not know (its top-1 token is not the attribute's first token) are
+recorded with ``status: "unknown"`` and left out of the aggregates, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from factedit.analysis.attribute_rate import related_tokens
+from factedit.analysis.circuit import LocateConfig
+from factedit.analysis.hooks import upcast
+from factedit.analysis.locate import check_length, locate, target_token_ids
+from factedit.analysis.spans import tokenize_with_subject
+from factedit.audit.dataset import AuditFact
+from factedit.audit.store import FACTS, FactStore, merge
+from factedit.errors import FactEditError, OutputDirError
+from factedit.io import atomic_write_text
+from factedit.models.adapter import ModelAdapter
+from factedit.models.fingerprint import model_fingerprint
+
+FORMAT = "factedit.audit/1"
+OWN_FILES = ("audit.json", FACTS, "summary.json", "report.html")
+
+
+@dataclass
+class Shard:
+    """This process's place in a data-parallel run (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    state: object = None  # accelerate's PartialState under `accelerate launch`
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def current_shard() -> Shard:
+    """Rank and world size from `accelerate launch` (or torchrun); alone otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Shard()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU processes
+    return Shard(state.process_index, state.num_processes, state)
+
+
+def _r(x: float) -> float:
+    return round(float(x), 6)
+
+
+def _rs(xs) -> list | None:
+    return None if xs is None else [_r(x) for x in xs]
+
+
+@torch.no_grad()
+def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: str,
+               related: set[int] | None) -> dict:
+    """One fact's record: its recall circuit if the model knows it, else why not."""
+    rec = {"index": fact.index, "id": fact.source_id, "prompt": fact.prompt, "subject": fact.subject,
+           "attribute": fact.attribute, "relation": fact.relation, "group": fact.group}
+    try:
+        tp = tokenize_with_subject(tok, fact.prompt, fact.subject)
+        check_length(model, tp)
+        want = target_token_ids(tok, tp.prompt, fact.attribute)[0]
+    except FactEditError as exc:
+        return {**rec, "status": "error", "error": str(exc)}
+    device = next(model.parameters()).device
+    probs = upcast(model(input_ids=torch.tensor([tp.input_ids], device=device)).logits[0, -1]).softmax(-1)
+    pred = int(probs.argmax())
+    rec.update(prediction=tok.decode([pred]), prediction_prob=_r(probs[pred]), attribute_prob=_r(probs[want]))
+    if pred != want:
+        return {**rec, "status": "unknown"}
+    c = locate(tp.prompt, fact.subject, model=model, tokenizer=tok, related=related, config=config,
+               fingerprint=fingerprint)
+    by_pos = c.attribute_rate_by_position
+    return {
+        **rec,
+        "status": "known",
+        "n_tokens": len(tp.input_ids),
+        "subject_span": list(tp.subject_span),
+        "knockout": {s: _rs(c.knockout[s]) for s in ("subject", "non_subject", "last")},
+        "attribute_rate": None if by_pos is None else {k: _rs(v) for k, v in by_pos.items()},
+        "projection_rank": {k: c.projection[f"{k}_rank"] for k in ("resid", "attn", "mlp")},
+        "extraction_heads": [[h.layer, h.head, _r(h.score)] for h in c.extraction_heads],
+        "enrichment_mlps": [[m.layer, _r(m.score)] for m in c.enrichment_mlps],
+        "sublayer_knockout": {k: _rs(c.sublayer_knockout[k]["prob_change"]) for k in ("mlp", "attn")},
+    }
+
+
+def prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
+    """Create the folder, or check that it holds an audit of the same model, dataset and
+    config (then the run resumes). Other non-empty folders are refused unless ``overwrite``,
+    which removes only factedit's own audit files."""
+    meta = out / "audit.json"
+    if meta.is_file() and not overwrite:
+        try:
+            old = json.loads(meta.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise OutputDirError(f"{meta} is corrupt ({exc.msg}): pass --overwrite to start the audit again") from exc
+        for key in ("model_fingerprint", "dataset", "n_facts", "config"):
+            if old.get(key) != header.get(key):
+                raise OutputDirError(
+                    f"--out {out} holds an audit with another {key.replace('_', ' ')} "
+                    f"({old.get(key)!r} vs {header.get(key)!r}): use a new folder, or --overwrite to restart"
+                )
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputDirError(f"--out {out} exists and is not empty: choose a new folder or pass --overwrite")
+        for p in list(out.glob("facts.shard*.jsonl")) + list(out.glob("*.png")) + [out / n for n in OWN_FILES]:
+            if p.is_file():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps(header, indent=1))
+
+
+def select(facts: Sequence[AuditFact], relations: Sequence[str] | None, limit: int | None) -> list[AuditFact]:
+    chosen = [f for f in facts if not relations or f.relation in relations]
+    if relations and not chosen:
+        have = sorted({f.relation for f in facts})
+        raise FactEditError(f"--relations {','.join(relations)} matches no fact; relations here: {', '.join(have)}")
+    return chosen[:limit] if limit is not None else chosen
+
+
+def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, config: LocateConfig,
+              dataset_name: str, related_of=None, overwrite: bool = False, shard: Shard | None = None,
+              progress: bool = True, log=print) -> dict | None:
+    """Audit ``facts`` into ``out``; returns the summary on the main process (None elsewhere).
+
+    ``related_of(fact)`` gives the fact's related-token text or ids for the attribute rate.
+    """
+    from factedit.audit.report import write_outputs
+
+    shard = shard or Shard()
+    out = Path(out)
+    fp = model_fingerprint(model)
+    adapter = ModelAdapter(model)
+    cfg = config.resolved(adapter.n_layers)
+    header = {"format": FORMAT, "model": str(getattr(model, "name_or_path", "")), "model_fingerprint": fp,
+              "dataset": dataset_name, "n_facts": len(facts), "config": cfg.__dict__.copy(),
+              "n_layers": adapter.n_layers, "n_heads": adapter.n_heads}
+    if shard.main:
+        prepare_dir(out, header, overwrite)
+    shard.barrier()
+
+    store = FactStore(out, shard.rank, shard.world_size)
+    done = store.done()
+    mine = [f for f in facts if f.index % shard.world_size == shard.rank]
+    todo = [f for f in mine if f.index not in done]
+    if todo and shard.main:
+        log(f"auditing {len(todo)} of {len(facts)} facts ({len(facts) - len(todo) * shard.world_size} done before)"
+            if shard.world_size == 1 else f"auditing {len(facts)} facts on {shard.world_size} processes")
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"audit [{shard.rank}]", unit="fact",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for fact in todo:
+        related = related_of(fact) if related_of is not None else None
+        store.append(audit_fact(fact, model, tokenizer, cfg, fp, related))
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    shard.barrier()
+    if not shard.main:
+        return None
+    records = merge(out)
+    return write_outputs(out, records, header, {"facts_this_run": len(todo), "seconds_this_run": round(seconds, 2),
+                                                "processes": shard.world_size})
+
+
+def world_related(world, tok):
+    """For a world model: each fact's related tokens are its subject's attributes."""
+    cache: dict[str, set[int]] = {}
+
+    def related_of(fact: AuditFact) -> set[int] | None:
+        if fact.subject not in cache:
+            try:
+                cache[fact.subject] = related_tokens(tok, list(world.entity(fact.subject).facts.values()))
+            except KeyError:
+                return None
+        return cache[fact.subject]
+
+    return related_of
+
+
+def text_related(tok):
+    def related_of(fact: AuditFact) -> set[int] | None:
+        return related_tokens(tok, fact.related) if fact.related else None
+
+    return related_of

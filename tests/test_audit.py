@@ -1,0 +1,213 @@
+"""`factedit audit`: datasets, per-fact records, aggregates against a hand computation,
+resumption after a torn write or a kill -9, and data parallelism (2 CPU processes)."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from factedit.analysis.circuit import LocateConfig
+from factedit.audit.dataset import DatasetError, load_facts, world_facts
+from factedit.audit.run import run_audit, world_related
+from factedit.audit.store import FACTS, read_records
+from factedit.audit.summary import robustness
+from factedit.errors import FactEditError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LIMIT = 12  # entity-major: the first entity, three relations, four templates each
+
+
+def _cfg():
+    return LocateConfig(knockout_window=3, sublayer_window=1, attribute_top_k=10)
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory):
+    """An uninterrupted one-process audit of the first LIMIT world facts."""
+    model, tok, world = demo
+    out = tmp_path_factory.mktemp("audit") / "ref"
+    facts = world_facts(world)[:LIMIT]
+    summary = run_audit(facts, model=model, tokenizer=tok, out=out, config=_cfg(), dataset_name="world",
+                        related_of=world_related(world, tok), progress=False, log=lambda m: None)
+    return out, summary, facts
+
+
+def test_outputs_and_records(reference):
+    out, s, facts = reference
+    for name in ("audit.json", FACTS, "summary.json", "report.html", "knockout_mean.png", "attribute_rate.png",
+                 "extraction_rate.png", "knowledge_hubs.png", "enrichment_layers.png"):
+        assert (out / name).is_file(), name
+    recs = read_records(out / FACTS)
+    assert [r["index"] for r in recs] == list(range(LIMIT))
+    assert all(r["prompt"] == f.prompt and r["subject"] == f.subject for r, f in zip(recs, facts, strict=True))
+    assert s["facts"] == LIMIT and s["known"] + s["unknown"] + s["errors"] == LIMIT
+    assert s["known"] >= LIMIT - 1  # the demo model knows its world
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "src=\"http" not in html
+    assert set(recs[0]["attribute_rate"]) == {"first_subject", "last_subject", "after_subject", "last"}
+
+
+def test_summary_matches_a_hand_computation(reference):
+    out, s, _ = reference
+    known = [r for r in read_records(out / FACTS) if r["status"] == "known"]
+    n = len(known)
+    L = s["n_layers"]
+    for src in ("subject", "non_subject", "last"):
+        for la in range(L):
+            xs = [r["knockout"][src][la] for r in known]
+            m = sum(xs) / n
+            sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+            assert s["knockout"][src]["mean"][la] == pytest.approx(m, abs=1e-9)
+            assert s["knockout"][src]["band95"][la] == pytest.approx(1.96 * sd / math.sqrt(n), abs=1e-9)
+    for la in range(L):
+        assert s["extraction_rate"]["attn"][la] == pytest.approx(
+            sum(r["projection_rank"]["attn"][la] == 1 for r in known) / n)
+    count = {}
+    for r in known:
+        for la, h, _p in r["extraction_heads"]:
+            count[(la, h)] = count.get((la, h), 0) + 1
+    if count:
+        top = max(count.values())
+        assert s["hubs"][0]["facts"] == top and count[(s["hubs"][0]["layer"], s["hubs"][0]["head"])] == top
+
+
+def test_robustness_jaccard_by_hand():
+    def rec(rel, group, heads):
+        return {"relation": rel, "group": group, "extraction_heads": [[la, h, 0.5] for la, h in heads]}
+
+    known = [rec("r", "a", [(1, 1), (2, 2)]), rec("r", "a", [(1, 1)]), rec("r", "a", []),
+             rec("r", "b", []), rec("r", "b", []), rec("q", "c", [(0, 0)])]
+    r = robustness(known)["r"]
+    # group a: pairs {11,22}-{11} = 1/2, {11,22}-{} = 0, {11}-{} = 0; group b: one both-empty pair
+    assert r["groups"] == 2 and r["pairs"] == 3 and r["both_empty_pairs"] == 1
+    assert r["mean_jaccard"] == pytest.approx(0.5 / 3)
+    assert r["same_top_head_share"] == 0.0
+    assert "q" not in robustness(known)  # a single prompt has nothing to compare
+
+
+def test_unknown_facts_are_filtered_and_counted(demo, tmp_path):
+    model, tok, world = demo
+    ent = world.entities[0]
+    rid, prompt, attr = world.prompts(ent)[0]
+    wrong = next(a for a in world.relations[rid].attributes if a != attr)
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": prompt, "subject": ent.name, "attribute": attr, "relation_id": rid},
+        {"prompt": prompt, "subject": ent.name, "attribute": wrong, "relation_id": rid},
+        {"prompt": "Nobody lives here", "subject": "Somebody", "attribute": attr, "relation_id": rid},
+    ]) + "\n")
+    s = run_audit(load_facts(data), model=model, tokenizer=tok, out=tmp_path / "o", config=_cfg(),
+                  dataset_name=str(data), progress=False, log=lambda m: None)
+    assert (s["known"], s["unknown"], s["errors"]) == (1, 1, 1)
+    recs = read_records(tmp_path / "o" / FACTS)
+    assert [r["status"] for r in recs] == ["known", "unknown", "error"]
+    assert "Somebody" in recs[2]["error"]
+
+
+def test_known_facts_and_counterfact_formats(tmp_path):
+    known = [{"known_id": 7, "subject": "Beats Music", "attribute": "Apple", "template": "{} is owned by",
+              "prediction": " Apple", "prompt": "Beats Music is owned by", "relation_id": "P127"}]
+    (tmp_path / "k.json").write_text(json.dumps(known))
+    f = load_facts(tmp_path / "k.json")[0]
+    assert (f.prompt, f.subject, f.attribute, f.relation, f.source_id) == (
+        "Beats Music is owned by", "Beats Music", "Apple", "P127", "7")
+    cf = [{"case_id": 3, "requested_rewrite": {"prompt": "{}, that was created by", "subject": "Windows",
+                                               "target_new": {"str": "Apple"}, "target_true": {"str": "Microsoft"},
+                                               "relation_id": "P178"},
+           "paraphrase_prompts": ["Noise. Windows is a product of", "No subject here"]}]
+    (tmp_path / "cf.json").write_text(json.dumps(cf))
+    facts = load_facts(tmp_path / "cf.json")
+    assert [x.prompt for x in facts] == ["Windows, that was created by", "Noise. Windows is a product of"]
+    assert {x.group for x in facts} == {"3"} and facts[0].attribute == "Microsoft"
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[{\"subject\": \"A\", \"attribute\": \"B\"}]", "record 0 has no 'prompt' or 'template'"),
+    ("[{\"prompt\": \"{} x\", \"attribute\": \"B\"}]", "record 0 has no 'subject'"),
+    ("[{\"template\": \"Q x\", \"subject\": \"A\", \"attribute\": \"B\"}]", "neither '{}' nor the subject"),
+    ("{not json", "not valid JSON"),
+    ("[]", "non-empty list"),
+])
+def test_bad_datasets_name_record_and_field(tmp_path, text, msg):
+    p = tmp_path / "d.json"
+    p.write_text(text)
+    with pytest.raises(DatasetError, match=msg.replace("{", "\\{").replace("}", "\\}")):
+        load_facts(p)
+
+
+def test_torn_last_line_is_recomputed_and_nothing_doubled(demo, reference, tmp_path):
+    model, tok, world = demo
+    ref_out, _, facts = reference
+    out = tmp_path / "resume"
+    shutil.copytree(ref_out, out)
+    lines = (out / FACTS).read_bytes().split(b"\n")
+    (out / FACTS).write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][: len(lines[4]) // 2])  # 4 facts + a torn one
+    run_audit(facts, model=model, tokenizer=tok, out=out, config=_cfg(), dataset_name="world",
+              related_of=world_related(world, tok), progress=False, log=lambda m: None)
+    assert (out / FACTS).read_bytes() == (ref_out / FACTS).read_bytes()
+
+
+def test_resuming_with_other_settings_is_refused(demo, reference, tmp_path):
+    model, tok, world = demo
+    out = tmp_path / "other"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(FactEditError, match="another config"):
+        run_audit(reference[2], model=model, tokenizer=tok, out=out, config=LocateConfig(knockout_window=1),
+                  dataset_name="world", progress=False, log=lambda m: None)
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([str(BIN / "factedit"), "audit", "--no-progress", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_kill_9_loses_nothing(tmp_path):
+    """SIGKILL an audit at a few points (before, while and after facts are written); each
+    rerun completes it, and the result equals an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p = _cli("--out", str(ref), "--limit", "20", env=env)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    for wait_lines in (0, 3, 9):
+        p = _cli("--out", str(out), "--limit", "20", env=env)
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            n = (out / FACTS).read_bytes().count(b"\n") if (out / FACTS).is_file() else 0
+            if (wait_lines == 0 and (out / "audit.json").is_file()) or (wait_lines and n >= wait_lines) \
+                    or p.poll() is not None:
+                break
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    p = _cli("--out", str(out), "--limit", "20", env=env)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert (out / FACTS).read_bytes() == (ref / FACTS).read_bytes()
+    assert json.loads((out / "summary.json").read_text())["facts"] == 20
+
+
+def test_two_processes_equal_one(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) shards the facts and merges the shards;
+    with the same thread count per process the records are byte-identical to one process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = _cli("--out", str(one), "--limit", "10", env=env)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "factedit", "audit", "--no-progress",
+           "--out", str(two), "--limit", "10"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 processes" in r.stderr
+    assert (two / FACTS).read_bytes() == (one / FACTS).read_bytes()
+    assert not list(two.glob("facts.shard*"))
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["run"]["processes"] == 2 and {k: v for k, v in s1.items() if k != "run"} == \
+        {k: v for k, v in s2.items() if k != "run"}
