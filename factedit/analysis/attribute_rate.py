@@ -25,24 +25,40 @@ def keep_token(text: str) -> bool:
     return len(t) > 2 and t.lower() not in STOPWORDS
 
 
+_KEEP: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def keep_mask(tok, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: which token ids pass ``keep_token`` (decoded once per tokenizer)."""
+    key = (id(tok), vocab)
+    if key not in _KEEP:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for i in range(vocab):
+            try:
+                mask[i] = keep_token(tok.decode([i]))
+            except Exception:  # ids beyond the tokenizer (padded embedding rows)
+                mask[i] = False
+        _KEEP[key] = mask
+    return _KEEP[key]
+
+
 @torch.no_grad()
-def top_tokens(adapter: ModelAdapter, tok, vec: torch.Tensor, k: int, final_norm: bool = True) -> list[int]:
-    """The k highest-scoring token ids of ``vec``'s projection that pass ``keep_token``."""
-    logits = upcast(adapter.logit_lens(vec, final_norm=final_norm))
-    kept: list[int] = []
-    for i in logits.argsort(descending=True).tolist():
-        if keep_token(tok.decode([i])):
-            kept.append(i)
-            if len(kept) == k:
-                break
-    return kept
+def top_tokens(adapter: ModelAdapter, tok, vecs: torch.Tensor, k: int, final_norm: bool = True) -> torch.Tensor:
+    """(..., k) the k highest-scoring token ids of each (..., d) vector's projection among those
+    that pass ``keep_token``."""
+    logits = upcast(adapter.logit_lens(vecs, final_norm=final_norm))  # (..., V)
+    mask = keep_mask(tok, logits.shape[-1]).to(logits.device)
+    return logits.masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
 
 
+@torch.no_grad()
 def attribute_rate(adapter: ModelAdapter, tok, stream: torch.Tensor, related: set[int], k: int,
                    final_norm: bool = True) -> list[float]:
-    """Per layer of ``stream`` ((L+1, d), embeddings first): the share of the top-k kept tokens
-    that are in ``related``."""
-    return [sum(t in related for t in top_tokens(adapter, tok, v, k, final_norm)) / k for v in stream]
+    """Per vector of ``stream`` ((N, d), e.g. the layers with the embeddings first): the share of
+    the top-k kept tokens that are in ``related``."""
+    top = top_tokens(adapter, tok, stream, k, final_norm)  # (N, k)
+    rel = torch.tensor(sorted(related), dtype=top.dtype, device=top.device)
+    return (torch.isin(top, rel).sum(-1).double() / k).tolist()
 
 
 def related_tokens(tok, texts: str | list[str]) -> set[int]:

@@ -1,9 +1,9 @@
 """`locate`: a fact's recall circuit, from attention knockout, vocabulary projection,
 attribute rate and sublayer knockout.
 
-Cost per fact: two clean forward passes (one for the projections, one kept for the reruns),
-then the knockout sweeps as partial reruns (3L rows of the last position, 2L rows of the
-positions from the subject on, each from its window's first layer up).
+Cost per fact: one clean forward pass (kept: it serves the projections and the reruns), then
+the knockout sweeps as partial reruns (3L rows of the last position, 2L rows of the positions
+from the subject on, each from its window's first layer up).
 """
 
 from __future__ import annotations
@@ -108,13 +108,13 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
 
     tp = tokenize_with_subject(tok, prompt, subject)
     check_length(model, tp)
-    comp = components(adapter, tp.input_ids)
+    clean = clean_run(adapter, tp.input_ids)  # the one clean pass: projections, and both knockout sweeps
+    comp = components(adapter, tp.input_ids, clean)
     probs = upcast(comp.logits).softmax(-1)
     pred = int(probs.argmax())
     target_id = target_token_ids(tok, tp.prompt, target)[0] if target is not None else pred
     token = target_id
 
-    clean = clean_run(adapter, tp.input_ids)  # shared by both knockout sweeps
     ko = attention_knockout(adapter, tp, cfg.knockout_window, target=target_id if target is not None else None,
                             clean=clean)
 

@@ -1,9 +1,10 @@
 """Vocabulary projection of the residual stream, of each sublayer and of each head.
 
-One clean forward pass records, per layer: the residual stream after the block at every
-position, the MHSA and MLP outputs at the last position, and the input of the attention
-output projection at the last position, from which each head's own output is
-``z_h @ W_O[h]`` (the heads' outputs plus the output bias sum to the MHSA output).
+The clean forward pass (:func:`factedit.analysis.rerun.clean_run`, the same one the knockout
+sweeps reuse) records, per layer: the residual stream after the block at every position, the
+MHSA and MLP outputs, and the input of the attention output projection, from which each
+head's own output at the last position is ``z_h @ W_O[h]`` (the heads' outputs plus the
+output bias sum to the MHSA output).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from factedit.analysis.hooks import capture, upcast
+from factedit.analysis.hooks import upcast
+from factedit.analysis.rerun import CleanRun, clean_run
 from factedit.models.adapter import ModelAdapter
 
 
@@ -35,48 +37,22 @@ class Components:
 
 
 @torch.no_grad()
-def components(adapter: ModelAdapter, input_ids: list[int]) -> Components:
-    device = next(adapter.model.parameters()).device
-    store: dict[str, list] = {}
-    what = {
-        "block_in": (adapter.block, "in"),
-        "block_out": (adapter.block, "out"),
-        "attn": (adapter.attn, "out"),
-        "mlp": (adapter.mlp, "out"),
-        "z": (adapter.attn_out, "in"),
-        "attn_in": (adapter.attn, "in"),
-    }
-    ids = torch.tensor([input_ids], device=device)
-    patterns: list = [None] * adapter.n_layers
-
-    def keep_pattern(layer):
-        def hook(m, a, out):
-            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            patterns[layer] = w[0, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
-        return hook
-
-    handles = [adapter.attn(la).register_forward_hook(keep_pattern(la)) for la in range(adapter.n_layers)]
-    try:
-        with capture(adapter, what, store):
-            logits = adapter.model(input_ids=ids).logits[0, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    resid = torch.stack([x[0] for x in store["block_out"]])  # (L, T, d)
-    z = torch.stack([x[0, -1] for x in store["z"]])  # (L, H*dh)
+def components(adapter: ModelAdapter, input_ids: list[int], clean: CleanRun | None = None) -> Components:
+    """The activations of one prompt, from its clean run (made here unless given)."""
+    c = clean or clean_run(adapter, input_ids)
     L = adapter.n_layers
-    z = z.view(L, adapter.n_heads, adapter.head_dim)
+    z = torch.stack([x[-1] for x in c.z]).view(L, adapter.n_heads, adapter.head_dim)  # (L, H, dh)
     w_o = torch.stack([adapter.head_out_weights(i) for i in range(L)])  # (L, H, dh, d)
     heads = torch.einsum("lhk,lhkd->lhd", z.to(w_o.dtype), w_o)
     return Components(
-        embed=store["block_in"][0][0],
-        resid=resid,
-        attn=torch.stack([x[0, -1] for x in store["attn"]]),
-        mlp=torch.stack([x[0, -1] for x in store["mlp"]]),
+        embed=c.block_in[0],
+        resid=torch.stack(c.block_in[1:]),
+        attn=torch.stack([x[-1] for x in c.attn]),
+        mlp=torch.stack([x[-1] for x in c.mlp]),
         heads=heads,
-        attn_in=torch.stack([x[0] for x in store["attn_in"]]),
-        attn_pattern=torch.stack(patterns) if all(p is not None for p in patterns) else None,
-        logits=logits,
+        attn_in=torch.stack(c.attn_in),
+        attn_pattern=c.attn_pattern,
+        logits=c.logits,
     )
 
 

@@ -37,6 +37,10 @@ class CleanRun:
     values: list[torch.Tensor]  # L x (1, kv_heads, T, head_dim)
     attn: list[torch.Tensor]  # L x (T, d) MHSA output
     logits: torch.Tensor  # (V,) output logits at the last position
+    mlp: list[torch.Tensor]  # L x (T, d) MLP output
+    z: list[torch.Tensor]  # L x (T, H*head_dim) input of the attention output projection
+    attn_in: list[torch.Tensor]  # L x (T, d) input of each attention module (after the block's norm)
+    attn_pattern: torch.Tensor | None  # (L, H, T) attention weights of the last position (eager attention)
 
 
 def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +68,17 @@ def _last_logits_only(model) -> dict:
 
 @torch.no_grad()
 def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
+    """One clean forward pass, keeping each block's input, the keys and values, and what the
+    vocabulary projections need (sublayer outputs, the heads' inputs to the output projection,
+    the attention modules' inputs and the last position's attention weights)."""
     L = adapter.n_layers
     device = next(adapter.model.parameters()).device
     block_in: list = [None] * (L + 1)
-    attn: list = [None] * L
+    got: dict[str, list] = {k: [None] * L for k in ("attn", "mlp", "z", "attn_in", "pattern")}
     handles = []
+
+    def first(x):
+        return x[0] if isinstance(x, tuple) else x
 
     def keep_in(layer):
         def hook(m, args, kwargs):
@@ -76,16 +86,27 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
         return hook
 
     def keep_last_out(m, args, out):
-        block_in[L] = (out[0] if isinstance(out, tuple) else out)[0]
+        block_in[L] = first(out)[0]
 
-    def keep_attn(layer):
+    def keep_out(name, layer):
         def hook(m, args, out):
-            attn[layer] = as_btd(out[0] if isinstance(out, tuple) else out, 1)[0]
+            got[name][layer] = as_btd(first(out), 1)[0]
+            if name == "attn":
+                w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+                got["pattern"][layer] = w[0, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
+        return hook
+
+    def keep_input(name, layer):
+        def hook(m, args, kwargs):
+            got[name][layer] = as_btd(args[0] if args else kwargs["hidden_states"], 1)[0]
         return hook
 
     for la in range(L):
         handles.append(adapter.block(la).register_forward_pre_hook(keep_in(la), with_kwargs=True))
-        handles.append(adapter.attn(la).register_forward_hook(keep_attn(la)))
+        handles.append(adapter.attn(la).register_forward_hook(keep_out("attn", la)))
+        handles.append(adapter.mlp(la).register_forward_hook(keep_out("mlp", la)))
+        handles.append(adapter.attn_out(la).register_forward_pre_hook(keep_input("z", la), with_kwargs=True))
+        handles.append(adapter.attn(la).register_forward_pre_hook(keep_input("attn_in", la), with_kwargs=True))
     handles.append(adapter.block(L - 1).register_forward_hook(keep_last_out))
     try:
         out = adapter.model(input_ids=torch.tensor([input_ids], device=device), use_cache=True)
@@ -93,8 +114,10 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
         for h in handles:
             h.remove()
     kv = [_layer_kv(out.past_key_values, la) for la in range(L)]
-    return CleanRun(list(input_ids), block_in, [k for k, _ in kv], [v for _, v in kv], attn,
-                    out.logits[0, -1])
+    patterns = got["pattern"]
+    return CleanRun(list(input_ids), block_in, [k for k, _ in kv], [v for _, v in kv], got["attn"],
+                    out.logits[0, -1], mlp=got["mlp"], z=got["z"], attn_in=got["attn_in"],
+                    attn_pattern=torch.stack(patterns) if all(p is not None for p in patterns) else None)
 
 
 def active_rows(row_start: list[int], layer: int) -> list[int]:

@@ -103,14 +103,12 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
         logits, subj_rep, attn_last = _naive(adapter, tp, rows, windows, read_layer)
     else:
         raise FactEditError(f"sublayer knockout method must be 'fast' or 'naive', not {method!r}")
-    B = len(rows) + 1
     probs = upcast(logits).softmax(-1)[:, token]  # (B,)
     extraction = upcast(adapter.logit_lens(attn_last, final_norm)).softmax(-1)[..., token].amax(1)  # (B,)
 
     rates = None
     if related is not None:
-        rates = [attribute_rate(adapter, tok, subj_rep[b : b + 1], related, top_k, final_norm)[0]
-                 for b in range(B)]
+        rates = attribute_rate(adapter, tok, subj_rep, related, top_k, final_norm)  # (B,)
     p0 = float(probs[0])
     out_prob: dict[str, list[float]] = {k: [] for k in SUBLAYERS}
     out_rate: dict[str, list[float]] = {k: [] for k in SUBLAYERS}
