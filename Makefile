@@ -21,10 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/ruff check factedit tests
+	$(BIN)/ruff check factedit tests benchmarks
 
 lint: setup
-	$(BIN)/ruff check factedit tests
+	$(BIN)/ruff check factedit tests benchmarks
 
 # Retrain the embedded demo model (about 50 minutes on 2 CPU cores).
 train-world: setup

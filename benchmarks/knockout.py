@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 
+from factedit.analysis.heads import head_scores
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, window_layers
 from factedit.analysis.projection import components
-from factedit.analysis.heads import head_scores
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
 from factedit.models.adapter import ModelAdapter
@@ -178,7 +178,8 @@ def report(row: dict) -> None:
     if "naive_s" in row:
         print(f"  knockout sweep, naive     {row['naive_s'] * 1e3:9.1f} ms   = {row['naive_s'] / row['plain_s']:.1f} "
               f"forward passes   peak memory {row['naive_mem'] / mb:.0f} MiB")
-        print(f"  speedup                   {row['speedup']:9.1f}x   max diff {row['max_diff']:.1e} (relative change, %)")
+        print(f"  speedup                   {row['speedup']:9.1f}x   "
+              f"max diff {row['max_diff']:.1e} (relative change, %)")
     print(f"  sublayer sweep, fast      {row['sub_s'] * 1e3:9.1f} ms   = {row['sub_passes']:.2f} forward passes "
           f"(counted: {row['sub_counted']:.2f})")
     if "sub_naive_s" in row:
@@ -199,6 +200,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive runs (no speedup or diff)")
     ap.add_argument("--locate-facts", type=int, default=50)
+    ap.add_argument("--parity-dtype", default="float64", choices=["float64", "none"],
+                    help="also compare both ways on the large model in this dtype, where rounding cannot hide "
+                         "a logic difference (the timed dtype's difference is printed too)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, "
@@ -227,9 +231,20 @@ def main() -> None:
                           TokenizedPrompt("", ids, (1, 4)), args.window, args.device, args.repeat,
                           not args.no_naive)
     report(big_row)
+    tp = TokenizedPrompt("", ids, (1, 4))
+    parity = None
+    if args.parity_dtype != "none" and not args.no_naive:
+        adapter = ModelAdapter(big.to(getattr(torch, args.parity_dtype)))
+        fast = attention_knockout(adapter, tp, args.window)
+        slow = attention_knockout(adapter, tp, args.window, method="naive")
+        parity = max_diff(fast.curves, slow.curves)
+        print(f"  parity in {args.parity_dtype}: max diff {parity:.1e} (in {args.dtype}: {big_row['max_diff']:.1e}, "
+              "rounding of different batch shapes)")
     if "speedup" in big_row:
+        z = parity if parity is not None else big_row["max_diff"]
+        where = args.parity_dtype if parity is not None else args.dtype
         print(f"knockout speedup {big_row['speedup']:.1f}x, sweep = {big_row['passes']:.2f} forward passes, "
-              f"max diff {big_row['max_diff']:.1e}")
+              f"max diff {z:.1e} ({where}; {args.dtype}: {big_row['max_diff']:.1e})")
     else:
         print(f"knockout speedup n/a (--no-naive), sweep = {big_row['passes']:.2f} forward passes, max diff n/a")
 

@@ -27,7 +27,8 @@ def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor |
             continue
 
         def pre(module, args, kwargs, mask=mask):
-            kwargs["attention_mask"] = mask.to(dtype=_dtype_of(module))
+            p = next(module.parameters())  # the module's device and dtype (device_map may spread layers)
+            kwargs["attention_mask"] = mask.to(device=p.device, dtype=p.dtype)
             return args, kwargs
 
         handles.append(adapter.attn(layer).register_forward_pre_hook(pre, with_kwargs=True))
@@ -36,10 +37,6 @@ def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor |
     finally:
         for h in handles:
             h.remove()
-
-
-def _dtype_of(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 @contextmanager

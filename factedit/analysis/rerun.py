@@ -160,8 +160,10 @@ def _rows_only(adapter: ModelAdapter, clean: CleanRun, row_start: list[int], sta
             out = clean.block_in[_layer + 1][start:].expand(B, -1, -1).clone()  # (B, n, d)
             result = None
             if _n:
-                result = _orig(h[_idx], *args[1:], **kwargs)
-                out[_idx] = result[0] if isinstance(result, tuple) else result
+                idx = _idx.to(h.device)
+                result = _orig(h[idx], *args[1:], **kwargs)
+                out = out.to(h.device)
+                out[idx] = result[0] if isinstance(result, tuple) else result
             if isinstance(result, tuple):
                 return (out, *[None] * (len(result) - 1))
             return out
@@ -243,11 +245,11 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
         elif s == 0:
             stream[(s, p)] = clean.block_in[0][p].expand(B, -1)  # embeddings never change
         else:
-            stream[(s, p)] = kept[s][:, p - start]
+            stream[(s, p)] = kept[s][:, p - start].to(device)
     attn_last = None
     if keep_attn_last:
-        attn_last = torch.stack([clean.attn[la][-1].expand(B, -1) for la in range(L)], 1).clone()  # (B, L, d)
+        attn_last = torch.stack([clean.attn[la][-1].to(device).expand(B, -1) for la in range(L)], 1).clone()  # (B,L,d)
         for la in range(L):
             if active[la]:
-                attn_last[active[la], la] = attn_sub[la]
+                attn_last[active[la], la] = attn_sub[la].to(attn_last.device)
     return Rerun(logits=logits, stream=stream, attn_last=attn_last)
