@@ -122,6 +122,18 @@ def _load(model_path, dtype, device, allow_pickle, trust_remote_code):
                       trust_remote_code=trust_remote_code)
 
 
+def _check_one_token(tok, prompt: str, subject: str, target: str) -> None:
+    """locate follows one token: refuse a target of several rather than silently cut it."""
+    from factedit.analysis.locate import target_token_ids
+    from factedit.analysis.spans import fill_prompt
+
+    ids = target_token_ids(tok, fill_prompt(prompt, subject)[0], target)
+    if len(ids) > 1:
+        pieces = [tok.decode([i]) for i in ids]
+        raise FactEditError(f"--target {target!r} is {len(ids)} tokens {pieces}, and locate follows one token: "
+                            f"pass its first token (--target {pieces[0]!r}) or a one-token attribute")
+
+
 @main.command()
 @_model_options
 @click.option("--prompt", required=True, help="Template with {} for the subject, or a full prompt.")
@@ -148,7 +160,7 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
     from factedit.analysis.locate import config_for_model
     from factedit.analysis.locate import locate as run_locate
     from factedit.errors import FactEditError
-    from factedit.paths import check_output_dir
+    from factedit.paths import check_output_dir, model_dir
 
     if related is not None and related_file is not None:
         raise FactEditError("give --related or --related-file, not both")
@@ -158,8 +170,10 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
             raise FactEditError(f"--related-file {p} does not exist")
         related = p.read_text()
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, model_dir(model_path))
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    if target is not None:
+        _check_one_token(tok, prompt, subject, target)
     cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
     if window is not None:
         cfg = dataclasses.replace(cfg, knockout_window=window)
@@ -214,7 +228,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     from factedit.editing.config import load_edit_config
     from factedit.editing.requests import EditRequest, load_requests
     from factedit.errors import FactEditError
-    from factedit.paths import check_output_dir
+    from factedit.paths import check_output_dir, model_dir
 
     single = [prompt, subject, target_new]
     if requests_path is not None:
@@ -225,7 +239,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
         requests = [EditRequest(prompt, subject, target_new, target_true)]
     else:
         raise FactEditError("give --prompt, --subject and --target-new (or --requests FILE)")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, model_dir(model_path))
     circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
     cfg = load_edit_config(recipe_path) if recipe_path else edit_config_for_model(model)
@@ -265,12 +279,12 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
 def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_dir, edited_dir, requests_path, out,
            overwrite, no_fail, no_fluency) -> None:
     """Check edits: metrics and the flow re-analysis on the edited model, with a verdict each."""
-    from factedit.paths import check_output_dir
+    from factedit.paths import check_output_dir, model_dir
     from factedit.verify.checks import VerifyOptions
     from factedit.verify.run import verify as run_verify
     from factedit.verify.run import write_report
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, model_dir(model_path))
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
     report = run_verify(model=model, tok=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
                         options=VerifyOptions(fluency=not no_fluency), log=lambda m: click.echo(m, err=True))

@@ -6,10 +6,14 @@ import os
 import sys
 from pathlib import Path
 
-from factedit.errors import OutputDirError
+from factedit.errors import ModelLoadError, OutputDirError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_NAME = "demo-world"
+
+
+class DemoNotFoundError(ModelLoadError, FileNotFoundError):
+    pass
 
 
 def demo_checkpoint() -> Path:
@@ -26,20 +30,36 @@ def demo_checkpoint() -> Path:
     for c in candidates:
         if (c / "config.json").is_file():
             return c
-    raise FileNotFoundError(
+    raise DemoNotFoundError(
         "the embedded demo model was not found (looked in "
         + ", ".join(str(c) for c in candidates)
         + "); train it with `factedit world train --out checkpoints/demo-world`"
     )
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite``; never delete anything here."""
+def check_output_dir(out: str | Path, overwrite: bool, model_dir: str | Path | None = None) -> Path:
+    """Refuse a non-empty output folder unless ``overwrite``, and an output folder inside (or
+    holding) ``model_dir``, the base model's folder. Never deletes anything."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out} is a file, not a folder: choose a folder path")
+    if model_dir is not None and Path(model_dir).is_dir():
+        b, o = Path(model_dir).resolve(), out.resolve()
+        if o == b or b in o.parents or o in b.parents:
+            raise OutputDirError(
+                f"--out {out} is inside (or holds) the model folder {model_dir}: factedit never writes to the "
+                "base model's folder; choose an output folder outside it"
+            )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputDirError(
             f"--out {out} exists and is not empty: choose a new folder or pass --overwrite"
         )
     return out
+
+
+def model_dir(name_or_path: str | Path | None) -> Path | None:
+    """The local folder a model is loaded from (None: a hub id)."""
+    if name_or_path is None:
+        return demo_checkpoint()
+    p = Path(name_or_path)
+    return p if p.is_dir() else None

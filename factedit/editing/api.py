@@ -20,6 +20,16 @@ def _world(model):
     return World.load(path) if path.is_file() else None
 
 
+def base_model_dir(model) -> Path | None:
+    """The local folder of a model given as None (the demo model), a path, or a loaded model."""
+    from factedit.paths import model_dir
+
+    if model is None or isinstance(model, (str, Path)):
+        return model_dir(model)
+    name = str(getattr(model, "name_or_path", "") or "")
+    return model_dir(name) if name else None
+
+
 def edit_config_for_model(model) -> EditConfig:
     """The ``edit:`` section recorded with a world model, else the defaults (ROME's settings)."""
     from factedit.recipes import from_dict
@@ -56,7 +66,7 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     elif isinstance(requests, EditRequest):
         requests = [requests]
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, base_model_dir(model))
     if model is None or isinstance(model, (str, Path)):
         from factedit.models.loading import load_model
 
@@ -70,5 +80,5 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     if out is not None:
         from factedit.editing.export import save_edit
 
-        save_edit(result, out, model, tokenizer, merge=merge, circuits=result.circuits)
+        save_edit(result, out, model, tokenizer, merge=merge, circuits=result.circuits, overwrite=overwrite)
     return result

@@ -55,8 +55,15 @@ class EditConfig:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         if "{}" not in self.kl_prompt:
             raise RecipeError(f"edit.kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
-        if self.clamp <= 0 or self.lr <= 0:
-            raise RecipeError("edit.clamp and edit.lr must be positive")
+        for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length"):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_heads", "kl_weight", "weight_decay", "ridge", "stop_nll"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"edit.{name} must be zero or more, got {getattr(self, name)}")
+        if not self.prefix_tokens or min(self.prefix_tokens) < 1:
+            raise RecipeError(f"edit.prefix_tokens must be a non-empty list of positive token lengths, "
+                              f"got {self.prefix_tokens}")
 
     def check_layers(self, n_layers: int) -> None:
         for name in ("mlp_layers", "batch_layers"):

@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from factedit.analysis.circuit import RecallCircuit
+from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
 from factedit.editing.config import EditConfig
 from factedit.editing.insert import least_squares, mean_hidden, mean_keys, rank_one
-from factedit.editing.requests import EditRequest
+from factedit.editing.requests import EditRequest, RequestError
 from factedit.editing.stats import Corpus, StatsReport, second_moments
-from factedit.editing.values import ValueSites, context_prefixes, fit_values
+from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
@@ -162,6 +162,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     if mode == "single" and len(requests) > 1:
         raise FactEditError("mode 'single' takes one request: use 'batch' or 'sequential' for several")
     t0 = time.perf_counter()
+    check_requests(requests, model, tok, context_prefixes(tok, list(corpus.texts), cfg), cfg.kl_prompt)
     fp = model_fingerprint(model)
     if circuits is None and cfg.method != "lora":
         lc = config_for_model(model)
@@ -170,9 +171,10 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     circuits = circuits or [None] * len(requests)
     if len(circuits) != len(requests):
         raise FactEditError(f"{len(circuits)} circuits for {len(requests)} requests: give one per request")
-    for c in circuits:
+    for i, (c, r) in enumerate(zip(circuits, requests)):
         if c is not None:
             c.check_model(fp)
+            check_circuit(c, r, adapter, i)
     plans = [plan_for(c, cfg, adapter.n_layers) for c in circuits]
     res = EditResult(WeightDelta(conv1d=adapter.spec.conv1d), requests, plans, cfg, mode, fp,
                      str(getattr(model, "name_or_path", "")), circuits=list(circuits))
@@ -187,6 +189,58 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     res.delta.check_finite()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _where(i: int, req: EditRequest) -> str:
+    return f"request {i}" + ("" if req.case_id in (None, i) else f" (case_id {req.case_id!r})")
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def check_requests(requests: list[EditRequest], model, tok, prefixes: list[str], kl_prompt: str) -> None:
+    """Refuse, before any work and naming the request, what the tokenizer or the model cannot
+    take: a subject the tokenizer does not find, a target that tokenizes to nothing (or only to
+    the unknown token), a prompt that with a context prefix and the target exceeds the context."""
+    limit = context_length(model)
+    unk = getattr(tok, "unk_token_id", None)
+    for i, r in enumerate(requests):
+        try:
+            rows = build_rows(tok, [r], prefixes, kl_prompt)
+        except FactEditError as exc:
+            raise RequestError(f"{_where(i, r)}: {exc}") from None
+        target = [t for _, t in rows[0].targets]
+        if unk is not None and all(t == unk for t in target):
+            raise RequestError(f"{_where(i, r)}: the target {r.target_new!r} tokenizes to the unknown token only: "
+                               "give a target written with the tokenizer's vocabulary")
+        longest = max(len(row.ids) for row in rows)
+        if limit is not None and longest > limit:
+            raise RequestError(
+                f"{_where(i, r)}: the prompt with the target and a context prefix is {longest} tokens long, more "
+                f"than the model's context of {limit}: shorten the prompt (or lower edit.prefix_tokens)")
+
+
+def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: int) -> None:
+    """A circuit's layers and heads must exist in the model (a hand-edited file may name others)."""
+    L, H = adapter.n_layers, adapter.n_heads
+    fix = "run `factedit locate` on this model again"
+    if c.n_layers != L or c.n_heads != H or len(c.knockout.get("subject", [])) != L:
+        raise CircuitError(f"circuit {i} describes {c.n_layers} layers x {c.n_heads} heads, the model has {L} x {H}: "
+                           + fix)
+    for h in c.extraction_heads:
+        if not (0 <= h.layer < L and 0 <= h.head < H):
+            raise CircuitError(f"circuit {i} names head {h.head} of layer {h.layer}, but the model has heads "
+                               f"0..{H - 1} in layers 0..{L - 1}: " + fix)
+    for m in c.enrichment_mlps:
+        if not 0 <= m.layer < L:
+            raise CircuitError(f"circuit {i} names MLP layer {m.layer}, but the model has layers 0..{L - 1}: " + fix)
+    if not 1 <= int(c.knockout.get("window", 0)) <= L:
+        raise CircuitError(f"circuit {i} has knockout window {c.knockout.get('window')}, outside 1..{L}: " + fix)
+    if c.subject != req.subject:
+        raise CircuitError(f"circuit {i} was located for the subject {c.subject!r}, {_where(i, req)} edits "
+                           f"{req.subject!r}: pass one circuit per request, in the requests' order")
 
 
 def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log) -> None:

@@ -9,16 +9,15 @@ a merged full checkpoint.
 - ``merged/`` (``--merge``) is the base model with the update added, saved by
   ``save_pretrained`` (safetensors) with the tokenizer.
 
-Every file is written to a temporary name and renamed; ``edits.json`` comes last, so its
-presence means the folder is complete.
+The folder is built in a hidden sibling and renamed into place in one step (see
+:func:`factedit.io.commit_dir`): a run killed at any point leaves the old folder (or none) or
+the complete new one, never a mix.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from safetensors.torch import save as safetensors_bytes
 
 import factedit
 from factedit.editing.edit import EditResult
-from factedit.editing.weights import WeightDelta, applied
-from factedit.io import atomic_write_bytes, atomic_write_text
+from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
+from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, staging_dir
 
 EDITS_FORMAT = "factedit.edits/1"
 
@@ -77,36 +76,61 @@ def manifest(result: EditResult, circuits: list | None) -> dict:
     }
 
 
+OWN = frozenset({"adapter_model.safetensors", "adapter_config.json", "edits.json", "merged"})  # an edit's files
+
+
 def save_edit(result: EditResult, out: str | Path, model, tok, *, merge: bool = False,
-              circuits: list | None = None) -> list[Path]:
-    """Write the adapter (and ``merged/``) into ``out``; returns the paths written."""
+              circuits: list | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the adapter (and ``merged/``) into ``out``; returns the paths written.
+
+    The whole folder is built in a hidden sibling and put in place in one step, so ``out`` is
+    only ever the old folder (or none) or the complete new one. With ``overwrite``, files in
+    ``out`` that are not an edit's own (:data:`OWN`) are kept.
+    """
     out = Path(out)
     delta = result.delta.compact()
     delta.check_finite()
-    written = [out / "adapter_model.safetensors", out / "adapter_config.json"]
-    atomic_write_bytes(written[0], safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}))
-    atomic_write_text(written[1], json.dumps(adapter_config(delta, result.base_model), indent=1, sort_keys=True))
-    if merge:
-        written.append(save_merged(delta, out / "merged", model, tok))
-    written.append(out / "edits.json")
-    atomic_write_text(written[-1], json.dumps(manifest(result, circuits), indent=1))
-    return written
-
-
-def save_merged(delta: WeightDelta, dest: Path, model, tok) -> Path:
-    """The edited full checkpoint in ``dest`` (built in a temporary folder, then moved in)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    staged = staging_dir(out)
     try:
-        with applied(model, delta):
-            model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        world = Path(str(getattr(model, "name_or_path", ""))) / "world.json"
-        if world.is_file():  # a world model keeps its world (the base facts) for the world tools
-            shutil.copyfile(world, tmp / "world.json")
-        dest.mkdir(exist_ok=True)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, dest / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_bytes(staged / "adapter_model.safetensors",
+                           safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}))
+        atomic_write_text(staged / "adapter_config.json",
+                          json.dumps(adapter_config(delta, result.base_model), indent=1, sort_keys=True))
+        if merge:
+            _write_merged(delta, staged / "merged", model, tok)
+        atomic_write_text(staged / "edits.json", json.dumps(manifest(result, circuits), indent=1))
+        names = sorted(p.name for p in staged.iterdir())
+        commit_dir(staged, out, own=OWN, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return [out / n for n in names]
+
+
+def save_merged(delta: WeightDelta, dest: Path, model, tok, *, overwrite: bool = False) -> Path:
+    """The edited full checkpoint in ``dest`` (built in a hidden sibling, then put in place)."""
+    dest = Path(dest)
+    staged = staging_dir(dest)
+    try:
+        _write_merged(delta, staged, model, tok)
+        commit_dir(staged, dest, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return dest
+
+
+@torch.no_grad()
+def _write_merged(delta: WeightDelta, dest: Path, model, tok) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    with applied(model, delta):
+        for name in delta.modules():  # e.g. a float16 weight overflowing once the update is added
+            if not torch.isfinite(model.get_submodule(name).weight).all():
+                raise NonFiniteEditError(f"the merged weight of {name} contains NaN or inf (the update overflows "
+                                         f"{model.get_submodule(name).weight.dtype}): nothing was saved; use a "
+                                         "wider --dtype, or save the adapter without --merge")
+        model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    world = Path(str(getattr(model, "name_or_path", ""))) / "world.json"
+    if world.is_file():  # a world model keeps its world (the base facts) for the world tools
+        shutil.copyfile(world, dest / "world.json")

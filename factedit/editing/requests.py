@@ -33,16 +33,10 @@ class EditRequest:
     case_id: str | int | None = None
 
     def __post_init__(self) -> None:
-        where = f"request {self.case_id!r}" if self.case_id is not None else "request"
-        for name in ("prompt", "subject", "target_new"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not v.strip():
-                raise RequestError(f"{where}: field {name!r} must be a non-empty string, got {v!r}")
-        if "{}" not in self.prompt and self.subject not in self.prompt:
-            raise RequestError(f"{where}: the subject {self.subject!r} does not occur in the prompt "
-                               f"{self.prompt!r}; write the prompt as a template with '{{}}'")
-        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
-            raise RequestError(f"{where}: target_new equals target_true ({self.target_new!r}): nothing to edit")
+        problem = request_problem(self.prompt, self.subject, self.target_new, self.target_true)
+        if problem is not None:
+            raise RequestError(f"request {self.case_id!r}: {problem}" if self.case_id is not None
+                               else f"request: {problem}")
 
     @property
     def filled_prompt(self) -> str:
@@ -50,6 +44,23 @@ class EditRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def request_problem(prompt, subject, target_new, target_true) -> str | None:
+    """What is wrong with a request's fields, naming the field and the fix; None when valid."""
+    for name, v in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
+        if not isinstance(v, str) or not v.strip():
+            return f"field {name!r} must be a non-empty string, got {v!r}"
+    if target_true is not None and not isinstance(target_true, str):
+        return f"field 'target_true' must be a string, got {target_true!r}"
+    if prompt.count("{}") > 1:
+        return f"field 'prompt' has more than one '{{}}' ({prompt!r}): use exactly one, for the subject"
+    if "{}" not in prompt and subject not in prompt:
+        return (f"the subject {subject!r} does not occur in the prompt {prompt!r} (field 'prompt'): "
+                "write the prompt as a template with '{}'")
+    if target_true is not None and target_true.strip() == target_new.strip():
+        return f"fields 'target_new' and 'target_true' are equal ({target_new!r}): nothing to edit"
+    return None
 
 
 def _str(rec: dict, key: str, where: str, optional: bool = False) -> str | None:
@@ -78,8 +89,11 @@ def parse_record(rec: Any, index: int) -> EditRequest:
     where = f"record {index}"
     if not isinstance(rec, dict):
         raise RequestError(f"{where}: expected an object, got {type(rec).__name__}")
-    if rec.get("case_id") is not None:
-        where += f" (case_id {rec['case_id']!r})"
+    case_id = rec.get("case_id")
+    if case_id is not None:
+        where += f" (case_id {case_id!r})"
+        if isinstance(case_id, bool) or not isinstance(case_id, (str, int)):
+            raise RequestError(f"{where}: field 'case_id' must be a string or an integer, got {case_id!r}")
     if "requested_rewrite" in rec:
         rw = rec["requested_rewrite"]
         if not isinstance(rw, dict):
@@ -90,18 +104,22 @@ def parse_record(rec: Any, index: int) -> EditRequest:
     else:
         prompt, subject = _str(rec, "prompt", where), _str(rec, "subject", where)
         new, true = _str(rec, "target_new", where), _str(rec, "target_true", where, optional=True)
-    try:
-        return EditRequest(prompt, subject, new, true, _str_list(rec, "paraphrase_prompts", where),
-                           _str_list(rec, "neighborhood_prompts", where), rec.get("case_id", index))
-    except RequestError as exc:
-        raise RequestError(f"{where}: {str(exc).split(': ', 1)[-1]}") from exc
+    problem = request_problem(prompt, subject, new, true)
+    if problem is not None:
+        raise RequestError(f"{where}: {problem}")
+    return EditRequest(prompt, subject, new, true, _str_list(rec, "paraphrase_prompts", where),
+                       _str_list(rec, "neighborhood_prompts", where), rec.get("case_id", index))
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"request file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"request file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                           "save it as UTF-8 JSON or JSONL") from None
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from factedit.errors import FactEditError
+from factedit.io import atomic_write_bytes
 from factedit.models.adapter import ModelAdapter
 
 
@@ -118,10 +121,13 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     todo = []
     for site in dict.fromkeys(sites):
         path = _cache_path(fingerprint, *site, corpus, samples, max_length)
-        if use_cache and path.is_file():
-            out[site] = load_file(str(path))["C"].to(device)
-        else:
-            todo.append(site)
+        try:
+            if use_cache and path.is_file():
+                out[site] = load_file(str(path))["C"].to(device)
+                continue
+        except (SafetensorError, OSError, KeyError):
+            pass  # an unreadable cache entry is computed again (and replaced)
+        todo.append(site)
     report = StatsReport(computed=todo, cached=[s for s in sites if s not in todo], seconds=0.0, tokens=0)
     if not todo:
         return out, report
@@ -162,10 +168,8 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
         out[site] = c
         if use_cache:
             path = _cache_path(fingerprint, *site, corpus, samples, max_length)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({"C": c.contiguous().cpu()}, str(tmp), metadata={"tokens": str(seen["n"]), "corpus": corpus.name})
-            os.replace(tmp, path)
+            atomic_write_bytes(path, safetensors_bytes({"C": c.contiguous().cpu()},
+                                                       metadata={"tokens": str(seen["n"]), "corpus": corpus.name}))
     report.seconds = time.perf_counter() - t0
     report.tokens = seen["n"]
     return out, report

@@ -64,7 +64,8 @@ def family_for(model_type: str) -> FamilySpec:
     types = supported_model_types()
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
-            f"model family {model_type!r} is not supported; supported families: {', '.join(types)}"
+            f"model family {model_type!r} (model_type in config.json) is not supported: use a model of a "
+            f"supported family ({', '.join(types)}), or add a family file in factedit/models/families/"
         )
     return _REGISTRY[model_type]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from factedit.errors import ModelLoadError
+from factedit.errors import FactEditError, ModelLoadError
+from factedit.models.adapter import family_for
 from factedit.paths import demo_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -25,18 +28,55 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))} or auto") from None
 
 
-def _check_local_weights(path: Path, allow_pickle: bool) -> None:
-    if not (path / "config.json").is_file():
+def _check_local_weights(path: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
         raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model folder")
-    has_st = any(path.glob("*.safetensors"))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}): restore the model folder's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_path} does not hold a JSON object: restore the model folder's config.json")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(
+            f"{path} brings its own Python code (auto_map in config.json), which factedit does not run by "
+            "default: pass --trust-remote-code if you trust the source"
+        )
+    family_for(str(cfg.get("model_type", "")))  # an unsupported family is refused before anything is read
+    safetensors = sorted(path.glob("*.safetensors"))
     has_bin = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
-    if not has_st and has_bin and not allow_pickle:
+    if not safetensors and has_bin and not allow_pickle:
         raise ModelLoadError(
             f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded: "
             "convert them to safetensors, or pass --allow-pickle if you trust the source"
         )
-    if not has_st and not has_bin:
+    if not safetensors and not has_bin:
         raise ModelLoadError(f"{path} holds no weight files (*.safetensors)")
+    for f in safetensors:
+        check_safetensors(f)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file from its header (cheap: no tensor is read)."""
+    size = path.stat().st_size
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            problem = "its header is cut off"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+                problem = "its header is not valid"
+            else:
+                if 8 + n + max(ends, default=0) > size:
+                    problem = f"it holds {size} bytes of the {8 + n + max(ends)} its header describes"
+    if problem is not None:
+        raise ModelLoadError(f"{path} is truncated or corrupt ({problem}): re-download or re-save the checkpoint")
 
 
 def load_model(
@@ -64,9 +104,10 @@ def load_model(
     if local.exists():
         if not local.is_dir():
             raise ModelLoadError(f"{local} is a file: pass the model's folder")
-        _check_local_weights(local, allow_pickle)
+        _check_local_weights(local, allow_pickle, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        family_for(config.model_type)  # (a hub model: once its config is read)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -77,11 +118,13 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
         )
-    except ModelLoadError:
+    except FactEditError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load model from {source}: {first}") from exc
+        raise ModelLoadError(f"could not load model from {source}: {type(exc).__name__}: {first} "
+                             "(check that it is a complete Hugging Face checkpoint: config.json, "
+                             "*.safetensors weights and tokenizer files)") from exc
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

@@ -26,14 +26,22 @@ class AdapterMismatchError(FactEditError):
     pass
 
 
-def load_adapter_delta(path: str | Path, model) -> WeightDelta:
-    """A PEFT LoRA adapter folder as a WeightDelta (B scaled by alpha / r)."""
-    path = Path(path)
+def check_adapter_folder(path: Path) -> tuple[Path, Path]:
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
         raise FactEditError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and "
-                            "adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+                            "adapter_model.safetensors): pass a folder written by `factedit edit`")
+    return cfg_path, w_path
+
+
+def load_adapter_delta(path: str | Path, model) -> WeightDelta:
+    """A PEFT LoRA adapter folder as a WeightDelta (B scaled by alpha / r)."""
+    path = Path(path)
+    cfg_path, w_path = check_adapter_folder(path)
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise FactEditError(f"{cfg_path} is not valid JSON ({exc}): pass a folder written by `factedit edit`") from None
     try:
         tensors = load_file(str(w_path))
     except Exception as exc:  # safetensors raises its own error types
@@ -62,6 +70,8 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
     if (adapter is None) == (edited is None):
         raise FactEditError("give exactly one of --adapter DIR and --edited MERGED_DIR")
     folder = Path(adapter if adapter is not None else edited)
+    if adapter is not None:
+        check_adapter_folder(folder)
     manifest_path = folder / "edits.json" if adapter is not None else folder.parent / "edits.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     fp = model_fingerprint(model)

@@ -10,7 +10,6 @@ import json
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from factedit.io import commit_dir, staging_dir
 from factedit.world.corpus import bio_text, index_text, query_example
 from factedit.world.evaluate import evaluate_recall
 from factedit.world.generate import World, generate_world
@@ -181,22 +181,14 @@ def train_world(recipe: WorldRecipe, out: str | Path, progress: bool = True,
 
 
 def _save(out: Path, model, tok, world: World) -> None:
-    """Write into a temporary sibling folder, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    """Build the folder in a hidden sibling, then put it in place in one step; other files
+    already in ``out`` are kept (see :func:`factedit.io.commit_dir`)."""
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         world.save(tmp / "world.json")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        commit_dir(tmp, out, overwrite=True)  # the CLI has refused a non-empty `out` without --overwrite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,413 @@
+"""Reliability and security (issue 8).
+
+- Bad input (one row per case): exit code 2, one line ``error: ...`` naming the problem and
+  the fix, no traceback, the output folder absent or unchanged, the base model folder
+  unchanged (hashed before and after).
+- --overwrite keeps files that are not factedit's own; request fields never become paths.
+- Exactness: merged weights and restored weights bit for bit; same seed, same bytes.
+- Security defaults: safetensors only, no remote code, no unsafe loaders in the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from click.testing import CliRunner
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from factedit.cli import main
+from factedit.paths import demo_checkpoint
+
+DEMO = demo_checkpoint()
+FACT = ["--prompt", "{} was born in", "--subject", "Roric Dunnford"]
+EDIT = [*FACT, "--target-new", "Paris"]
+PACKAGE = Path(__file__).resolve().parents[1] / "factedit"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "stats-cache"))
+
+
+def tree_hash(folder: Path) -> str:
+    """Every file's relative path and bytes, and every folder's name."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+# ---- model folders and artefacts from elsewhere -----------------------------------------------
+
+def _copy_demo(root: Path, name: str) -> Path:
+    return Path(shutil.copytree(DEMO, root / name))
+
+
+def _save(model, tok, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _dropping_tokenizer():
+    """A BPE without an unknown token: characters outside its alphabet tokenize to nothing."""
+    chars = list("abcdefghijklmnopqrstuvwxyzADR.")
+    t = Tokenizer(models.BPE({c: i for i, c in enumerate(["<eos>", *chars])}, [], unk_token=None))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """Everything the bad-input table refers to, built once."""
+    root = tmp_path_factory.mktemp("art")
+    demo_tok = tf.AutoTokenizer.from_pretrained(DEMO)
+    a = {"root": root}
+    (root / "fast.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5}\n")
+    (root / "corpus.txt").write_text("ada was born in rome. bob was born in oslo. " * 40)
+
+    torch.manual_seed(0)
+    tiny = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(demo_tok), n_layer=2, n_head=2, n_embd=16,
+                                            n_positions=64, bos_token_id=0, eos_token_id=0))
+    a["tiny"] = _save(tiny, demo_tok, root / "tiny")  # another model, same tokenizer
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=len(demo_tok), hidden_size=16, n_layer=1, n_head=2))
+    a["bloom"] = _save(bloom, demo_tok, root / "bloom")  # a family factedit does not support
+    drop_tok = _dropping_tokenizer()
+    drop = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(drop_tok), n_layer=2, n_head=2, n_embd=16,
+                                            n_positions=64, bos_token_id=0, eos_token_id=0))
+    a["drop"] = _save(drop, drop_tok, root / "drop")
+
+    a["unknown_type"] = _copy_demo(root, "unknown_type")
+    cfg = json.loads((a["unknown_type"] / "config.json").read_text())
+    (a["unknown_type"] / "config.json").write_text(json.dumps({**cfg, "model_type": "foobar"}))
+    a["bad_config"] = _copy_demo(root, "bad_config")
+    (a["bad_config"] / "config.json").write_text('{"model_type": "gpt2", ')
+    a["no_tokenizer"] = _copy_demo(root, "no_tokenizer")
+    (a["no_tokenizer"] / "tokenizer.json").unlink()
+    a["truncated"] = _copy_demo(root, "truncated")
+    w = a["truncated"] / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    a["garbage"] = _copy_demo(root, "garbage")
+    (a["garbage"] / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header!!}" + b"\0" * 64)
+    a["pickle"] = root / "pickle"
+    _save(tiny, demo_tok, a["pickle"])
+    (a["pickle"] / "model.safetensors").unlink()
+    torch.save(tiny.state_dict(), a["pickle"] / "pytorch_model.bin")
+    a["remote"] = _copy_demo(root, "remote")
+    (a["remote"] / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "custom.Config"}}))
+    (a["remote"] / "custom.py").write_text(f"open({str(root / 'RAN')!r}, 'w').write('remote code ran')\n")
+    a["demo_copy"] = _copy_demo(root, "demo_copy")
+
+    res = invoke(["locate", "--model", str(a["tiny"]), *FACT, "--out", str(root / "tiny_loc")])
+    assert res.exit_code == 0, res.output
+    a["foreign_circuit"] = root / "tiny_loc" / "circuit.json"
+    res = invoke(["locate", *FACT, "--out", str(root / "loc")])
+    assert res.exit_code == 0, res.output
+    c = json.loads((root / "loc" / "circuit.json").read_text())
+    c["extraction_heads"] = [{"layer": 7, "head": 8, "score": 0.5, "rank": 1, "ov_rank": None}]
+    (root / "head8.json").write_text(json.dumps(c))
+    res = invoke(["edit", "--recipe", str(root / "fast.yaml"), *EDIT, "--out", str(root / "adapter")])
+    assert res.exit_code == 0, res.output
+    a["adapter"] = root / "adapter"
+
+    req = {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris"}
+    (root / "invalid.json").write_text('[{"prompt": "{} was born in", "subject": "Roric Dunnford",')
+    (root / "missing.json").write_text(json.dumps([req, {"prompt": "{} plays the", "subject": "Ada"}]))
+    (root / "wrongtype.json").write_text(json.dumps([{**req, "case_id": 7, "subject": 42}]))
+    (root / "twoholes.json").write_text(json.dumps([req, {**req, "prompt": "{} and {} were born in"}]))
+    (root / "longtarget.json").write_text(json.dumps([req, {**req, "prompt": "and " * 41 + "{} was born in"}]))
+    (root / "unknown.yaml").write_text("edit: {stpes: 5}\n")
+    (root / "wrongtype.yaml").write_text("edit: {steps: five}\n")
+    (root / "infinite.yaml").write_text("edit: {lr: .inf}\n")
+    (root / "negative.yaml").write_text("edit: {max_heads: -1}\n")
+    (root / "layer9.yaml").write_text("edit: {mlp_layers: [9]}\n")
+    (root / "window.yaml").write_text("analysis: {knockout_window: 12}\n")
+    return a
+
+
+def _nan_rank_one(monkeypatch):
+    """An update that comes out NaN, as a diverging fit or an ill-conditioned solve would give."""
+    import factedit.editing.edit as edit_mod
+
+    real = edit_mod.rank_one
+
+    def rank_one(*args, **kw):
+        b, a = real(*args, **kw)
+        return b * float("nan"), a
+
+    monkeypatch.setattr(edit_mod, "rank_one", rank_one)
+
+
+# (id, arguments (A: the artefacts), words the message must hold, model folder that must stay unchanged)
+CASES = [
+    # prompts and targets
+    ("subject-not-in-prompt", lambda A: ["edit", "--prompt", "Ada was born in", "--subject", "Roric Dunnford",
+                                         "--target-new", "Paris"], ["does not occur", "template"], None),
+    ("empty-prompt", lambda A: ["edit", "--prompt", "", "--subject", "Roric Dunnford", "--target-new", "Paris"],
+     ["'prompt'", "non-empty"], None),
+    ("empty-subject", lambda A: ["locate", "--prompt", "{} was born in", "--subject", " "],
+     ["subject is empty"], None),
+    ("prompt-longer-than-context", lambda A: ["edit", "--prompt", "and " * 200 + "{} was born in",
+                                              "--subject", "Roric Dunnford", "--target-new", "Paris"],
+     ["context of 128", "shorten"], None),
+    ("prompt-plus-target-longer-than-context", lambda A: ["edit", "--requests", str(A["root"] / "longtarget.json")],
+     ["request 1", "context of 128", "shorten"], None),
+    ("target-tokenizes-to-nothing", lambda A: ["edit", "--model", str(A["drop"]), "--stats-corpus",
+                                               str(A["root"] / "corpus.txt"), "--prompt", "{} was born in",
+                                               "--subject", "ada", "--target-new", "€€"],
+     ["request 0", "tokenizes to nothing"], "drop"),
+    ("empty-target", lambda A: ["edit", *FACT, "--target-new", "  "], ["'target_new'", "non-empty"], None),
+    ("multi-token-target-for-locate", lambda A: ["locate", *FACT, "--target", "Paris Madrid"],
+     ["2 tokens", "one token", "first token"], None),
+    ("subject-ends-prompt", lambda A: ["edit", "--prompt", "I met {}", "--subject", "Roric Dunnford",
+                                       "--target-new", "Paris"], ["relation must follow"], None),
+    # models and weights
+    ("unsupported-family", lambda A: ["edit", "--model", str(A["bloom"]), *EDIT],
+     ["'bloom'", "not supported", "supported family"], "bloom"),
+    ("family-unknown-to-transformers", lambda A: ["locate", "--model", str(A["unknown_type"]), *FACT],
+     ["'foobar'", "not supported"], "unknown_type"),
+    ("missing-model-folder", lambda A: ["edit", "--model", str(A["root"] / "nope"), *EDIT],
+     ["does not exist", "check the path"], None),
+    ("corrupt-config", lambda A: ["edit", "--model", str(A["bad_config"]), *EDIT],
+     ["config.json", "not valid JSON"], "bad_config"),
+    ("missing-tokenizer", lambda A: ["edit", "--model", str(A["no_tokenizer"]), *EDIT],
+     ["could not load", "tokenizer files"], "no_tokenizer"),
+    ("truncated-safetensors", lambda A: ["edit", "--model", str(A["truncated"]), *EDIT],
+     ["model.safetensors", "truncated or corrupt", "re-download"], "truncated"),
+    ("corrupt-safetensors", lambda A: ["locate", "--model", str(A["garbage"]), *FACT],
+     ["model.safetensors", "truncated or corrupt"], "garbage"),
+    ("pickle-without-opt-in", lambda A: ["edit", "--model", str(A["pickle"]), *EDIT],
+     ["pickle", "--allow-pickle"], "pickle"),
+    ("remote-code-without-opt-in", lambda A: ["edit", "--model", str(A["remote"]), *EDIT],
+     ["own Python code", "--trust-remote-code"], "remote"),
+    # artefacts from elsewhere
+    ("circuit-from-another-model", lambda A: ["edit", *EDIT, "--circuit", str(A["foreign_circuit"])],
+     ["located on another model", "factedit locate"], None),
+    ("adapter-from-another-base", lambda A: ["verify", "--model", str(A["tiny"]), "--adapter", str(A["adapter"])],
+     ["another base model", "--model"], "tiny"),
+    ("not-an-adapter", lambda A: ["verify", "--adapter", str(A["root"] / "loc")],
+     ["not a PEFT adapter folder"], None),
+    # request files
+    ("request-file-invalid-json", lambda A: ["edit", "--requests", str(A["root"] / "invalid.json")],
+     ["neither JSON nor JSONL", "line 1"], None),
+    ("request-missing-field", lambda A: ["edit", "--requests", str(A["root"] / "missing.json")],
+     ["record 1", "missing field 'target_new'"], None),
+    ("request-wrong-type", lambda A: ["edit", "--requests", str(A["root"] / "wrongtype.json")],
+     ["record 0 (case_id 7)", "'subject'", "string"], None),
+    ("request-two-subject-holes", lambda A: ["edit", "--requests", str(A["root"] / "twoholes.json")],
+     ["record 1", "'prompt'", "exactly one"], None),
+    ("request-file-missing", lambda A: ["edit", "--requests", str(A["root"] / "nope.json")],
+     ["does not exist"], None),
+    # output folder
+    ("output-not-empty", lambda A: ["edit", *EDIT], ["not empty", "--overwrite"], None),
+    ("output-inside-model-folder", lambda A: ["edit", "--model", str(A["demo_copy"]), *EDIT],
+     ["model folder", "outside"], "demo_copy"),
+    # recipes and options
+    ("recipe-unknown-key", lambda A: ["edit", "--recipe", str(A["root"] / "unknown.yaml"), *EDIT],
+     ["unknown key(s) stpes", "allowed keys"], None),
+    ("recipe-wrong-type", lambda A: ["edit", "--recipe", str(A["root"] / "wrongtype.yaml"), *EDIT],
+     ["edit.steps", "expected an integer"], None),
+    ("recipe-non-finite", lambda A: ["edit", "--recipe", str(A["root"] / "infinite.yaml"), *EDIT],
+     ["edit.lr", "finite"], None),
+    ("recipe-negative", lambda A: ["edit", "--recipe", str(A["root"] / "negative.yaml"), *EDIT],
+     ["edit.max_heads", "zero or more"], None),
+    ("recipe-layer-out-of-range", lambda A: ["edit", "--recipe", str(A["root"] / "layer9.yaml"), *EDIT],
+     ["mlp_layers", "layers 0..7"], None),
+    ("window-larger-than-layers", lambda A: ["locate", *FACT, "--window", "9"],
+     ["larger than the model's 8 layers", "between 1 and 8"], None),
+    ("recipe-window-larger-than-layers", lambda A: ["locate", *FACT, "--recipe", str(A["root"] / "window.yaml")],
+     ["knockout_window 12", "between 1 and 8"], None),
+    ("head-index-out-of-range", lambda A: ["edit", *EDIT, "--circuit", str(A["root"] / "head8.json")],
+     ["head 8", "heads 0..7"], None),
+    # edit results
+    ("nan-in-edit", lambda A: ["edit", "--recipe", str(A["root"] / "fast.yaml"), *EDIT],
+     ["NaN or inf", "nothing was saved"], None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, art, tmp_path, monkeypatch):
+    name, make_args, words, model_key = case
+    out = tmp_path / "out"
+    if name == "output-not-empty":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    if name == "output-inside-model-folder":
+        out = art["demo_copy"] / "edit"
+    if name == "nan-in-edit":
+        _nan_rank_one(monkeypatch)
+    before_out = tree_hash(out) if out.exists() else None
+    watched = [DEMO] + ([art[model_key]] if model_key else [])
+    before = [tree_hash(m) for m in watched]
+
+    res = invoke([*make_args(art), "--out", str(out)])
+
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    lines = res.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr  # one line, and the last one
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    assert (tree_hash(out) if out.exists() else None) == before_out  # absent, or unchanged
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))  # no staging folder left behind
+    assert [tree_hash(m) for m in watched] == before  # the base model folder is never written
+    assert not (art["root"] / "RAN").exists()  # remote code never ran
+
+
+# ---- output folders ------------------------------------------------------------------------
+
+def test_overwrite_replaces_the_edit_and_keeps_user_files(art, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(art["adapter"], out)
+    (out / "merged").mkdir()  # an edit's own: replaced (here: dropped, as the new edit has no --merge)
+    (out / "merged" / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    old = (out / "edits.json").read_text()
+    res = invoke(["edit", "--recipe", str(art["root"] / "fast.yaml"), *FACT, "--target-new", "Tokyo",
+                  "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "a.png").read_bytes() == b"png"
+    assert not (out / "merged").exists()
+    assert (out / "edits.json").read_text() != old
+    assert json.loads((out / "edits.json").read_text())["requests"][0]["target_new"] == "Tokyo"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing hidden left beside it
+
+
+def test_request_fields_never_become_paths(art, tmp_path, monkeypatch):
+    """No request field names a file: case ids and subjects with '../' or an absolute path
+    leave every file inside --out."""
+    work = tmp_path / "work"
+    (work / "cwd").mkdir(parents=True)
+    monkeypatch.chdir(work / "cwd")
+    absolute = Path("/abs")
+    existed = absolute.exists()
+    reqs = [{"case_id": "../../x", "prompt": "{} was born in", "subject": "../../x", "target_new": "Paris"},
+            {"case_id": "/abs/y", "prompt": "{} plays the", "subject": "/abs", "target_new": "guitar"}]
+    (tmp_path / "r.json").write_text(json.dumps(reqs))
+    before = {p for p in work.rglob("*")}
+    res = invoke(["edit", "--recipe", str(art["root"] / "fast.yaml"), "--requests", str(tmp_path / "r.json"),
+                  "--mode", "sequential", "--merge", "--out", "out"])
+    assert res.exit_code == 0, res.output
+    new = {p for p in work.rglob("*")} - before
+    assert new and all((work / "cwd" / "out") in p.parents or p == work / "cwd" / "out" for p in new), new
+    assert absolute.exists() == existed and not (tmp_path / "x").exists() and not (work / "x").exists()
+    assert json.loads((work / "cwd" / "out" / "edits.json").read_text())["requests"][0]["case_id"] == "../../x"
+
+
+# ---- exactness -----------------------------------------------------------------------------
+
+def test_same_seed_gives_byte_identical_adapter_and_merged_checkpoint(art, tmp_path, demo):
+    from safetensors.torch import load_file
+
+    from factedit.editing.weights import applied
+    from factedit.verify.run import load_adapter_delta
+
+    model, _, _ = demo
+    for d in ("a", "b"):
+        res = invoke(["edit", "--recipe", str(art["root"] / "fast.yaml"), *EDIT, "--seed", "3", "--merge",
+                      "--out", str(tmp_path / d)])
+        assert res.exit_code == 0, res.output
+    files = ["adapter_model.safetensors", "adapter_config.json", "merged/model.safetensors", "merged/config.json",
+             "merged/tokenizer.json"]
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    # the merged checkpoint is the base plus the adapter's update, bit for bit as factedit adds it
+    merged = load_file(str(tmp_path / "a" / "merged" / "model.safetensors"))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = load_adapter_delta(tmp_path / "a", model)
+    with applied(model, delta):
+        for n, p in model.named_parameters():
+            if n in merged:
+                assert torch.equal(merged[n], p), n
+    # merge then unmerge: the base weights come back bit for bit
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_then_unmerge_is_bit_exact_in_every_dtype(dtype):
+    from factedit.editing.weights import WeightDelta, applied
+
+    from .families import tiny_model
+
+    model = tiny_model("llama").to(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    d = WeightDelta()
+    for la in range(3):
+        d.add(f"model.layers.{la}.mlp.down_proj", torch.randn(32, 2, generator=g) * 0.3,
+              torch.randn(2, 64, generator=g) * 0.1)
+        d.add(f"model.layers.{la}.self_attn.v_proj", torch.randn(16, 1, generator=g), torch.randn(1, 32, generator=g))
+    for _ in range(3):
+        with applied(model, d):
+            w = model.model.layers[0].mlp.down_proj.weight
+            assert not torch.equal(w, before["model.layers.0.mlp.down_proj.weight"])
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ---- security defaults ---------------------------------------------------------------------
+
+UNSAFE = [
+    (r"\byaml\.(load|unsafe_load|full_load|load_all)\s*\(", "yaml.load: use yaml.safe_load"),
+    (r"\byaml\.(Unsafe|Full)?Loader\b", "an unsafe YAML loader"),
+    (r"\btorch\.load\s*\(", "torch.load unpickles"),
+    (r"\bimport\s+(c?pickle|dill|joblib)\b|\bfrom\s+(c?pickle|dill|joblib)\b", "pickle"),
+    (r"\bpickle\.", "pickle"),
+    (r"trust_remote_code\s*=\s*True", "trust_remote_code on by default"),
+    (r"allow_pickle\s*:\s*bool\s*=\s*True|allow_pickle\s*=\s*True", "pickle on by default"),
+    (r"use_safetensors\s*=\s*False|weights_only\s*=\s*False", "pickle weights"),
+    (r"(?<![.\w])(eval|exec)\s*\(", "eval/exec"),
+]
+
+
+def test_no_unsafe_loader_in_the_package_source():
+    found = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for pattern, why in UNSAFE:
+                if re.search(pattern, code):
+                    found.append(f"{f.relative_to(PACKAGE.parent)}:{i}: {why}: {line.strip()}")
+    assert not found, "\n".join(found)
+    assert "yaml.safe_load" in (PACKAGE / "recipes.py").read_text()
+
+
+def test_loading_defaults_are_safe():
+    import inspect
+
+    from factedit.models.loading import load_model
+
+    sig = inspect.signature(load_model)
+    assert sig.parameters["allow_pickle"].default is False
+    assert sig.parameters["trust_remote_code"].default is False
+    for cmd, required in (("locate", FACT), ("edit", ["--out", "x"]), ("verify", ["--out", "x"])):
+        params = main.commands[cmd].make_context(cmd, list(required)).params
+        assert params["allow_pickle"] is False and params["trust_remote_code"] is False
+
+
+def test_pickle_and_remote_code_load_only_with_opt_in(art):
+    from factedit.errors import ModelLoadError
+    from factedit.models.loading import load_model
+
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_model(art["pickle"])
+    model, _ = load_model(art["pickle"], allow_pickle=True)
+    assert model.config.n_layer == 2
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        load_model(art["remote"])
+    assert not (art["root"] / "RAN").exists()
