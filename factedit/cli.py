@@ -312,3 +312,67 @@ def demo(model_path: str | None, out: str, n_facts: int) -> None:
     from factedit.demo import run_demo
 
     run_demo(model_path, out, n_facts, echo=click.echo)
+
+
+@main.command()
+@_model_options
+@click.option("--device-map", default=None, help="'auto' spreads a model too large for one GPU over the GPUs.")
+@click.option("--dataset", default=None, type=click.Path(dir_okay=False),
+              help="known_1000.json, CounterFact, or JSON/JSONL fact records (default: the demo world's facts).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder; rerun with the same folder to resume.")
+@click.option("--limit", type=int, default=None, help="Only the first N facts (after --relations).")
+@click.option("--relations", default=None, help="Comma-separated relation ids to keep.")
+@click.option("--heldout", is_flag=True, help="World datasets: add the held-out templates.")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Recipe YAML whose 'analysis:' section sets the options.")
+@click.option("--window", type=int, default=None, help="Attention-knockout window k (overrides the recipe).")
+@click.option("--overwrite", is_flag=True, help="Restart: remove factedit's audit files in OUT (nothing else).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map, dataset, out, limit, relations,
+          heldout, recipe_path, window, overwrite, no_progress) -> None:
+    """Map where a model retrieves its knowledge across a dataset (resumable; data-parallel
+    under `accelerate launch -m factedit audit ...`)."""
+    import dataclasses
+    from pathlib import Path
+
+    from factedit.analysis.circuit import load_locate_config
+    from factedit.analysis.locate import config_for_model
+    from factedit.audit.dataset import load_facts, world_facts
+    from factedit.audit.run import current_shard, run_audit, select, text_related, world_related
+    from factedit.models.loading import load_model
+    from factedit.paths import check_output_dir, model_dir
+    from factedit.world.generate import World
+
+    if limit is not None and limit < 1:
+        raise FactEditError(f"--limit must be at least 1, got {limit}")
+    check_output_dir(out, True, model_dir(model_path))  # never inside the base model's folder
+    facts = load_facts(dataset) if dataset else None
+    shard = current_shard()
+    if device is None and device_map is None and shard.state is not None:
+        device = str(shard.state.device)
+    model, tok = load_model(model_path, dtype=dtype, device=device, device_map=device_map,
+                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    world_json = Path(str(model.name_or_path)) / "world.json"
+    if facts is None:
+        if not world_json.is_file():
+            raise FactEditError(f"{model.name_or_path} has no world.json: give --dataset (e.g. known_1000.json)")
+        world = World.load(world_json)
+        facts, related_of, name = world_facts(world, heldout), world_related(world, tok), f"world:{world_json}"
+    else:
+        related_of, name = text_related(tok), str(Path(dataset).resolve())
+    facts = select(facts, relations.split(",") if relations else None, limit)
+    cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
+    if window is not None:
+        cfg = dataclasses.replace(cfg, knockout_window=window)
+    cfg.validate()
+    s = run_audit(facts, model=model, tokenizer=tok, out=out, config=cfg, dataset_name=name, related_of=related_of,
+                  overwrite=overwrite, shard=shard, progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    if s is None:
+        return
+    click.echo(f"{s['known']}/{s['facts']} facts known ({s['unknown']} filtered out, {s['errors']} errors)")
+    if s["known"]:
+        hubs = ", ".join(f"L{h['layer']}H{h['head']} {100 * h['share']:.0f}%" for h in s["hubs"][:5])
+        click.echo(f"subject knockout strongest at layer {s['subject_knockout_strongest_layer']}; "
+                   f"knowledge hubs: {hubs or 'none'}")
+    click.echo(f"wrote {out}/facts.jsonl, summary.json, report.html and figures")
