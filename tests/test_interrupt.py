@@ -153,6 +153,7 @@ def state(out: Path, old_hash: str | None, model, tok, user_files: dict[str, str
     listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     for name, text in user_files.items():  # files that are not factedit's own survive
         assert (out / name).read_text() == text, listing
+    assert (out / "edits.json").is_file(), f"neither old nor complete: {listing}"
     man = json.loads((out / "edits.json").read_text())
     assert man["base_fingerprint"] == model_fingerprint(model) and man["requests"][0]["target_new"] == TARGET
     for f in ("adapter_config.json", "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"):

@@ -106,9 +106,14 @@ def art(tmp_path_factory):
     _save(tiny, demo_tok, a["pickle"])
     (a["pickle"] / "model.safetensors").unlink()
     torch.save(tiny.state_dict(), a["pickle"] / "pytorch_model.bin")
-    a["remote"] = _copy_demo(root, "remote")
-    (a["remote"] / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "custom.Config"}}))
-    (a["remote"] / "custom.py").write_text(f"open({str(root / 'RAN')!r}, 'w').write('remote code ran')\n")
+    code = f"open({str(root / 'RAN')!r}, 'w').write('remote code ran')\nfrom transformers import GPT2Config as Config\n"
+    auto_map = {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}
+    a["remote"] = _copy_demo(root, "remote")  # a supported family that also brings code
+    (a["remote"] / "config.json").write_text(json.dumps({**cfg, "auto_map": auto_map}))
+    (a["remote"] / "custom.py").write_text(code)
+    a["remote_only"] = _copy_demo(root, "remote_only")  # a model that exists only as its own code
+    (a["remote_only"] / "config.json").write_text(json.dumps({**cfg, "model_type": "custom_lm", "auto_map": auto_map}))
+    (a["remote_only"] / "custom.py").write_text(code)
     a["demo_copy"] = _copy_demo(root, "demo_copy")
 
     res = invoke(["locate", "--model", str(a["tiny"]), *FACT, "--out", str(root / "tiny_loc")])
@@ -191,8 +196,8 @@ CASES = [
      ["model.safetensors", "truncated or corrupt"], "garbage"),
     ("pickle-without-opt-in", lambda A: ["edit", "--model", str(A["pickle"]), *EDIT],
      ["pickle", "--allow-pickle"], "pickle"),
-    ("remote-code-without-opt-in", lambda A: ["edit", "--model", str(A["remote"]), *EDIT],
-     ["own Python code", "--trust-remote-code"], "remote"),
+    ("model-that-is-only-remote-code", lambda A: ["edit", "--model", str(A["remote_only"]), *EDIT],
+     ["'custom_lm'", "not supported"], "remote_only"),
     # artefacts from elsewhere
     ("circuit-from-another-model", lambda A: ["edit", *EDIT, "--circuit", str(A["foreign_circuit"])],
      ["located on another model", "factedit locate"], None),
@@ -387,6 +392,31 @@ def test_no_unsafe_loader_in_the_package_source():
     assert "yaml.safe_load" in (PACKAGE / "recipes.py").read_text()
 
 
+WRITES = r"(?<!atomic_)write_(text|bytes)\(|\bopen\([^)]*['\"][wax]|os\.open\(|savefig\(|save_file\(|torch\.save\(|" \
+         r"save_pretrained\(|shutil\.(copy|move)|\.dump\("
+ALLOWED_WRITES = {  # file -> the writes allowed there, and why they are atomic
+    "factedit/editing/export.py": ("save_pretrained(", "shutil.copyfile("),  # into the staging folder
+    "factedit/world/train.py": ("save_pretrained(",),  # into the staging folder
+    "factedit/plots.py": ("savefig(buf",),  # to memory, then atomic_write_bytes
+    "factedit/audit/store.py": ("os.open(",),  # append-only journal: one write + fsync per record
+}
+
+
+def test_every_writer_goes_through_factedit_io():
+    """Files are written by factedit.io's helpers (temporary name, then rename) or into a
+    staging folder that commit_dir puts in place; no other way of writing is in the package."""
+    found = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        rel = str(f.relative_to(PACKAGE.parent))
+        if rel == "factedit/io.py":
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(WRITES, code) and not any(a in code for a in ALLOWED_WRITES.get(rel, ())):
+                found.append(f"{rel}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
 def test_loading_defaults_are_safe():
     import inspect
 
@@ -408,6 +438,7 @@ def test_pickle_and_remote_code_load_only_with_opt_in(art):
         load_model(art["pickle"])
     model, _ = load_model(art["pickle"], allow_pickle=True)
     assert model.config.n_layer == 2
-    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
-        load_model(art["remote"])
+    # a folder that brings its own code (auto_map) loads with transformers' classes; its code never runs
+    model, _ = load_model(art["remote"])
+    assert type(model).__module__.startswith("transformers.models.gpt2")
     assert not (art["root"] / "RAN").exists()

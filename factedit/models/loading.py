@@ -28,7 +28,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))} or auto") from None
 
 
-def _check_local_weights(path: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
+def _check_local_weights(path: Path, allow_pickle: bool) -> None:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model folder")
@@ -38,12 +38,10 @@ def _check_local_weights(path: Path, allow_pickle: bool, trust_remote_code: bool
         raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}): restore the model folder's config.json") from None
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{cfg_path} does not hold a JSON object: restore the model folder's config.json")
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise ModelLoadError(
-            f"{path} brings its own Python code (auto_map in config.json), which factedit does not run by "
-            "default: pass --trust-remote-code if you trust the source"
-        )
-    family_for(str(cfg.get("model_type", "")))  # an unsupported family is refused before anything is read
+    # an unsupported family is refused before anything is read. A supported one loads with
+    # transformers' own classes: Python code the folder brings (auto_map) runs only with
+    # trust_remote_code
+    family_for(str(cfg.get("model_type", "")))
     safetensors = sorted(path.glob("*.safetensors"))
     has_bin = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
     if not safetensors and has_bin and not allow_pickle:
@@ -104,7 +102,7 @@ def load_model(
     if local.exists():
         if not local.is_dir():
             raise ModelLoadError(f"{local} is a file: pass the model's folder")
-        _check_local_weights(local, allow_pickle, trust_remote_code)
+        _check_local_weights(local, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         family_for(config.model_type)  # (a hub model: once its config is read)
