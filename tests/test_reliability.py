@@ -177,6 +177,9 @@ CASES = [
     ("empty-target", lambda A: ["edit", *FACT, "--target-new", "  "], ["'target_new'", "non-empty"], None),
     ("multi-token-target-for-locate", lambda A: ["locate", *FACT, "--target", "Paris Madrid"],
      ["2 tokens", "one token", "first token"], None),
+    ("multi-token-target-for-a-lookup-edit", lambda A: ["edit", "--recipe", str(A["root"] / "fast.yaml"), *FACT,
+                                                        "--target-new", "Paris Madrid"],
+     ["request 0", "2 tokens", "last position", "one-token target"], None),
     ("subject-ends-prompt", lambda A: ["edit", "--prompt", "I met {}", "--subject", "Roric Dunnford",
                                        "--target-new", "Paris"], ["relation must follow"], None),
     # models and weights

@@ -162,7 +162,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     if mode == "single" and len(requests) > 1:
         raise FactEditError("mode 'single' takes one request: use 'batch' or 'sequential' for several")
     t0 = time.perf_counter()
-    check_requests(requests, model, tok, context_prefixes(tok, list(corpus.texts), cfg), cfg.kl_prompt)
+    targets = check_requests(requests, model, tok, context_prefixes(tok, list(corpus.texts), cfg), cfg.kl_prompt)
     fp = model_fingerprint(model)
     if circuits is None and cfg.method != "lora":
         lc = config_for_model(model)
@@ -176,6 +176,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
             c.check_model(fp)
             check_circuit(c, r, adapter, i)
     plans = [plan_for(c, cfg, adapter.n_layers) for c in circuits]
+    check_one_token_sites(requests, targets, plans, mode, tok)
     res = EditResult(WeightDelta(conv1d=adapter.spec.conv1d), requests, plans, cfg, mode, fp,
                      str(getattr(model, "name_or_path", "")), circuits=list(circuits))
     if cfg.method == "lora":
@@ -200,12 +201,14 @@ def context_length(model) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
-def check_requests(requests: list[EditRequest], model, tok, prefixes: list[str], kl_prompt: str) -> None:
+def check_requests(requests: list[EditRequest], model, tok, prefixes: list[str], kl_prompt: str) -> list[list[int]]:
     """Refuse, before any work and naming the request, what the tokenizer or the model cannot
     take: a subject the tokenizer does not find, a target that tokenizes to nothing (or only to
-    the unknown token), a prompt that with a context prefix and the target exceeds the context."""
+    the unknown token), a prompt that with a context prefix and the target exceeds the context.
+    Returns each request's target tokens."""
     limit = context_length(model)
     unk = getattr(tok, "unk_token_id", None)
+    targets = []
     for i, r in enumerate(requests):
         try:
             rows = build_rows(tok, [r], prefixes, kl_prompt)
@@ -220,6 +223,25 @@ def check_requests(requests: list[EditRequest], model, tok, prefixes: list[str],
             raise RequestError(
                 f"{_where(i, r)}: the prompt with the target and a context prefix is {longest} tokens long, more "
                 f"than the model's context of {limit}: shorten the prompt (or lower edit.prefix_tokens)")
+        targets.append(target)
+    return targets
+
+
+def check_one_token_sites(requests: list[EditRequest], targets: list[list[int]], plans: list[EditPlan], mode: str,
+                          tok) -> None:
+    """An MLP update at the prompt's last position (a lookup edit) sets the next token only:
+    refuse a target of several tokens there rather than save an edit of its first token."""
+    if mode == "batch":  # every request at the most common position, as _batch does
+        positions = [collections.Counter(p.mlp_position for p in plans).most_common(1)[0][0]] * len(plans)
+    else:
+        positions = [p.mlp_position if p.mlp_layer is not None else None for p in plans]
+    for i, (r, t, pos) in enumerate(zip(requests, targets, positions)):
+        if pos == "last" and len(t) > 1:
+            pieces = [tok.decode([x]) for x in t]
+            raise RequestError(
+                f"{_where(i, r)}: the target {r.target_new!r} is {len(t)} tokens {pieces}, but this edit updates an "
+                f"MLP at the prompt's last position (the model looks the fact up there), which sets one next "
+                f"token: give a one-token target, e.g. {pieces[0].strip()!r}")
 
 
 def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: int) -> None:
