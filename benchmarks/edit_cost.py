@@ -77,7 +77,7 @@ def main() -> None:
     print(f"key statistics, all {len(sites)} MLP layers, {cfg.stats_samples} tokens, uncached: {t_stats:.2f} s "
           "(cached afterwards by model fingerprint, layer and corpus)")
 
-    reqs = sample_world_edits(world, args.single, seed=1)
+    reqs = [w.request for w in sample_world_edits(world, args.single, seed=1)]
     compute_edit([reqs[0]], model, tok, corpus, cfg=cfg, progress=False)  # warm the statistics cache
     secs, phases, _ = profiled(lambda: [compute_edit([r], model, tok, corpus, cfg=cfg, progress=False)
                                         for r in reqs])
@@ -87,7 +87,7 @@ def main() -> None:
             print(f"  {k:34s} {v / args.single:7.3f} s per edit  ({100 * v / secs:4.1f}%)")
 
     if args.batch:
-        reqs = sample_world_edits(world, args.batch, seed=2)
+        reqs = [w.request for w in sample_world_edits(world, args.batch, seed=2)]
         bcfg = dataclasses.replace(cfg)
         secs, phases, _ = profiled(lambda: compute_edit(reqs, model, tok, corpus, cfg=bcfg, mode="batch",
                                                         progress=False))

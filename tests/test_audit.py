@@ -4,6 +4,7 @@ resumption after a torn write or a kill -9, and data parallelism (2 CPU processe
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -170,13 +171,17 @@ def _cli(*args, env=None, **kw):
 
 
 def test_kill_9_loses_nothing(tmp_path):
-    """SIGKILL an audit at a few points (before, while and after facts are written); each
-    rerun completes it, and the result equals an uninterrupted run."""
+    """SIGKILL an audit at a few points (before any record, after 3, 9 and 14 records, the
+    last one after a further random delay); each rerun resumes, and the final result equals
+    an uninterrupted run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref, out = tmp_path / "ref", tmp_path / "killed"
     p = _cli("--out", str(ref), "--limit", "20", env=env)
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
-    for wait_lines in (0, 3, 9):
+    seed = int(os.environ.get("FACTEDIT_KILL_SEED", random.randrange(10**6)))
+    delay = random.Random(seed).uniform(0.0, 0.5)
+    print(f"audit kill seed {seed} (FACTEDIT_KILL_SEED to replay): extra delay {delay:.3f} s")
+    for wait_lines in (0, 3, 9, 14):
         p = _cli("--out", str(out), "--limit", "20", env=env)
         t0 = time.time()
         while time.time() - t0 < 120:
@@ -185,6 +190,8 @@ def test_kill_9_loses_nothing(tmp_path):
                     or p.poll() is not None:
                 break
             time.sleep(0.02)
+        if wait_lines == 14:
+            time.sleep(delay)  # a random point: mid-fact, mid-write, or while aggregating
         p.send_signal(signal.SIGKILL)
         p.wait()
     p = _cli("--out", str(out), "--limit", "20", env=env)

@@ -102,10 +102,10 @@ def test_repeated_words_and_a_subject_twice(name, subject, middle, after, lead):
     check_span(tok, tp.prompt, tp, template.index("{}"), subject)
     # full prompt with the subject twice: the last occurrence
     full = " ".join([*first, subject, *middle, subject, *after])
-    c0 = full.rindex(subject)  # the last occurrence: the second one, or one made by the words after it
-    # a full prompt is matched as text: the last match must be the whole-word occurrence (it is
-    # not when the subject is also the end of a longer word after it, e.g. 'a' in 'ada')
-    assume(full[c0 - 1: c0] in ("", " ") and full[c0 + len(subject): c0 + len(subject) + 1] in ("", " "))
+    # the last whole-word occurrence ('a' inside 'ada' does not count), found by hand
+    n = len(subject)
+    c0 = [i for i in range(len(full)) if full.startswith(subject, i)
+          and full[i - 1: i] in ("", " ") and full[i + n: i + n + 1] in ("", " ")][-1]
     if c0 + len(subject) == len(full):
         with pytest.raises(FactEditError, match="relation must follow"):
             tokenize_with_subject(tok, full, subject)

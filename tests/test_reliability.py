@@ -130,6 +130,9 @@ def art(tmp_path_factory):
 
     req = {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris"}
     (root / "invalid.json").write_text('[{"prompt": "{} was born in", "subject": "Roric Dunnford",')
+    (root / "audit_missing.json").write_text(json.dumps([
+        {"prompt": "{} was born in", "subject": "Roric Dunnford", "attribute": "Paris"},
+        {"prompt": "{} was born in", "attribute": "Paris"}]))
     (root / "missing.json").write_text(json.dumps([req, {"prompt": "{} plays the", "subject": "Ada"}]))
     (root / "wrongtype.json").write_text(json.dumps([{**req, "case_id": 7, "subject": 42}]))
     (root / "twoholes.json").write_text(json.dumps([req, {**req, "prompt": "{} and {} were born in"}]))
@@ -240,6 +243,18 @@ CASES = [
      ["knockout_window 12", "between 1 and 8"], None),
     ("head-index-out-of-range", lambda A: ["edit", *EDIT, "--circuit", str(A["root"] / "head8.json")],
      ["head 8", "heads 0..7"], None),
+    # audit
+    ("audit-dataset-missing-field", lambda A: ["audit", "--dataset", str(A["root"] / "audit_missing.json")],
+     ["record 1", "'subject'"], None),
+    ("audit-dataset-invalid-json", lambda A: ["audit", "--dataset", str(A["root"] / "invalid.json")],
+     ["not valid JSON"], None),
+    ("audit-unknown-relation", lambda A: ["audit", "--relations", "nope", "--limit", "4"],
+     ["--relations nope", "relations here"], None),
+    ("audit-window-larger-than-layers", lambda A: ["audit", "--window", "9", "--limit", "4"],
+     ["larger than the model's 8 layers"], None),
+    ("audit-output-not-empty", lambda A: ["audit", "--limit", "4"], ["not empty", "--overwrite"], None),
+    ("audit-output-inside-model-folder", lambda A: ["audit", "--model", str(A["demo_copy"]), "--limit", "4"],
+     ["model folder", "outside"], "demo_copy"),
     # edit results
     ("nan-in-edit", lambda A: ["edit", "--recipe", str(A["root"] / "fast.yaml"), *EDIT],
      ["NaN or inf", "nothing was saved"], None),
@@ -250,10 +265,10 @@ CASES = [
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, art, tmp_path, monkeypatch):
     name, make_args, words, model_key = case
     out = tmp_path / "out"
-    if name == "output-not-empty":
+    if name in ("output-not-empty", "audit-output-not-empty"):
         out.mkdir()
         (out / "mine.txt").write_text("keep me")
-    if name == "output-inside-model-folder":
+    if name in ("output-inside-model-folder", "audit-output-inside-model-folder"):
         out = art["demo_copy"] / "edit"
     if name == "nan-in-edit":
         _nan_rank_one(monkeypatch)

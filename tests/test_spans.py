@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from factedit.analysis.spans import SubjectNotFoundError, tokenize_with_subject
+from factedit.analysis.spans import SubjectNotFoundError, fill_prompt, tokenize_with_subject
 from factedit.errors import FactEditError
 
 KNOWN = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_1000.json"
@@ -47,6 +47,17 @@ def test_full_prompt_uses_the_last_occurrence(demo):
     tp = tokenize_with_subject(tok, "Paris is nice. Paris is the capital of", "Paris")
     assert tok.decode(tp.input_ids[tp.subject_span[0]:tp.subject_span[1]]).strip() == "Paris"
     assert tp.subject_span[0] > 2
+
+
+@pytest.mark.parametrize("prompt,subject,start", [
+    ("Ada met a friend in", "a", 8),  # not the "a" inside "Ada"
+    ("Anna and Ann live in", "Ann", 9),
+    ("Bob's son Bobby lives in", "Bob", 0),
+    ("The C++ fan C lives in", "C", 12),
+    ("xyz is in", "y", 1),  # no whole-word occurrence: the last one inside a word
+])
+def test_full_prompt_prefers_whole_words(prompt, subject, start):
+    assert fill_prompt(prompt, subject) == (prompt, start)
 
 
 def test_errors(demo):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from factedit.errors import FactEditError
@@ -29,8 +30,8 @@ class TokenizedPrompt:
 def fill_prompt(prompt: str, subject: str) -> tuple[str, int]:
     """A template with ``{}`` or a full prompt -> (full prompt, subject's char start).
 
-    In a full prompt the subject's last occurrence is used: it is the one nearest to the
-    prediction.
+    In a full prompt the subject's last occurrence as a whole word is used (the one nearest to
+    the prediction; "a" is not found inside "Ada"), else its last occurrence inside a word.
     """
     if not prompt.strip():
         raise FactEditError("the prompt is empty: give a template like '{} was born in' or a full prompt")
@@ -40,13 +41,24 @@ def fill_prompt(prompt: str, subject: str) -> tuple[str, int]:
         if prompt.count("{}") > 1:
             raise FactEditError(f"prompt {prompt!r} has more than one '{{}}': use exactly one for the subject")
         return prompt.replace("{}", subject), prompt.index("{}")
-    start = prompt.rfind(subject)
+    start = _last_occurrence(prompt, subject)
     if start < 0:
         raise SubjectNotFoundError(
             f"subject {subject!r} does not occur in prompt {prompt!r}: "
             "check its spelling and case, or write the prompt as a template with '{}'"
         )
     return prompt, start
+
+
+def _last_occurrence(prompt: str, subject: str) -> int:
+    before = r"(?<!\w)" if _wordish(subject[0]) else ""
+    after = r"(?!\w)" if _wordish(subject[-1]) else ""
+    whole = list(re.finditer(before + "(?=" + re.escape(subject) + after + ")", prompt))  # overlapping too
+    return whole[-1].start() if whole else prompt.rfind(subject)
+
+
+def _wordish(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def tokenize_with_subject(tokenizer, prompt: str, subject: str) -> TokenizedPrompt:
