@@ -107,8 +107,22 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
          f"{100 * (e['flow']['c_gain_surviving_knockout'] or 0):.0f}% of the edit's gain remains")
     echo(f"  after the edit: {req.filled_prompt}{m['generation_after']}")
     echo(f"wrote {out}/verify/report.html")
+    # audit a slice of the world: where the model retrieves its knowledge
+    from factedit.analysis.locate import config_for_model
+    from factedit.audit.dataset import world_facts
+    from factedit.audit.run import run_audit, world_related
+
+    audit_dir = out / "audit"
+    a = run_audit(world_facts(world)[:160], model=model, tokenizer=tok, out=audit_dir, config=config_for_model(model),
+                  dataset_name=f"world:{Path(model.name_or_path) / 'world.json'} (first 160 prompts)",
+                  related_of=world_related(world, tok), overwrite=True, progress=False, log=lambda m: None)
+    hubs = ", ".join(f"L{h['layer']}H{h['head']}" for h in a["hubs"][:3]) or "none"
+    echo(f"\naudit (`factedit audit --limit 160`): {a['known']}/{a['facts']} prompts known; subject knockout "
+         f"strongest at layer {a['subject_knockout_strongest_layer']}; most frequent extraction heads {hubs}")
+    echo(f"wrote {audit_dir}/report.html, summary.json, facts.jsonl and figures")
     result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict(),
-              "edit": {"request": req.to_dict(), "verify": report["summary"]}}
+              "edit": {"request": req.to_dict(), "verify": report["summary"]},
+              "audit": {k: a[k] for k in ("facts", "known", "subject_knockout_strongest_layer", "hubs")}}
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     echo(f"\nwrote {out / 'demo.json'}")
     return result
