@@ -218,3 +218,50 @@ def test_two_processes_equal_one(tmp_path):
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s2["run"]["processes"] == 2 and {k: v for k, v in s1.items() if k != "run"} == \
         {k: v for k, v in s2.items() if k != "run"}
+
+
+def _full_word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose every id is a word, so a random model's prediction decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", *"the capital of beats music is apple paris".split()]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "opt", "qwen2"])
+def test_audit_runs_on_model_families(family, tmp_path):
+    """The audit on tiny random models: a fact whose attribute is the model's own prediction is
+    known and gets a full record; the same prompt with another attribute is not known."""
+    import torch
+
+    from factedit.audit.dataset import AuditFact
+
+    from .families import tiny_model
+
+    model = tiny_model(family, dtype=torch.float32)
+    tok = _full_word_tokenizer(model.config.vocab_size)
+    prompt = "the capital of beats music is"
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+    logits[0] = float("-inf")  # never [UNK]
+    attr = tok.decode([int(logits.argmax())])
+    if int(model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1].argmax()) == 0:
+        pytest.skip("the random model predicts [UNK] here")
+    other = "apple" if attr != "apple" else "paris"
+    facts = [AuditFact(0, prompt, "beats music", attr, "P1", "g", related="apple paris"),
+             AuditFact(1, prompt, "beats music", other, "P1", "g")]
+    s = run_audit(facts, model=model, tokenizer=tok, out=tmp_path / "a", config=LocateConfig(knockout_window=2),
+                  dataset_name="tiny", related_of=lambda f: f.related and {tok.convert_tokens_to_ids(w)
+                                                                             for w in f.related.split()},
+                  progress=False, log=lambda m: None)
+    recs = read_records(tmp_path / "a" / FACTS)
+    assert [r["status"] for r in recs] == ["known", "unknown"]
+    L = model.config.num_hidden_layers
+    assert s["known"] == 1 and s["unknown"] == 1 and len(s["knockout"]["subject"]["mean"]) == L
+    assert len(recs[0]["attribute_rate"]["last_subject"]) == L + 1
+    assert recs[0]["prediction"].strip() == attr
+    assert (tmp_path / "a" / "report.html").is_file()
