@@ -177,7 +177,7 @@ def report(row: dict) -> None:
           f"(counted token-layers: {row['counted_passes']:.2f})   peak memory {row['fast_mem'] / mb:.0f} MiB")
     if "naive_s" in row:
         print(f"  knockout sweep, naive     {row['naive_s'] * 1e3:9.1f} ms   = {row['naive_s'] / row['plain_s']:.1f} "
-              f"forward passes   peak memory {row['naive_mem'] / mb:.0f} MiB")
+              f"forward passes   (runs after the fast sweep and reuses its memory: +{row['naive_mem'] / mb:.0f} MiB)")
         print(f"  speedup                   {row['speedup']:9.1f}x   "
               f"max diff {row['max_diff']:.1e} (relative change, %)")
     print(f"  sublayer sweep, fast      {row['sub_s'] * 1e3:9.1f} ms   = {row['sub_passes']:.2f} forward passes "
