@@ -156,6 +156,21 @@ def test_torn_last_line_is_recomputed_and_nothing_doubled(demo, reference, tmp_p
     assert (out / FACTS).read_bytes() == (ref_out / FACTS).read_bytes()
 
 
+def test_a_larger_limit_extends_the_audit(demo, reference, tmp_path):
+    model, tok, world = demo
+    ref_out, _, facts = reference
+    out = tmp_path / "grow"
+    kw = dict(model=model, tokenizer=tok, out=out, config=_cfg(), dataset_name="world",
+              related_of=world_related(world, tok), progress=False, log=lambda m: None)
+    small = run_audit(facts[:5], **kw)
+    assert small["facts"] == 5 and small["run"]["facts_this_run"] == 5
+    full = run_audit(facts, **kw)
+    assert full["facts"] == LIMIT and full["run"]["facts_this_run"] == LIMIT - 5  # the first 5 were kept
+    assert (out / FACTS).read_bytes() == (ref_out / FACTS).read_bytes()
+    again = run_audit(facts[:5], **kw)  # a smaller selection: summarised alone, nothing recomputed
+    assert again["facts"] == 5 and again["run"]["facts_this_run"] == 0
+
+
 def test_resuming_with_other_settings_is_refused(demo, reference, tmp_path):
     model, tok, world = demo
     out = tmp_path / "other"

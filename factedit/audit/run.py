@@ -112,20 +112,23 @@ def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: s
 
 def prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
     """Create the folder, or check that it holds an audit of the same model, dataset and
-    config (then the run resumes). Other non-empty folders are refused unless ``overwrite``,
-    which removes only factedit's own audit files."""
+    config (then the run resumes, or extends it to another selection, e.g. a larger
+    ``--limit``: records are keyed by the fact's index in the dataset). Other non-empty
+    folders are refused unless ``overwrite``, which removes only factedit's own audit files."""
     meta = out / "audit.json"
     if meta.is_file() and not overwrite:
         try:
             old = json.loads(meta.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise OutputDirError(f"{meta} is corrupt ({exc.msg}): pass --overwrite to start the audit again") from exc
-        for key in ("model_fingerprint", "dataset", "n_facts", "config"):
+        for key in ("model_fingerprint", "dataset", "config"):
             if old.get(key) != header.get(key):
                 raise OutputDirError(
                     f"--out {out} holds an audit with another {key.replace('_', ' ')} "
                     f"({old.get(key)!r} vs {header.get(key)!r}): use a new folder, or --overwrite to restart"
                 )
+        if old != header:  # another selection of the same dataset (e.g. a larger --limit): extend
+            atomic_write_text(meta, json.dumps(header, indent=1))
         return
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -185,7 +188,8 @@ def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, 
     shard.barrier()
     if not shard.main:
         return None
-    records = merge(out)
+    chosen = {f.index for f in facts}
+    records = [r for r in merge(out) if r["index"] in chosen]  # the folder may hold other selections too
     return write_outputs(out, records, header, {"facts_this_run": len(todo), "seconds_this_run": round(seconds, 2),
                                                 "processes": shard.world_size})
 
