@@ -18,7 +18,7 @@ from factedit.analysis.heads import head_scores, ov_rank, top_heads
 from factedit.analysis.hooks import upcast
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.projection import components, rank_and_prob
-from factedit.analysis.rerun import clean_run
+from factedit.analysis.rerun import CleanRun, clean_run
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import sublayer_knockout
 from factedit.errors import FactEditError
@@ -84,7 +84,7 @@ def config_for_model(model) -> LocateConfig:
 @torch.no_grad()
 def locate(prompt: str, subject: str, target: str | None = None, *, model=None, tokenizer=None,
            related: str | list[str] | set[int] | None = None, config: LocateConfig | None = None,
-           fingerprint: str | None = None) -> RecallCircuit:
+           fingerprint: str | None = None, clean: CleanRun | None = None) -> RecallCircuit:
     """Locate the recall circuit of the fact ``prompt`` (a template with ``{}`` or a full
     prompt containing ``subject``).
 
@@ -92,7 +92,8 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     embedded demo model. ``target`` makes every extraction measure follow that token instead of
     the model's own prediction. ``related`` is the subject's related-token set for the
     attribute rate: a text, a list of strings, or token ids; for a world model it defaults to
-    the subject's attributes.
+    the subject's attributes. ``clean`` is the prompt's clean run when the caller already made
+    it (the audit does, to check that the model knows the fact).
     """
     if model is None or isinstance(model, (str, Path)):
         from factedit.models.loading import load_model
@@ -108,7 +109,8 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
 
     tp = tokenize_with_subject(tok, prompt, subject)
     check_length(model, tp)
-    clean = clean_run(adapter, tp.input_ids)  # the one clean pass: projections, and both knockout sweeps
+    if clean is None or clean.input_ids != tp.input_ids:
+        clean = clean_run(adapter, tp.input_ids)  # the one clean pass: projections, and both knockout sweeps
     comp = components(adapter, tp.input_ids, clean)
     probs = upcast(comp.logits).softmax(-1)
     pred = int(probs.argmax())

@@ -28,6 +28,7 @@ from factedit.analysis.attribute_rate import related_tokens
 from factedit.analysis.circuit import LocateConfig
 from factedit.analysis.hooks import upcast
 from factedit.analysis.locate import check_length, locate, target_token_ids
+from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.audit.dataset import AuditFact
 from factedit.audit.store import FACTS, FactStore, merge
@@ -87,14 +88,14 @@ def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: s
         want = target_token_ids(tok, tp.prompt, fact.attribute)[0]
     except FactEditError as exc:
         return {**rec, "status": "error", "error": str(exc)}
-    device = next(model.parameters()).device
-    probs = upcast(model(input_ids=torch.tensor([tp.input_ids], device=device)).logits[0, -1]).softmax(-1)
+    clean = clean_run(ModelAdapter(model), tp.input_ids)  # kept: locate reuses it
+    probs = upcast(clean.logits).softmax(-1)
     pred = int(probs.argmax())
     rec.update(prediction=tok.decode([pred]), prediction_prob=_r(probs[pred]), attribute_prob=_r(probs[want]))
     if pred != want:
         return {**rec, "status": "unknown"}
     c = locate(tp.prompt, fact.subject, model=model, tokenizer=tok, related=related, config=config,
-               fingerprint=fingerprint)
+               fingerprint=fingerprint, clean=clean)
     by_pos = c.attribute_rate_by_position
     return {
         **rec,
