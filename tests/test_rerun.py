@@ -94,3 +94,24 @@ def test_rerun_without_intervention_reproduces_the_clean_run(family):
 
 def test_source_sets_and_sublayers_are_what_the_rows_cover():
     assert SOURCE_SETS == ("subject", "non_subject", "last") and SUBLAYERS == ("mlp", "attn")
+
+
+def test_rerun_keeps_a_forward_set_on_the_instance():
+    """accelerate's device_map hooks replace a block's forward on the instance; a rerun must
+    leave such a wrapper in place."""
+    adapter = ModelAdapter(tiny_model("gpt2"))
+    block = adapter.block(1)
+    calls = []
+    plain = block.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    block.forward = wrapped
+    clean = clean_run(adapter, IDS)
+    attention_knockout(adapter, TokenizedPrompt("", IDS, (2, 5)), 1, clean=clean)
+    assert block.__dict__["forward"] is wrapped
+    n = len(calls)
+    clean_run(adapter, IDS)
+    assert len(calls) == n + 1

@@ -168,13 +168,17 @@ def _rows_only(adapter: ModelAdapter, clean: CleanRun, row_start: list[int], sta
                 return (out, *[None] * (len(result) - 1))
             return out
 
+        # a forward already set on the instance (accelerate's device_map hooks) is put back after
+        patched.append((block, block.__dict__.get("forward")))
         block.forward = types.MethodType(forward, block)
-        patched.append(block)
     try:
         yield
     finally:
-        for block in patched:
-            del block.forward
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
 
 
 @torch.no_grad()
