@@ -16,7 +16,7 @@ COLORS = {"subject": "#1f77b4", "non_subject": "#ff7f0e", "last": "#2ca02c"}
 LABELS = {"subject": "subject", "non_subject": "non-subject (relation)", "last": "last token"}
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -41,7 +41,7 @@ def knockout_figure(curves: dict[str, list[float]], window: int, path: Path, tit
     ax.set_title(title or "Attention knockout: edges into the last position")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def attribute_rate_figure(rates: dict[str, list[float]], path: Path, title: str = "") -> None:
@@ -56,7 +56,7 @@ def attribute_rate_figure(rates: dict[str, list[float]], path: Path, title: str 
     ax.set_title(title or "Subject enrichment: attribute rate at the last subject token")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def head_heatmap(scores: list[list[float]], path: Path, title: str = "", label: str = "score",
@@ -70,7 +70,7 @@ def head_heatmap(scores: list[list[float]], path: Path, title: str = "", label: 
     ax.set_ylabel("layer")
     ax.set_title(title or "Extraction by head")
     fig.colorbar(im, ax=ax, label=label)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def sublayer_figure(sub: dict, path: Path, title: str = "") -> None:
@@ -102,7 +102,7 @@ def sublayer_figure(sub: dict, path: Path, title: str = "") -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Sublayer knockout at the subject positions", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def projection_figure(proj: dict[str, list[float]], path: Path, token: str, title: str = "") -> None:
@@ -120,7 +120,7 @@ def projection_figure(proj: dict[str, list[float]], path: Path, token: str, titl
     ax.set_title(title or "Vocabulary projection at the last position (circles: rank 1)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def circuit_figures(circuit, out: Path) -> list[Path]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from factedit.audit.summary import POSITIONS, SOURCES, summarise
 from factedit.io import atomic_write_text
-from factedit.plots import _save, attribute_rate_figure, head_heatmap, knockout_figure, plt
-from factedit.verify.html import STYLE, _img
+from factedit.plots import attribute_rate_figure, head_heatmap, knockout_figure, plt, save_figure
+from factedit.verify.html import STYLE, embed_png
 
 FIGURES = {
     "knockout_mean.png": "Attention knockout, mean over known facts (bands: 95% confidence)",
@@ -57,7 +57,7 @@ def write_figures(out: Path, s: dict, header: dict) -> list[str]:
     ax.set_title("Attribute on top of the sublayer's projection at the last position")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, out / "extraction_rate.png")
+    save_figure(fig, out / "extraction_rate.png")
     made.append("extraction_rate.png")
 
     head_heatmap(s["head_frequency"], out / "knowledge_hubs.png", label="share of facts",
@@ -72,7 +72,7 @@ def write_figures(out: Path, s: dict, header: dict) -> list[str]:
         ax.set_xlabel("MLP layer")
         ax.set_title("Enrichment MLPs: share of the relation's facts")
         fig.colorbar(im, ax=ax)
-        _save(fig, out / "enrichment_layers.png")
+        save_figure(fig, out / "enrichment_layers.png")
         made.append("enrichment_layers.png")
 
     rob = {r: v for r, v in s["robustness"].items() if v["mean_jaccard"] is not None}
@@ -88,7 +88,7 @@ def write_figures(out: Path, s: dict, header: dict) -> list[str]:
         ax.set_ylim(0, 1)
         ax.set_title("Extraction heads across templates of the same fact")
         ax.legend(fontsize=8)
-        _save(fig, out / "robustness.png")
+        save_figure(fig, out / "robustness.png")
         made.append("robustness.png")
     return made
 
@@ -110,7 +110,7 @@ def render(s: dict, header: dict, figures: list[Path]) -> str:
                     ["facts", "known", "not known (filtered out)", "errors", "known share"])]
     if s["known"]:
         parts.append('<div class="figs">' + "".join(
-            f'<figure><img src="{_img(p)}"><figcaption>{html.escape(FIGURES[p.name])}</figcaption></figure>'
+            f'<figure><img src="{embed_png(p)}"><figcaption>{html.escape(FIGURES[p.name])}</figcaption></figure>'
             for p in figures) + "</div>")
         parts.append("<h2>Knowledge hubs</h2>")
         parts.append(_table([[h["layer"], h["head"], h["facts"], h["share"]] for h in s["hubs"]],

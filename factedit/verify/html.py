@@ -43,7 +43,7 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _img(path: Path) -> str:
+def embed_png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
@@ -64,7 +64,7 @@ def _figures(edit: dict, i: int, tmp: Path) -> str:
     rows = []
     for j, kind in ((1, "attention knockout"), (2, "vocabulary projection")):
         rows.append('<div class="figs">' + "".join(
-            f'<figure><img src="{_img(c[j])}"><figcaption>{c[0]}: {kind}</figcaption></figure>' for c in cells)
+            f'<figure><img src="{embed_png(c[j])}"><figcaption>{c[0]}: {kind}</figcaption></figure>' for c in cells)
             + "</div>")
     return "".join(rows)
 
