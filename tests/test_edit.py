@@ -281,3 +281,32 @@ def test_edit_runs_on_every_family(family):
                            cfg=EditConfig(method=method, stats_samples=200, n_prefixes=2, steps=5))
         assert res.delta.modules()
         res.delta.check_finite()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_token_fit_matches_the_full_prompt_fit(family, monkeypatch):
+    """Fitting a last-position MLP value on the last tokens alone (cached keys and values of the
+    earlier tokens, right-padded) gives the full-prompt fit: same starting NLL, same deltas.
+    Prompts of different lengths exercise the padding and the position ids. float64, so the
+    two orders of summation agree to ~1e-10; Adam's steps then keep the deltas within 1e-6."""
+    import factedit.editing.values as values
+
+    from .test_locate import word_tokenizer
+
+    model = tiny_model(family).double()
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    reqs = [EditRequest("the capital of {} is", "beats music", "apple"),
+            EditRequest("{} is owned by", "france", "paris"),
+            EditRequest("beats music is owned by the capital of {} is", "apple", "music")]
+    cfg = EditConfig(steps=4, n_prefixes=0, kl_prompt="{} is")
+    sites = values.ValueSites(1, [], "last")
+    adapter = ModelAdapter(model)
+    rows = values.build_rows(tok, reqs, [""], cfg.kl_prompt)
+    assert values.last_token_only(rows, sites) and len({len(r.ids) for r in rows}) > 1
+    fast = values.fit_values(adapter, tok, reqs, [""], sites, cfg)
+    monkeypatch.setattr(values, "last_token_only", lambda rows, sites: False)
+    full = values.fit_values(adapter, tok, reqs, [""], sites, cfg)
+    torch.testing.assert_close(torch.tensor(fast.base_nll), torch.tensor(full.base_nll), atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(fast.mlp, full.mlp, atol=1e-6, rtol=1e-6)
+    assert float(fast.mlp.norm()) > 0

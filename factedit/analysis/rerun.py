@@ -43,7 +43,7 @@ class CleanRun:
     attn_pattern: torch.Tensor | None  # (L, H, T) attention weights of the last position (eager attention)
 
 
-def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "layers"):  # transformers >= 4.56
         return cache.layers[layer].keys, cache.layers[layer].values
     if hasattr(cache, "key_cache"):
@@ -51,7 +51,7 @@ def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache[layer][0], cache[layer][1]  # legacy tuple of (k, v)
 
 
-def _new_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+def new_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -60,7 +60,7 @@ def _new_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
     return cache
 
 
-def _last_logits_only(model) -> dict:
+def last_logits_only(model) -> dict:
     """Ask for the last position's logits only, where the model's forward supports it."""
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -113,7 +113,7 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
     finally:
         for h in handles:
             h.remove()
-    kv = [_layer_kv(out.past_key_values, la) for la in range(L)]
+    kv = [layer_kv(out.past_key_values, la) for la in range(L)]
     patterns = got["pattern"]
     return CleanRun(list(input_ids), block_in, [k for k, _ in kv], [v for _, v in kv], got["attn"],
                     out.logits[0, -1], mlp=got["mlp"], z=got["z"], attn_in=got["attn_in"],
@@ -210,7 +210,7 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
     prefix = [(k[..., :start, :].expand(len(active[la]), -1, -1, -1),
                v[..., :start, :].expand(len(active[la]), -1, -1, -1))
               for la, (k, v) in enumerate(zip(clean.keys, clean.values))]
-    cache = _new_cache(prefix) if start > 0 else None
+    cache = new_cache(prefix) if start > 0 else None
 
     kept: dict[int, torch.Tensor] = {}  # stream layer -> (B, n, d)
     attn_sub: list = [None] * L
@@ -237,7 +237,7 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
                     for cm in hooks(la, active[la]):
                         stack.enter_context(cm)
             logits = adapter.model(input_ids=ids, position_ids=pos, past_key_values=cache,
-                                   use_cache=cache is not None, **_last_logits_only(adapter.model)).logits[:, -1]
+                                   use_cache=cache is not None, **last_logits_only(adapter.model)).logits[:, -1]
     finally:
         for h in handles:
             h.remove()
