@@ -240,8 +240,8 @@ def test_non_finite_update_is_refused_and_nothing_written(demo, corpus, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batch"])
-def test_many_edits(demo, corpus, mode):
+@pytest.mark.parametrize("mode,strategy", [("sequential", "spread"), ("batch", "spread"), ("batch", "refit")])
+def test_many_edits(demo, corpus, mode, strategy):
     model, tok, world = demo
     reqs, ents = [], []
     for i in range(6):
@@ -249,7 +249,11 @@ def test_many_edits(demo, corpus, mode):
         reqs.append(req)
         ents.append((e, rel))
     cfg = EditConfig(**FAST, batch_lambda=300.0)
+    if strategy == "refit":  # every layer adds a little: a large λ
+        cfg = EditConfig(**FAST, batch_lambda=3000.0, batch_strategy="refit", batch_layers=list(range(8)))
     res = compute_edit(reqs, model, tok, corpus, cfg=cfg, mode=mode, progress=False)
+    if mode == "batch":
+        assert len(res.delta.modules()) == len(cfg.batch_layers or [0])
     with applied(model, res.delta):
         got = top1(model, tok, [rel.templates[1].format(e.name) for e, rel in ents])
     assert sum(g == r.target_new for g, r in zip(got, reqs)) >= 5

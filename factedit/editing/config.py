@@ -39,6 +39,9 @@ class EditConfig:
     ridge: float = 1e-4  # added to C (relative to its mean diagonal) before solving
     batch_lambda: float = 15000.0  # MEMIT's weight of C against the new keys
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
+    # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
+    # layer, spread over the layers) | "refit" (each layer in turn fits and inserts what is left)
+    batch_strategy: str = "spread"
     # LoRA fine-tuning baseline
     lora_rank: int = 4
     lora_steps: int = 40
@@ -48,6 +51,8 @@ class EditConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise RecipeError(f"edit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.batch_strategy not in ("spread", "refit"):
+            raise RecipeError(f"edit.batch_strategy must be 'spread' or 'refit', not {self.batch_strategy!r}")
         if self.head_fallback not in ("attention", "none"):
             raise RecipeError(f"edit.head_fallback must be 'attention' or 'none', not {self.head_fallback!r}")
         for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span"):

@@ -5,9 +5,10 @@ Modes:
   so far): per request, fit the new values at the circuit's sites (the enrichment MLP's
   output and the extraction heads' value vectors at the subject), then insert each with
   ROME's rank-one closed form; head keys are read after the MLP update is in place.
-- ``batch`` (many requests at once, MEMIT-style): fit the new residual at the top layer of
-  the MLP span, then spread it over the span's layers by least squares, layer by layer.
-  Heads are not updated in this mode.
+- ``batch`` (many requests at once), by least squares over the batch's MLP layers:
+  ``spread`` (MEMIT): fit the new residual at the top layer, then spread it over the layers;
+  ``refit``: at each layer in turn, fit what the requests still need there (with the earlier
+  layers' updates in place) and insert it. Heads are not updated in this mode.
 - method ``lora``: the plain LoRA fine-tuning baseline through peft, for comparison.
 
 The base model's weights are the same after the call as before it (bit for bit).
@@ -321,33 +322,57 @@ def batch_layers(circuits: list[RecallCircuit | None], cfg: EditConfig, plans: l
 def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log) -> None:
     layers = batch_layers(circuits, cfg, res.plans)
     position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
+    how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
+           else f"MEMIT-style spread, residual fitted at L{layers[-1]}")
     for p in res.plans:
         p.mlp_layer, p.heads, p.mlp_position = layers[-1], [], position
-        p.why = (f"batch: MLP layers {layers} at the {position} position (MEMIT-style spread), "
-                 f"residual fitted at L{layers[-1]}")
+        p.why = f"batch: MLP layers {layers} at the {position} position, {how}"
     stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
     stats.prepare([("mlp", la) for la in layers])
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
-    z_layer = layers[-1]
-    fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg)
-    res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
-    log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL {sum(fitted.base_nll) / len(requests):.2f} -> "
-        f"{sum(fitted.nll) / len(requests):.2f}")
-    z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + fitted.mlp
+    sweep = [(i, la) for _ in range(cfg.batch_passes) for i, la in enumerate(layers)]
     base: dict[str, torch.Tensor] = {}
+
+    def insert(la: int, resid: torch.Tensor) -> None:  # resid (n, d): MLP output changes at the keys
+        keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)
+        b, a = least_squares(stats[("mlp", la)], keys, resid, cfg.batch_lambda, cfg.ridge)
+        step = WeightDelta(conv1d=adapter.spec.conv1d)
+        name = adapter.module_name(la, adapter.spec.mlp_out)
+        step.add(name, b, a)
+        for n_, w in apply(adapter.model, step).items():
+            base.setdefault(n_, w)
+        res.delta.add(name, b, a)
+
     try:
-        for i, la in [(i, la) for _ in range(cfg.batch_passes) for i, la in enumerate(layers)]:
-            keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)
-            cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position)
-            resid = (z_target - cur) / (len(layers) - i)
-            b, a = least_squares(stats[("mlp", la)], keys, resid, cfg.batch_lambda, cfg.ridge)
-            step = WeightDelta(conv1d=adapter.spec.conv1d)
-            name = adapter.module_name(la, adapter.spec.mlp_out)
-            step.add(name, b, a)
-            for n_, w in apply(adapter.model, step).items():
-                base.setdefault(n_, w)
-            res.delta.add(name, b, a)
-            log(f"layer {la}: residual norm {float(resid.norm(dim=-1).mean()):.3f}")
+        if cfg.batch_strategy == "refit":
+            # each layer in turn: fit what the requests still need at this layer's MLP output
+            # (with the updates so far in place), then insert it by least squares. Every layer
+            # adds its own key space, so a large λ (little change to other keys) can be afforded
+            first = None
+            for _i, la in sweep:
+                fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(la, [], position), cfg)
+                first = first or fitted
+                # a request the model already meets (NLL below stop_nll) asks for no change here:
+                # its key stays in the solve with a zero residual, which holds its output in place
+                done = torch.tensor(fitted.base_nll, device=fitted.mlp.device) < cfg.stop_nll
+                insert(la, fitted.mlp.masked_fill(done[:, None], 0.0))
+                log(f"layer {la}: {int(done.sum())} requests met, mean NLL "
+                    f"{sum(fitted.base_nll) / len(requests):.2f} -> "
+                    f"{sum(fitted.nll) / len(requests):.2f} fitted, residual norm "
+                    f"{float(fitted.mlp.norm(dim=-1).mean()):.3f}")
+            res.nll = [{"before": b, "after_fit": a} for b, a in zip(first.base_nll, fitted.nll)]
+        else:
+            z_layer = layers[-1]
+            fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg)
+            res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
+            log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL "
+                f"{sum(fitted.base_nll) / len(requests):.2f} -> {sum(fitted.nll) / len(requests):.2f}")
+            z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + fitted.mlp
+            for i, la in sweep:
+                cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position)
+                resid = (z_target - cur) / (len(layers) - i)
+                insert(la, resid)
+                log(f"layer {la}: residual norm {float(resid.norm(dim=-1).mean()):.3f}")
     finally:
         restore(adapter.model, base)
     res.delta = res.delta.compact()
