@@ -92,6 +92,16 @@ def test_rank_one_hits_the_key_and_least_squares_matches_normal_equations():
     b, a = rank_one(C, k, delta, ridge=0.0, null_keys=k0[None])
     torch.testing.assert_close((b @ a) @ k, delta, atol=1e-4, rtol=1e-4)
     assert float(((b @ a) @ k0).norm()) < 1e-4
+    # with earlier edits' keys kept (sequential): the least change under C + Kp^T Kp / lam,
+    # solved naively here, and the kept keys move less than under C alone
+    Kp = torch.randn(3, 12, generator=g)
+    b, a = rank_one(C, k, delta, ridge=0.0, kept=(Kp, 0.5))
+    Cp = C.double() + Kp.double().T @ Kp.double() / 0.5
+    u = torch.linalg.solve(Cp, k.double())
+    torch.testing.assert_close((b @ a).double(), delta.double()[:, None] * (u / (k.double() @ u))[None],
+                               atol=1e-5, rtol=1e-4)
+    b0, a0 = rank_one(C, k, delta, ridge=0.0)
+    assert float(((b @ a) @ Kp.T).norm()) < 0.5 * float(((b0 @ a0) @ Kp.T).norm())
     K, R = torch.randn(5, 12, generator=g), torch.randn(5, 7, generator=g)
     b, a = least_squares(C, K, R, lam=2.0, ridge=0.0)
     # naive: minimise ||dW K^T - R^T||^2 + lam * tr(dW C dW^T)  ->  dW (lam C + K^T K) = R^T K

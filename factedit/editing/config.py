@@ -38,6 +38,9 @@ class EditConfig:
     stats_max_length: int = 128
     ridge: float = 1e-4  # added to C (relative to its mean diagonal) before solving
     batch_lambda: float = 15000.0  # MEMIT's weight of C against the new keys
+    # sequential edits: earlier edits' keys join C with this weight (C + K K^T / λ), so that
+    # later edits move them little; 0 turns it off (each edit then sees C alone, as ROME)
+    sequential_lambda: float = 300.0
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
     # layer, spread over the layers) | "refit" (each layer in turn fits and inserts what is left)
@@ -63,7 +66,7 @@ class EditConfig:
         for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_heads", "kl_weight", "weight_decay", "ridge", "stop_nll"):
+        for name in ("max_heads", "kl_weight", "weight_decay", "ridge", "stop_nll", "sequential_lambda"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"edit.{name} must be zero or more, got {getattr(self, name)}")
         if not self.prefix_tokens or min(self.prefix_tokens) < 1:

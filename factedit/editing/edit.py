@@ -272,6 +272,14 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                   + [("attn", la) for p in res.plans for la, _ in p.heads])
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     base: dict[str, torch.Tensor] = {}
+    # sequential: each site's keys of the edits made so far, which later edits must move little
+    done: dict[tuple[str, int], list[torch.Tensor]] = collections.defaultdict(list)
+
+    def kept(site: tuple[str, int]) -> tuple[torch.Tensor, float] | None:
+        if not cfg.sequential_lambda or not done[site]:
+            return None
+        return torch.stack(done[site]), cfg.sequential_lambda
+
     try:
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
             kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
@@ -287,14 +295,17 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                     # fire the update: the new attribute is then read from the subject
                     null = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, "last",
                                      block_subject=plan.read_layers)
-                b, a = rank_one(stats[("mlp", plan.mlp_layer)], k, fitted.mlp[0], cfg.ridge, null)
+                site = ("mlp", plan.mlp_layer)
+                b, a = rank_one(stats[site], k, fitted.mlp[0], cfg.ridge, null, kept(site))
+                done[site].append(k)
                 step.add(adapter.module_name(plan.mlp_layer, adapter.spec.mlp_out), b, a)
                 for name, w in apply(adapter.model, step).items():
                     base.setdefault(name, w)
             head_step = WeightDelta(conv1d=adapter.spec.conv1d)
             for j, (la, kv) in enumerate(kv_sites):  # keys read with the MLP update in place
                 k = mean_keys(adapter, tok, [req], prefixes, "attn", la)[0]
-                b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge)
+                b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge, kept=kept(("attn", la)))
+                done[("attn", la)].append(k)
                 name = adapter.module_name(la, adapter.spec.v_proj)
                 b = torch.zeros(adapter.out_weight(adapter.v_proj(la)).shape[0], 1)
                 b[adapter.value_rows(la, kv)] = b_h

@@ -91,11 +91,18 @@ def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: float,
-             null_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             null_keys: torch.Tensor | None = None, kept: tuple[torch.Tensor, float] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME's insertion: factors (B (out, 1), A (1, in)) with (B A) key = delta. With
     ``null_keys`` (m, in), also (B A) null_keys = 0: the C-smallest update that fires on the
-    key and not on those (u = C^-1 K (K^T C^-1 K)^-1 e_1, K = [key, null_keys])."""
+    key and not on those (u = C^-1 K (K^T C^-1 K)^-1 e_1, K = [key, null_keys]). With
+    ``kept`` = (earlier edits' keys (p, in), λ), C becomes C + K_p^T K_p / λ: the update
+    also moves the keys of earlier edits little (their weight against the corpus's keys is
+    MEMIT's, as in ``least_squares``)."""
     Creg = regularised(C, ridge)
+    if kept is not None and len(kept[0]):
+        Kp = kept[0].double()
+        Creg = Creg + Kp.T @ Kp / kept[1]
     Ci_k = torch.linalg.solve(Creg, key.double())  # (in,)
     a = Ci_k / (key.double() @ Ci_k)
     if null_keys is not None and len(null_keys):
