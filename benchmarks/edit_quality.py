@@ -1,7 +1,7 @@
 """Edit quality on the demo world: the targeted edit against the ROME-style MLP-only edit and
 plain LoRA fine-tuning, side by side, single edits and one batch.
 
-    python benchmarks/edit_quality.py [--single 100] [--batch 1000] [--model DIR]
+    python benchmarks/edit_quality.py [--single 100] [--batch 1000] [--sequential 0] [--model DIR]
 
 Prints one table (and writes it as JSON with --json FILE). Runs on CPU in minutes.
 """
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--single", type=int, default=100)
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--sequential", type=int, default=0, help="edits applied one after another (same facts as --batch)")
     ap.add_argument("--methods", default="circuit,mlp,lora")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -45,6 +46,10 @@ def main() -> None:
         if args.batch:
             rows.append(run_world_edits(model, tok, world, corpus, sample_world_edits(world, args.batch, seed=2),
                                         cfg, "batch"))
+            print(rows[-1], flush=True)
+        if args.sequential:
+            rows.append(run_world_edits(model, tok, world, corpus,
+                                        sample_world_edits(world, args.sequential, seed=2), cfg, "sequential"))
             print(rows[-1], flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
