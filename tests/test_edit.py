@@ -10,7 +10,7 @@ from factedit.editing.config import EditConfig
 from factedit.editing.edit import compute_edit
 from factedit.editing.export import save_edit
 from factedit.editing.insert import least_squares, rank_one, regularised
-from factedit.editing.requests import EditRequest, RequestError, load_requests
+from factedit.editing.requests import EditRequest, RequestError, held_requests, load_requests
 from factedit.editing.stats import Corpus, second_moments, world_corpus
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied, apply, restore
 from factedit.models.adapter import ModelAdapter
@@ -260,13 +260,31 @@ def test_many_edits(demo, corpus, mode, strategy):
         ents.append((e, rel))
     cfg = EditConfig(**FAST, batch_lambda=300.0)
     if strategy == "refit":  # every layer adds a little: a large λ
-        cfg = EditConfig(**FAST, batch_lambda=3000.0, batch_strategy="refit", batch_layers=list(range(8)))
+        cfg = EditConfig(**FAST, batch_lambda=3000.0, batch_strategy="refit", batch_layers=list(range(8)),
+                         batch_preserve=2)
+    held = [h.filled_prompt for h in held_requests(reqs, 2)]
+    before = top1(model, tok, held)
     res = compute_edit(reqs, model, tok, corpus, cfg=cfg, mode=mode, progress=False)
     if mode == "batch":
         assert len(res.delta.modules()) == len(cfg.batch_layers or [0])
     with applied(model, res.delta):
         got = top1(model, tok, [rel.templates[1].format(e.name) for e, rel in ents])
+        after = top1(model, tok, held)
     assert sum(g == r.target_new for g, r in zip(got, reqs)) >= 5
+    if strategy == "refit":  # the held prompts (other subjects, other relations) keep their answers
+        assert sum(a == b for a, b in zip(after, before)) >= len(held) - 1
+
+
+def test_held_requests_ask_other_subjects_never_an_edited_pair():
+    reqs = [EditRequest("{} was born in", s, "Paris") for s in ("A", "B", "C")]
+    reqs += [EditRequest("A lives in", "A", "Rome"), EditRequest("{} plays", "B", "chess")]
+    held = held_requests(reqs, 2, seed=3)
+    edited = {(r.template, r.subject) for r in reqs}
+    pairs = [(h.template, h.subject) for h in held]
+    assert not edited & set(pairs) and len(set(pairs)) == len(pairs)
+    # "{} was born in" has no free subject; "{} lives in" has B and C; "{} plays" has A and C
+    assert sorted(pairs) == [("{} lives in", "B"), ("{} lives in", "C"), ("{} plays", "A"), ("{} plays", "C")]
+    assert held_requests(reqs, 2, seed=3) == held and held_requests(reqs, 0) == []
 
 
 def test_lora_baseline_and_heads_only(demo, corpus):

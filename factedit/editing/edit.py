@@ -27,7 +27,7 @@ from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
 from factedit.editing.config import EditConfig
 from factedit.editing.insert import least_squares, mean_hidden, mean_keys, rank_one
-from factedit.editing.requests import EditRequest, RequestError
+from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
@@ -335,6 +335,8 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
     how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
            else f"MEMIT-style spread, residual fitted at L{layers[-1]}")
+    if cfg.batch_preserve:
+        how += f", {cfg.batch_preserve} held prompt(s) per request"
     for p in res.plans:
         p.mlp_layer, p.heads, p.mlp_position = layers[-1], [], position
         p.why = f"batch: MLP layers {layers} at the {position} position, {how}"
@@ -343,9 +345,13 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     sweep = [(i, la) for _ in range(cfg.batch_passes) for i, la in enumerate(layers)]
     base: dict[str, torch.Tensor] = {}
+    held = held_requests(requests, cfg.batch_preserve, cfg.seed)  # prompts to leave as they are
 
     def insert(la: int, resid: torch.Tensor) -> None:  # resid (n, d): MLP output changes at the keys
         keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)
+        if held:  # held keys (m, in) ask for no change: a zero residual
+            keys = torch.cat([keys, mean_keys(adapter, tok, held, prefixes, "mlp", la, position)])
+            resid = torch.cat([resid, resid.new_zeros(len(held), resid.shape[1])])
         b, a = least_squares(stats[("mlp", la)], keys, resid, cfg.batch_lambda, cfg.ridge)
         step = WeightDelta(conv1d=adapter.spec.conv1d)
         name = adapter.module_name(la, adapter.spec.mlp_out)

@@ -11,6 +11,7 @@ Errors name the record (its index and case id) and the field.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,30 @@ class EditRequest:
     def filled_prompt(self) -> str:
         return self.prompt.replace("{}", self.subject) if "{}" in self.prompt else self.prompt
 
+    @property
+    def template(self) -> str:
+        """The prompt with ``{}`` for the subject."""
+        return self.prompt if "{}" in self.prompt else self.prompt.replace(self.subject, "{}", 1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def held_requests(requests: list[EditRequest], per_request: int, seed: int = 0) -> list[EditRequest]:
+    """Prompts a batch must leave as they are: each request's template asked about another
+    subject of the batch (``per_request`` of them), never a (template, subject) pair that the
+    batch itself edits. They cover both kinds of collateral damage: the same relation for
+    another subject, and another relation for an edited subject. Their keys join the
+    least-squares solve with a zero residual. Fewer come back when no such pair exists."""
+    edited = {(r.template, r.subject) for r in requests}
+    subjects = list(dict.fromkeys(r.subject for r in requests))
+    rng = random.Random(seed)
+    held: list[EditRequest] = []
+    for r in requests:
+        free = [s for s in subjects if (r.template, s) not in edited]
+        for s in rng.sample(free, min(per_request, len(free))):
+            held.append(EditRequest(r.template, s, r.target_new))
+    return held
 
 
 def request_problem(prompt, subject, target_new, target_true) -> str | None:
