@@ -45,10 +45,10 @@ class EditConfig:
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
     # layer, spread over the layers) | "refit" (each layer in turn fits and inserts what is left)
     batch_strategy: str = "spread"
-    # held keys per request (factedit's, not MEMIT's: 0 turns them off): the request's prompt
+    # batch: held prompts per request (factedit's, not MEMIT's; 0 turns them off): the request's prompt
     # asked about another subject of the batch joins the solve with a zero residual, so that
     # the update tells edited subjects from the rest (see requests.held_requests)
-    batch_preserve: int = 0
+    held_prompts: int = 0
     # LoRA fine-tuning baseline
     lora_rank: int = 4
     lora_steps: int = 40
@@ -70,7 +70,7 @@ class EditConfig:
         for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_heads", "batch_preserve", "kl_weight", "weight_decay", "ridge", "stop_nll",
+        for name in ("max_heads", "held_prompts", "kl_weight", "weight_decay", "ridge", "stop_nll",
                      "sequential_lambda"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"edit.{name} must be zero or more, got {getattr(self, name)}")

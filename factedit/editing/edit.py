@@ -335,8 +335,8 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
     how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
            else f"MEMIT-style spread, residual fitted at L{layers[-1]}")
-    if cfg.batch_preserve:
-        how += f", {cfg.batch_preserve} held prompt(s) per request"
+    if cfg.held_prompts:
+        how += f", {cfg.held_prompts} held prompt(s) per request"
     for p in res.plans:
         p.mlp_layer, p.heads, p.mlp_position = layers[-1], [], position
         p.why = f"batch: MLP layers {layers} at the {position} position, {how}"
@@ -345,7 +345,7 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     sweep = [(i, la) for _ in range(cfg.batch_passes) for i, la in enumerate(layers)]
     base: dict[str, torch.Tensor] = {}
-    held = held_requests(requests, cfg.batch_preserve, cfg.seed)  # prompts to leave as they are
+    held = [h for group in held_requests(requests, cfg.held_prompts, cfg.seed) for h in group]  # to leave as is
 
     def insert(la: int, resid: torch.Tensor) -> None:  # resid (n, d): MLP output changes at the keys
         keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)

@@ -52,20 +52,19 @@ class EditRequest:
         return asdict(self)
 
 
-def held_requests(requests: list[EditRequest], per_request: int, seed: int = 0) -> list[EditRequest]:
-    """Prompts a batch must leave as they are: each request's template asked about another
-    subject of the batch (``per_request`` of them), never a (template, subject) pair that the
-    batch itself edits. They cover both kinds of collateral damage: the same relation for
-    another subject, and another relation for an edited subject. Their keys join the
-    least-squares solve with a zero residual. Fewer come back when no such pair exists."""
+def held_requests(requests: list[EditRequest], per_request: int, seed: int = 0) -> list[list[EditRequest]]:
+    """Prompts an edit must leave as they are, per request: its template asked about other
+    subjects of the same requests (``per_request`` of them), never a (template, subject) pair
+    that the requests themselves edit. They cover both kinds of collateral damage: the same
+    relation for another subject, and another relation for an edited subject. Their keys
+    join the solve with a zero residual. Fewer come back when no such pair exists."""
     edited = {(r.template, r.subject) for r in requests}
     subjects = list(dict.fromkeys(r.subject for r in requests))
     rng = random.Random(seed)
-    held: list[EditRequest] = []
+    held: list[list[EditRequest]] = []
     for r in requests:
         free = [s for s in subjects if (r.template, s) not in edited]
-        for s in rng.sample(free, min(per_request, len(free))):
-            held.append(EditRequest(r.template, s, r.target_new))
+        held.append([EditRequest(r.template, s, r.target_new) for s in rng.sample(free, min(per_request, len(free)))])
     return held
 
 
