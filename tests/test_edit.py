@@ -92,6 +92,12 @@ def test_rank_one_hits_the_key_and_least_squares_matches_normal_equations():
     b, a = rank_one(C, k, delta, ridge=0.0, null_keys=k0[None])
     torch.testing.assert_close((b @ a) @ k, delta, atol=1e-4, rtol=1e-4)
     assert float(((b @ a) @ k0).norm()) < 1e-4
+    # a null key close to the key would cost too much to hold (> NULL_MAX_COST times ROME's
+    # update in C's norm): ROME's update is kept
+    near = k + 0.01 * torch.randn(12, generator=g)
+    b, a = rank_one(C, k, delta, ridge=0.0, null_keys=near[None])
+    b0, a0 = rank_one(C, k, delta, ridge=0.0)
+    torch.testing.assert_close(b @ a, b0 @ a0)
     # with earlier edits' keys kept (sequential): the least change under C + Kp^T Kp / lam,
     # solved naively here, and the kept keys move less than under C alone
     Kp = torch.randn(3, 12, generator=g)

@@ -90,6 +90,12 @@ def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:
     return C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
 
 
+# a null-key constraint is dropped where it would cost more than this many times ROME's
+# update (measured on the demo model: 1,000 sequential edits 54.9 -> 90.9% efficacy, single
+# edits unchanged; see README, "Edit quality")
+NULL_MAX_COST = 25.0
+
+
 def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: float,
              null_keys: torch.Tensor | None = None, kept: tuple[torch.Tensor, float] | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +115,15 @@ def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: flo
         K = torch.cat([key[None], null_keys], 0).double().T  # (in, 1 + m)
         Ci_K = torch.linalg.solve(Creg, K)
         G = K.T @ Ci_K
-        # where a null key is (nearly) the key itself, both cannot hold: keep ROME's update
+        # where a null key is (nearly) the key itself, both cannot hold: keep ROME's update.
+        # Likewise where holding them would cost over NULL_MAX_COST times ROME's update (in
+        # C's norm, a^T C a): such an update is large on every other key
         if torch.linalg.cond(G) < 1e8:
             e1 = torch.zeros(K.shape[1], dtype=K.dtype, device=K.device)
             e1[0] = 1
-            a = Ci_K @ torch.linalg.solve(G, e1)
+            g = torch.linalg.solve(G, e1)
+            if float(g[0]) * float(key.double() @ Ci_k) <= NULL_MAX_COST:  # cost ratio (>= 1)
+                a = Ci_K @ g
     return delta.double()[:, None].float(), a[None].float()
 
 
