@@ -268,7 +268,7 @@ def test_many_edits(demo, corpus, mode, strategy):
     if strategy == "refit":  # every layer adds a little: a large λ
         cfg = EditConfig(**FAST, batch_lambda=3000.0, batch_strategy="refit", batch_layers=list(range(8)),
                          held_prompts=2)
-    held = [h.filled_prompt for group in held_requests(reqs, 2) for h in group]
+    held = [h.filled_prompt for h in held_requests(reqs, 2)]
     before = top1(model, tok, held)
     res = compute_edit(reqs, model, tok, corpus, cfg=cfg, mode=mode, progress=False)
     if mode == "batch":
@@ -285,13 +285,12 @@ def test_held_requests_ask_other_subjects_never_an_edited_pair():
     reqs = [EditRequest("{} was born in", s, "Paris") for s in ("A", "B", "C")]
     reqs += [EditRequest("A lives in", "A", "Rome"), EditRequest("{} plays", "B", "chess")]
     held = held_requests(reqs, 2, seed=3)
-    assert [len(g) for g in held] == [0, 0, 0, 2, 2]
     edited = {(r.template, r.subject) for r in reqs}
-    pairs = [(h.template, h.subject) for g in held for h in g]
+    pairs = [(h.template, h.subject) for h in held]
     assert not edited & set(pairs) and len(set(pairs)) == len(pairs)
     # "{} was born in" has no free subject; "{} lives in" has B and C; "{} plays" has A and C
     assert sorted(pairs) == [("{} lives in", "B"), ("{} lives in", "C"), ("{} plays", "A"), ("{} plays", "C")]
-    assert held_requests(reqs, 2, seed=3) == held and held_requests(reqs, 0) == [[]] * 5
+    assert held_requests(reqs, 2, seed=3) == held and held_requests(reqs, 0) == []
 
 
 def test_lora_baseline_and_heads_only(demo, corpus):

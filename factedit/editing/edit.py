@@ -345,7 +345,7 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     sweep = [(i, la) for _ in range(cfg.batch_passes) for i, la in enumerate(layers)]
     base: dict[str, torch.Tensor] = {}
-    held = [h for group in held_requests(requests, cfg.held_prompts, cfg.seed) for h in group]  # to leave as is
+    held = held_requests(requests, cfg.held_prompts, cfg.seed)  # prompts to leave as they are
 
     def insert(la: int, resid: torch.Tensor) -> None:  # resid (n, d): MLP output changes at the keys
         keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)

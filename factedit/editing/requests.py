@@ -52,19 +52,22 @@ class EditRequest:
         return asdict(self)
 
 
-def held_requests(requests: list[EditRequest], per_request: int, seed: int = 0) -> list[list[EditRequest]]:
-    """Prompts an edit must leave as they are, per request: its template asked about other
-    subjects of the same requests (``per_request`` of them), never a (template, subject) pair
-    that the requests themselves edit. They cover both kinds of collateral damage: the same
-    relation for another subject, and another relation for an edited subject. Their keys
-    join the solve with a zero residual. Fewer come back when no such pair exists."""
+def held_requests(requests: list[EditRequest], per_request: int, seed: int = 0) -> list[EditRequest]:
+    """Prompts a batch must leave as they are: each request's template asked about other
+    subjects of the batch (``per_request`` of them), never a (template, subject) pair that the
+    batch itself edits. They cover both kinds of collateral damage: the same relation for
+    another subject, and another relation for an edited subject. Their keys join the
+    least-squares solve with a zero residual. Fewer come back when no such pair exists."""
     edited = {(r.template, r.subject) for r in requests}
     subjects = list(dict.fromkeys(r.subject for r in requests))
     rng = random.Random(seed)
-    held: list[list[EditRequest]] = []
+    free: dict[str, list[str]] = {}  # template -> subjects it may be asked about
+    held: list[EditRequest] = []
     for r in requests:
-        free = [s for s in subjects if (r.template, s) not in edited]
-        held.append([EditRequest(r.template, s, r.target_new) for s in rng.sample(free, min(per_request, len(free)))])
+        if r.template not in free:
+            free[r.template] = [s for s in subjects if (r.template, s) not in edited]
+        pool = free[r.template]
+        held += [EditRequest(r.template, s, r.target_new) for s in rng.sample(pool, min(per_request, len(pool)))]
     return held
 
 
