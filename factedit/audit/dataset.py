@@ -44,12 +44,25 @@ def world_facts(world, heldout: bool = False) -> list[AuditFact]:
     return out
 
 
+BUNDLED = ("known_1000",)
+
+
+def bundled(path: str | Path) -> Path:
+    """A bundled dataset's file for its name (``known_1000``: ROME's known facts, shipped in
+    ``factedit/data``), unless a file of that name exists; any other path unchanged."""
+    p = Path(path)
+    if str(path) in BUNDLED and not p.exists():
+        return Path(__file__).resolve().parent.parent / "data" / f"{path}.json"
+    return p
+
+
 def load_facts(path: str | Path) -> list[AuditFact]:
     """ROME's known facts (``known_1000.json``), CounterFact records, or flat records with
     ``prompt`` (or ``template``), ``subject`` and ``attribute`` (``target``), as JSON or JSONL."""
-    path = Path(path)
+    path = bundled(path)
     if not path.is_file():
-        raise DatasetError(f"--dataset {path}: no such file; give a JSON or JSONL file of facts")
+        raise DatasetError(f"--dataset {path}: no such file; give a JSON or JSONL file of facts, or "
+                           f"{' or '.join(BUNDLED)}")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".jsonl":

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from factedit.analysis.circuit import RecallCircuit
 from factedit.editing.config import EditConfig
+from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import EditResult, compute_edit
 from factedit.editing.requests import EditRequest, load_requests
-from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
 from factedit.errors import FactEditError
+from factedit.models.fingerprint import model_fingerprint
 
 
 def _world(model):
@@ -31,24 +32,12 @@ def base_model_dir(model) -> Path | None:
 
 
 def edit_config_for_model(model) -> EditConfig:
-    """The ``edit:`` section recorded with a world model, else the defaults (ROME's settings)."""
-    from factedit.recipes import from_dict
+    """The ``edit:`` section of the recipe that comes with the model (a world model's, or a named
+    real model's shipped recipe), else the defaults (ROME's settings)."""
+    from factedit.recipes import from_dict, model_recipe_section
 
-    world = _world(model)
-    section = world.meta.get("recipe", {}).get("edit", {}) if world is not None else {}
-    return from_dict(EditConfig, section, where="world.json meta.recipe.edit")
-
-
-def resolve_corpus(model, stats_corpus: list[str | Path] | None) -> Corpus:
-    if stats_corpus:
-        return text_files_corpus(list(stats_corpus))
-    world = _world(model)
-    if world is None:
-        raise FactEditError(
-            "the key statistics need a text corpus for this model: pass --stats-corpus with text files "
-            "(.txt, or .jsonl with a 'text' field) or a folder of them"
-        )
-    return world_corpus(world)
+    section, where = model_recipe_section(model, "edit")
+    return from_dict(EditConfig, section, where=where)
 
 
 def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, tokenizer=None,
@@ -74,7 +63,8 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     elif tokenizer is None:
         raise FactEditError("edit: pass the tokenizer together with a loaded model")
     cfg = config or edit_config_for_model(model)
-    corpus = resolve_corpus(model, stats_corpus)
+    corpus = resolve_corpus(model, tokenizer, _world(model), stats_corpus, model_fingerprint(model),
+                            cfg.stats_samples, log=log)
     result = compute_edit(requests, model, tokenizer, corpus, cfg=cfg, circuits=circuits, mode=mode,
                           progress=progress, log=log)
     if out is not None:

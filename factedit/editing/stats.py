@@ -2,7 +2,7 @@
 
 Keys are the inputs of the projection an edit changes: the MLP output projection's input
 ("mlp") or the attention module's (normed) input ("attn", read by the value projection).
-All requested layers are gathered in the same forward passes. The cache lives in
+All requested layers are gathered in the same forward passes, several windows per pass. The cache lives in
 ``$FACTEDIT_CACHE`` (default ``~/.cache/factedit``)/stats, one safetensors file per
 (model fingerprint, kind, layer, corpus, sample count, length), written atomically.
 """
@@ -101,6 +101,7 @@ def _cache_path(fingerprint: str, kind: str, layer: int, corpus: Corpus, samples
 
 @dataclass
 class StatsReport:
+    corpus: str  # the corpus's name (its source and a digest of its texts)
     computed: list[tuple[str, int]]
     cached: list[tuple[str, int]]
     seconds: float
@@ -110,7 +111,7 @@ class StatsReport:
 @torch.no_grad()
 def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple[str, int]], fingerprint: str,
                    samples: int = 20000, max_length: int = 128, use_cache: bool = True,
-                   progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], StatsReport]:
+                   progress: bool = True, batch: int = 8) -> tuple[dict[tuple[str, int], torch.Tensor], StatsReport]:
     """C for each (kind, layer) in ``sites``: (n_in, n_in) float32 on the model's device."""
     device = next(adapter.model.parameters()).device
     cfg = adapter.model.config
@@ -128,7 +129,8 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
         except (SafetensorError, OSError, KeyError):
             pass  # an unreadable cache entry is computed again (and replaced)
         todo.append(site)
-    report = StatsReport(computed=todo, cached=[s for s in sites if s not in todo], seconds=0.0, tokens=0)
+    report = StatsReport(corpus=corpus.name, computed=todo, cached=[s for s in sites if s not in todo],
+                         seconds=0.0, tokens=0)
     if not todo:
         return out, report
 
@@ -149,14 +151,11 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     bar = tqdm(total=samples, desc=f"key statistics ({len(todo)} sites)", unit="tok", file=sys.stderr,
                disable=not progress)
     try:
-        for chunk in _chunks(tok, corpus.texts, max_length):
-            n = min(len(chunk), samples - seen["n"])
-            ids = torch.tensor([chunk[:n]], device=device)
-            adapter.model(input_ids=ids)
+        for rows in _batches(_chunks(tok, corpus.texts, max_length), samples, batch):
+            adapter.model(input_ids=torch.tensor(rows, device=device))  # (b, T): one pass, every site
+            n = sum(map(len, rows))
             seen["n"] += n
             bar.update(n)
-            if seen["n"] >= samples:
-                break
     finally:
         bar.close()
         for h in handles:
@@ -173,6 +172,26 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     report.seconds = time.perf_counter() - t0
     report.tokens = seen["n"]
     return out, report
+
+
+def _batches(chunks: Iterator[list[int]], samples: int, batch: int) -> Iterator[list[list[int]]]:
+    """Windows of equal length grouped ``batch`` at a time (no padding: a shorter window, the
+    corpus's last or the one cut at ``samples`` tokens, goes alone), ``samples`` tokens in all."""
+    left, group = samples, []
+    for chunk in chunks:
+        chunk = chunk[:left]
+        left -= len(chunk)
+        if group and len(chunk) != len(group[0]):
+            yield group
+            group = []
+        group.append(chunk)
+        if len(group) == batch:
+            yield group
+            group = []
+        if left <= 0:
+            break
+    if group:
+        yield group
 
 
 def _chunks(tok, texts: Iterable[str], max_length: int) -> Iterator[list[int]]:

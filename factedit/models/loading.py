@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -10,11 +11,16 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from factedit.errors import FactEditError, ModelLoadError
+from factedit.models import zoo
 from factedit.models.adapter import family_for
 from factedit.paths import demo_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _say(msg: str) -> None:
+    print(f"factedit: {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -89,12 +95,14 @@ def load_model(
 ):
     """Return ``(model, tokenizer)`` in eval mode.
 
-    ``None`` loads the embedded demo model. Weights load from safetensors only unless
+    ``None`` loads the embedded demo model. A named real model (``smollm2-135m``,
+    ``gemma3-270m``; see :mod:`factedit.models.zoo`) or a ``.gguf`` file is provisioned on first
+    use and then loaded from its cached folder. Weights load from safetensors only unless
     ``allow_pickle``; ``trust_remote_code`` is off unless asked. Analysis hooks need
     ``attn_implementation="eager"`` (the default here), so that attention masks added
     by factedit reach the attention logits in every family.
     """
-    source = str(demo_checkpoint()) if name_or_path is None else str(name_or_path)
+    source = str(demo_checkpoint()) if name_or_path is None else zoo.resolve(str(name_or_path), echo=_say)
     local = Path(source)
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
     if looks_local and not local.exists():

@@ -1,0 +1,111 @@
+"""Which text the key statistics (and the context prefixes) come from.
+
+- a world model: the world's own text;
+- ``--stats-corpus FILES``: the user's text files;
+- otherwise (every real model), ``sampled``: text the model itself writes, sampled at
+  temperature 1 (nucleus 0.95) after a fixed list of neutral openings. It needs nothing but
+  the model, so it works offline for any model; its keys follow the model's own distribution
+  (ROME draws its context prefixes from the model the same way). Sampled once per model
+  fingerprint and cached in ``$FACTEDIT_CACHE/corpora``;
+- ``pydoc``: ordinary English prose that every Python ships (the standard library's
+  documentation topics), as a fixed reference corpus to compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
+from factedit.errors import FactEditError
+from factedit.io import atomic_write_text
+
+SAMPLED, PYDOC = "sampled", "pydoc"
+BUILTIN = (SAMPLED, PYDOC)
+
+# neutral openings: no subject, no relation of the fact sets we edit
+OPENINGS = ("The", "In the", "It was", "A", "When", "According to", "This", "There are", "After the",
+            "During", "Many", "One of the", "Today,", "However,", "He", "She", "We", "They", "For",
+            "On", "As a", "Although", "Most", "Some", "If you", "Over the", "By the", "At the", "Since",
+            "Researchers", "The first", "In addition,")
+
+
+def corpora_dir() -> Path:
+    return Path(os.environ.get("FACTEDIT_CACHE", Path.home() / ".cache" / "factedit")) / "corpora"
+
+
+def resolve_corpus(model, tok, world, stats_corpus: list[str | Path] | None, fingerprint: str,
+                   tokens: int, log=lambda m: None) -> Corpus:
+    """The corpus an edit uses: the user's files or a built-in name, else the world's text
+    for a world model, else text sampled from the model."""
+    names = [str(s) for s in stats_corpus or []]
+    if len(names) == 1 and names[0] in BUILTIN and not Path(names[0]).exists():
+        return pydoc_corpus() if names[0] == PYDOC else sampled_corpus(model, tok, fingerprint, tokens, log=log)
+    if names:
+        return text_files_corpus(names)
+    if world is not None:
+        return world_corpus(world)
+    return sampled_corpus(model, tok, fingerprint, tokens, log=log)
+
+
+def pydoc_corpus() -> Corpus:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise FactEditError("this Python has no pydoc_data module: pass --stats-corpus with text files") from None
+    texts = [topics[k] for k in sorted(topics)]
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    return Corpus(f"pydoc-{digest}", texts)
+
+
+@torch.no_grad()
+def sample_texts(model, tok, n_texts: int, new_tokens: int = 128, seed: int = 0, batch: int = 16) -> list[str]:
+    """``n_texts`` continuations of :data:`OPENINGS` (cycled), sampled from ``model``."""
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    texts: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)
+            for start in range(0, n_texts, batch):
+                openings = [OPENINGS[i % len(OPENINGS)] for i in range(start, min(n_texts, start + batch))]
+                enc = tok(openings, return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                     max_new_tokens=new_tokens, pad_token_id=pad)  # (b, T + new)
+                for row, opening in zip(out, openings):
+                    new = row[enc["input_ids"].shape[1]:].tolist()
+                    if tok.eos_token_id in new:
+                        new = new[:new.index(tok.eos_token_id)]
+                    texts.append(opening + tok.decode(new, skip_special_tokens=True))
+    finally:
+        tok.padding_side = side
+    return texts
+
+
+def sampled_corpus(model, tok, fingerprint: str, tokens: int, new_tokens: int = 128, seed: int = 0,
+                   log=lambda m: None) -> Corpus:
+    """Text sampled from the model, enough for ``tokens`` statistics positions (cached)."""
+    n_texts = math.ceil(tokens / new_tokens * 1.15) + 1  # early EOS leaves some texts short
+    key = f"{fingerprint}|{n_texts}|{new_tokens}|{seed}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = corpora_dir() / f"sampled-{digest}.jsonl"
+    texts = None
+    if path.is_file():
+        try:
+            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            texts = None  # a damaged cache entry is sampled again
+        if texts is not None and len(texts) != n_texts:
+            texts = None
+    if texts is None:
+        log(f"sampling {n_texts} texts of up to {new_tokens} tokens from the model for the key statistics "
+            "(once per model; pass --stats-corpus to use your own text)")
+        texts = sample_texts(model, tok, n_texts, new_tokens, seed)
+        atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return Corpus(f"sampled-{digest}", texts)
