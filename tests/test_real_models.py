@@ -46,10 +46,10 @@ def _top1(model, tok, prompt: str) -> str:
 
 
 def test_pulled_folder_is_a_plain_checkpoint_with_its_manifest(smol):
-    from factedit.models.zoo import cached_folder
+    from pathlib import Path
 
     model, tok = smol
-    folder = cached_folder(NAME)
+    folder = Path(model.name_or_path)
     man = json.loads((folder / MANIFEST).read_text())
     assert man["gguf_sha256"] == ZOO[NAME].sha256 and man["model_type"] == "llama" and man["layers"] == 30
     assert {p.name for p in folder.glob("*.safetensors")} == {"model.safetensors"}
@@ -98,7 +98,7 @@ def test_subject_edges_matter_in_the_upper_half(smol):
         assert min(subj[L // 2:]) < min(c.knockout["non_subject"][L // 2:]), subject
 
 
-def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(smol, tmp_path):
+def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(smol, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -107,6 +107,7 @@ def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(smol, tmp_path)
     from factedit.verify.run import verify
 
     model, tok = smol
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))  # sampled text and statistics made afresh
     prompt, subject, _ = FACTS[0]
     cfg = edit_config_for_model(model)
     cfg.stats_samples = 2000  # a small sampled corpus keeps the test fast; the recipe's value is larger

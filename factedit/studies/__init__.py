@@ -1,0 +1,1 @@
+"""Studies that use every stage: CounterFact-style edit benchmarks on real models."""
