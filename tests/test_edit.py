@@ -321,6 +321,7 @@ def test_edit_runs_on_every_family(family):
         res.delta.check_finite()
 
 
+@pytest.mark.usefixtures("fp64_norms")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_token_fit_matches_the_full_prompt_fit(family, monkeypatch):
     """Fitting a last-position MLP value on the last tokens alone (cached keys and values of the
@@ -348,3 +349,46 @@ def test_last_token_fit_matches_the_full_prompt_fit(family, monkeypatch):
     torch.testing.assert_close(torch.tensor(fast.base_nll), torch.tensor(full.base_nll), atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(fast.mlp, full.mlp, atol=1e-6, rtol=1e-6)
     assert float(fast.mlp.norm()) > 0
+
+
+@pytest.mark.usefixtures("fp64_norms")
+def test_spread_conversions_under_a_post_mlp_norm():
+    """MEMIT's spread works in residual space; under a post-MLP norm (Gemma) the residual
+    receives norm(m) for the MLP output m. `mlp_to_residual` is norm(m + delta) - norm(m), and
+    `residual_to_mlp` (frozen gain) gives the MLP change whose normed output is the wanted
+    residual up to the one thing no MLP output can change: the RMS of norm(.) / (1 + w), which
+    the norm fixes at 1 (eps aside). Written out here from the norm's formula; one prompt, so
+    the prefix average is that prompt's value. Tolerance 1e-4 relative (float32 keys, eps)."""
+    from factedit.editing.insert import at_token, mlp_to_residual, residual_to_mlp
+
+    from .test_locate import word_tokenizer
+
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    req = EditRequest("the capital of {} is", "beats music", "apple")
+    model = tiny_model("gemma3_text")
+    adapter = ModelAdapter(model)
+    layer = 1
+    norm = adapter.post_norm("mlp", layer)
+    m = at_token(adapter, tok, [req], [""], adapter.mlp(layer), "out").double()  # (1, d)
+    with torch.no_grad():
+        r = norm(m)
+        torch.manual_seed(1)
+        dr = 0.3 * torch.randn_like(r) * r.norm() / r.shape[-1] ** 0.5
+        delta = residual_to_mlp(adapter, tok, [req], [""], layer, dr).double()
+        g = 1 + norm.weight
+        want = (r + dr) / ((r + dr) / g).pow(2).mean().sqrt()
+        torch.testing.assert_close(norm(m + delta), want, atol=0, rtol=1e-4)
+        torch.testing.assert_close(mlp_to_residual(adapter, tok, [req], [""], layer, delta).double(),
+                                   norm(m + delta) - r, atol=1e-6, rtol=1e-4)
+    # no post-norm: both are the identity
+    plain = ModelAdapter(tiny_model("llama"))
+    assert residual_to_mlp(plain, tok, [req], [""], layer, dr) is dr
+    assert mlp_to_residual(plain, tok, [req], [""], layer, dr) is dr
+    # and a MEMIT-style batch runs through them
+    corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
+    reqs = [req, EditRequest("{} is owned by", "france", "paris")]
+    res = compute_edit(reqs, model.float(), tok, corpus, progress=False, mode="batch",
+                       cfg=EditConfig(method="mlp", stats_samples=200, n_prefixes=2, steps=5, batch_layers=[0, 1]))
+    res.delta.check_finite()
+    assert len(res.delta.modules()) == 2

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from factedit.analysis.attribute_rate import keep_token, related_tokens
 from factedit.analysis.circuit import CircuitError, LocateConfig, RecallCircuit
-from factedit.analysis.knockout import attention_knockout, window_layers
+from factedit.analysis.knockout import attention_knockout, source_positions, window_layers
 from factedit.analysis.locate import PromptError, locate, target_token_ids
 from factedit.analysis.projection import components
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
+from factedit.editing.config import EditConfig
+from factedit.editing.values import context_prefixes
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
@@ -125,7 +127,8 @@ def test_head_ov_equals_head_attending_only_to_the_subject(family):
     comp = components(adapter, IDS)
     s_last, q = SPAN[1] - 1, len(IDS) - 1
     others = [i for i in range(q + 1) if i != s_last]
-    layer = 1
+    # a layer whose attention reaches the subject (Gemma's sliding layers may not)
+    layer = next(la for la in (1, 0, 2) if (adapter.attn_window(la) or q + 1) > q - s_last)
     z = {}
     hook = adapter.attn_out(layer).register_forward_pre_hook(lambda m, a: z.update(v=a[0][0, q].clone()))
     with torch.no_grad(), renormalised_softmax(adapter, [layer], q, others):
@@ -203,11 +206,41 @@ def test_locate_with_target_follows_it(demo):
     assert c.projection["resid_rank"][-1] > 1  # the target is not the model's prediction
 
 
-def word_tokenizer():
+def word_tokenizer(bos: bool = False):
+    """Whole words of a small vocabulary; with ``bos``, a [BOS] token put first, as Gemma's
+    tokenizer does."""
     words = "the capital of france is paris beats music owned by apple who plays".split()
-    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words, "[BOS]"])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", bos_token="[BOS]")
+
+
+def test_bos_is_not_a_non_subject_source_by_default():
+    """A tokenizer that puts a BOS token first (Gemma's): the prompt keeps it, the target's
+    tokens do not start with it, and the non-subject knockout set leaves it out unless
+    `knockout_bos` (the last position's edge to the attention sink is not relation
+    information)."""
+    tok = word_tokenizer(bos=True)
+    bos = tok.bos_token_id
+    tp = tokenize_with_subject(tok, "the capital of {} is", "beats music")
+    assert tp.input_ids[0] == bos and tp.bos and tp.subject_span == (4, 6)
+    assert not tokenize_with_subject(word_tokenizer(), "the capital of {} is", "beats music").bos
+    assert target_token_ids(tok, tp.prompt, "paris") == [tok.convert_tokens_to_ids("paris")]
+    assert source_positions(tp)["non_subject"] == [1, 2, 3]
+    assert source_positions(tp, block_bos=True)["non_subject"] == [0, 1, 2, 3]
+    prefixes = context_prefixes(tok, ["the capital of france is paris"] * 3, EditConfig(n_prefixes=3))
+    assert len(prefixes) == 4 and not any("[BOS]" in p for p in prefixes)
+
+    model = tiny_model("gemma3_text", dtype=torch.float32)
+    cfgs = [LocateConfig(knockout_window=2), LocateConfig(knockout_window=2, knockout_bos=True)]
+    off, on = (locate("the capital of {} is", "beats music", model=model, tokenizer=tok, config=c) for c in cfgs)
+    assert off.config["knockout_bos"] is False and on.config["knockout_bos"] is True
+    assert off.knockout["subject"] == on.knockout["subject"]
+    assert off.knockout["non_subject"] != on.knockout["non_subject"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -76,16 +76,21 @@ def test_demo_fast_paths_equal_naive(demo):
             assert _max_diff(getattr(fs, field), getattr(ns, field)) < TOL, field
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+@pytest.mark.usefixtures("fp64_norms")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma3_text", "gemma2"])
 def test_rerun_without_intervention_reproduces_the_clean_run(family):
-    """Rows started at any layer, on any suffix of positions, with plain causal masks, give
-    back the clean logits (checks the kept keys/values, positions and row bookkeeping)."""
+    """Rows started at any layer, on any suffix of positions, with plain causal masks (within
+    each layer's sliding window), give back the clean logits (checks the kept keys/values, all
+    of them in sliding layers too, positions and row bookkeeping). The Gemma configs slide over
+    fewer positions than the prompt has."""
     adapter = ModelAdapter(tiny_model(family))
     clean = clean_run(adapter, IDS)
     T = len(IDS)
+    assert all(k.shape[-2] == T for k in clean.keys)
     for start in (0, 3, T - 1):
         out = rerun(adapter, clean, start, [0, 1, 2, 2, 1],
-                    masks=lambda la, rows, s=start: prefix_causal_mask(len(rows), s, T, torch.float32, "cpu"),
+                    masks=lambda la, rows, s=start: prefix_causal_mask(len(rows), s, T, torch.float32, "cpu",
+                                                                       adapter.attn_window(la)),
                     keep_stream=[(2, T - 1), (1, 0)], keep_attn_last=True)
         assert torch.allclose(out.logits, clean.logits.expand(5, -1), atol=1e-9)
         assert torch.allclose(out.stream[(2, T - 1)], clean.block_in[2][T - 1].expand(5, -1), atol=1e-9)

@@ -36,6 +36,10 @@ class LocateConfig:
     max_heads: int = 10
     max_enrichment: int = 3
     ov_check_heads: int = 5  # top extraction heads that get the OV parameter check
+    # whether the non-subject knockout set includes a BOS token at position 0 (Gemma's
+    # tokenizer adds one). Off: blocking the edge to the attention sink is not relation
+    # information, and the paper's GPT models have no BOS
+    knockout_bos: bool = False
 
     def validate(self) -> None:
         if self.projection not in ("logit_lens", "raw"):

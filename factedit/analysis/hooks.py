@@ -10,16 +10,31 @@ import torch
 from factedit.models.adapter import ModelAdapter
 
 
-def causal_mask(batch: int, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """(B, 1, T, T) additive mask: 0 on and below the diagonal, dtype-min above."""
-    m = torch.full((seq, seq), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(Q, K) bool: which keys at positions ``k_pos`` (K,) a query at ``q_pos`` (Q,) may see:
+    those at or before it and, for a sliding-window layer, fewer than ``window`` positions
+    back (q - window < k <= q, as transformers' sliding masks)."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    ok = k <= q
+    if window is not None:
+        ok = ok & (k > q - window)
+    return ok
+
+
+def causal_mask(batch: int, seq: int, dtype: torch.dtype, device, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) additive mask: 0 where the key is visible (on and below the diagonal, within
+    ``window`` positions for a sliding layer), dtype-min elsewhere."""
+    pos = torch.arange(seq, device=device)
+    m = torch.zeros(seq, seq, dtype=dtype, device=device)
+    m[~visible(pos, pos, window)] = torch.finfo(dtype).min
     return m.expand(batch, 1, seq, seq).clone()
 
 
 @contextmanager
 def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor | None]) -> Iterator[None]:
     """Replace the ``attention_mask`` each attention module receives by ``masks(layer)``
-    (a full additive (B, 1, T, T) mask, causality included), where it is not None."""
+    (a full additive (B, 1, T, T) mask, causality and the layer's sliding window included,
+    see ``ModelAdapter.attn_window``), where it is not None."""
     handles = []
     for layer in range(adapter.n_layers):
         mask = masks(layer)
@@ -37,6 +52,37 @@ def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor |
     finally:
         for h in handles:
             h.remove()
+
+
+def padded_window_mask(attention_mask: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask of a sliding layer for a batch padded on the right
+    (``attention_mask`` (B, T), 1 on real tokens): causal within the window, padding keys
+    hidden, and every query sees at least itself. The model's own mask leaves a padding query
+    more than ``window`` positions after its row's last token with no key at all. Where the
+    mask's minimum becomes -inf in the softmax (a float64 model: eager attention takes its
+    softmax in float32) that row turns to NaN, and the NaN reaches the real tokens through the
+    next layer's values (0 attention weight times NaN)."""
+    B, T = attention_mask.shape
+    pos = torch.arange(T, device=attention_mask.device)
+    ok = visible(pos, pos, window)[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
+    ok = ok | torch.eye(T, dtype=torch.bool, device=ok.device)[None]
+    m = torch.zeros(B, 1, T, T, dtype=dtype, device=attention_mask.device)
+    m[~ok[:, None]] = torch.finfo(dtype).min
+    return m
+
+
+@contextmanager
+def padding_safe(adapter: ModelAdapter, attention_mask: torch.Tensor) -> Iterator[None]:
+    """For a right-padded batch: give the sliding-window layers :func:`padded_window_mask`
+    (the same as the model's own masks at the real tokens, finite at the padding); the other
+    layers keep the model's own masks."""
+    windows = {la: w for la in range(adapter.n_layers) if (w := adapter.attn_window(la)) is not None}
+    if not windows:
+        yield
+        return
+    masks = {la: padded_window_mask(attention_mask, w, torch.float32) for la, w in windows.items()}
+    with attention_masks(adapter, masks.get):
+        yield
 
 
 @contextmanager

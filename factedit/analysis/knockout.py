@@ -6,6 +6,10 @@ centre layer l, the edges last position -> source are blocked in all heads of th
 softmax. The measure is the relative change, in %, of the probability of the clean run's
 top-1 token (and of a given target token).
 
+The non-subject set leaves out a BOS token at position 0 (one the tokenizer adds, e.g.
+Gemma's) unless ``block_bos``: the last position's edge to it is the attention sink, whose
+blocking says nothing about the relation (the paper's GPT models have no BOS token).
+
 Row 0 is the clean run, then one row per (source set, centre layer). Knockout changes only
 what flows into the last position, so by default every row reruns the last position alone,
 from its window's first layer up, on the clean run's keys and values, all rows in one batch.
@@ -36,12 +40,15 @@ def window_layers(center: int, k: int, n_layers: int) -> range:
     return range(lo, hi + 1)
 
 
-def source_positions(tp: TokenizedPrompt) -> dict[str, list[int]]:
+def source_positions(tp: TokenizedPrompt, block_bos: bool = False) -> dict[str, list[int]]:
+    """The source sets: subject tokens, earlier non-subject tokens (without the tokenizer's
+    BOS at position 0 unless ``block_bos``), the last token."""
     s0, s1 = tp.subject_span
     q = tp.last
+    skip = {0} if tp.bos and not block_bos else set()
     return {
         "subject": list(range(s0, s1)),
-        "non_subject": [i for i in range(q) if not s0 <= i < s1],
+        "non_subject": [i for i in range(q) if not s0 <= i < s1 and i not in skip],
         "last": [q],
     }
 
@@ -65,14 +72,15 @@ def knockout_rows(n_layers: int) -> list[tuple[str, int]]:
 @torch.no_grad()
 def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
                        target: int | None = None, method: str = "fast",
-                       clean: CleanRun | None = None) -> KnockoutResult:
+                       clean: CleanRun | None = None, block_bos: bool = False) -> KnockoutResult:
     """The knockout sweep of one fact. ``method="fast"`` reruns only the last position, each
     row from its window's first layer, on the clean run's keys and values (see
     :mod:`factedit.analysis.rerun`); ``"naive"`` is the paper's procedure, one full forward
-    pass per intervention, kept as the reference."""
+    pass per intervention, kept as the reference. ``block_bos`` puts a BOS token at position
+    0 into the non-subject set."""
     L = adapter.n_layers
     rows = knockout_rows(L)
-    blocked = _blocked(tp, window, L, rows)
+    blocked = _blocked(tp, window, L, rows, block_bos)
     if method == "fast":
         probs = _fast(adapter, tp, rows, blocked, window, clean)
     elif method == "naive":
@@ -96,9 +104,10 @@ def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
     return res
 
 
-def _blocked(tp: TokenizedPrompt, window: int, L: int, rows: list[tuple[str, int]]) -> list[dict[int, list[int]]]:
+def _blocked(tp: TokenizedPrompt, window: int, L: int, rows: list[tuple[str, int]],
+             block_bos: bool = False) -> list[dict[int, list[int]]]:
     """Per row: layer -> source positions whose edges into the last position are blocked."""
-    sources = source_positions(tp)
+    sources = source_positions(tp, block_bos)
     return [{la: sources[s] for la in window_layers(c, window, L) if sources[s]} for s, c in rows]
 
 
@@ -109,7 +118,7 @@ def _fast(adapter, tp, rows, blocked, window, clean) -> torch.Tensor:
     device = clean.block_in[0].device
 
     def masks(layer: int, active: list[int]) -> torch.Tensor:
-        m = prefix_causal_mask(len(active), q, T, torch.float32, device)  # (n_active, 1, 1, T)
+        m = prefix_causal_mask(len(active), q, T, torch.float32, device, adapter.attn_window(layer))  # (n, 1, 1, T)
         for i, r in enumerate(active):
             if layer in blocked[r]:
                 m[i, 0, 0, blocked[r][layer]] = torch.finfo(torch.float32).min
@@ -128,7 +137,7 @@ def _naive(adapter, tp, rows, blocked) -> torch.Tensor:
     logits = [upcast(adapter.model(input_ids=ids).logits[0, q])]
     for r in range(len(rows)):
         def mask(layer, r=r):
-            m = causal_mask(1, T, torch.float32, device)
+            m = causal_mask(1, T, torch.float32, device, adapter.attn_window(layer))
             if layer in blocked[r]:
                 m[0, 0, q, blocked[r][layer]] = neg
             return m

@@ -118,7 +118,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     token = target_id
 
     ko = attention_knockout(adapter, tp, cfg.knockout_window, target=target_id if target is not None else None,
-                            clean=clean)
+                            clean=clean, block_bos=cfg.knockout_bos)
 
     # vocabulary projection at the last position
     proj: dict[str, list] = {}

@@ -23,24 +23,28 @@ from dataclasses import dataclass
 
 import torch
 
-from factedit.analysis.hooks import as_btd, attention_masks
+from factedit.analysis.hooks import as_btd, attention_masks, visible
 from factedit.models.adapter import ModelAdapter
 
 
 @dataclass
 class CleanRun:
-    """One clean forward pass. L layers, T positions, d model width, V vocabulary."""
+    """One clean forward pass. L layers, T positions, d model width, V vocabulary.
+
+    ``attn`` and ``mlp`` are what the residual stream receives from each sublayer: the output
+    of the family's post-norm where it has one (Gemma 2/3), else the sublayer's own output."""
 
     input_ids: list[int]
     block_in: list[torch.Tensor]  # L+1 x (T, d): input of block l; [L] = the last block's output
-    keys: list[torch.Tensor]  # L x (1, kv_heads, T, head_dim) as the model's cache holds them
+    keys: list[torch.Tensor]  # L x (1, kv_heads, T, head_dim), every position (no sliding-window cut)
     values: list[torch.Tensor]  # L x (1, kv_heads, T, head_dim)
-    attn: list[torch.Tensor]  # L x (T, d) MHSA output
+    attn: list[torch.Tensor]  # L x (T, d) MHSA update of the residual
     logits: torch.Tensor  # (V,) output logits at the last position
-    mlp: list[torch.Tensor]  # L x (T, d) MLP output
+    mlp: list[torch.Tensor]  # L x (T, d) MLP update of the residual
     z: list[torch.Tensor]  # L x (T, H*head_dim) input of the attention output projection
     attn_in: list[torch.Tensor]  # L x (T, d) input of each attention module (after the block's norm)
     attn_pattern: torch.Tensor | None  # (L, H, T) attention weights of the last position (eager attention)
+    attn_gain: list[torch.Tensor] | None = None  # L x (T, d) MHSA post-norm gain, frozen (None: no post-norm)
 
 
 def layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,12 +56,28 @@ def layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def new_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A cache holding ``kv`` with every position in every layer. Made without the model's
+    config on purpose: a config with sliding-window layers would make the cache keep only
+    the last window of those layers, and the reruns need all the clean keys and values."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for layer, (k, v) in enumerate(kv):
         cache.update(k, v, layer)
     return cache
+
+
+def with_cache(model, cache) -> dict:
+    """The forward's keyword for a KV cache (``cache`` in newer transformers models,
+    ``past_key_values`` before)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The cache a forward returned (``cache`` or ``past_key_values``, by version)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def last_logits_only(model) -> dict:
@@ -69,12 +89,13 @@ def last_logits_only(model) -> dict:
 @torch.no_grad()
 def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
     """One clean forward pass, keeping each block's input, the keys and values, and what the
-    vocabulary projections need (sublayer outputs, the heads' inputs to the output projection,
-    the attention modules' inputs and the last position's attention weights)."""
+    vocabulary projections need (sublayer updates of the residual, the heads' inputs to the
+    output projection and the frozen post-norm gains, the attention modules' inputs and the
+    last position's attention weights)."""
     L = adapter.n_layers
     device = next(adapter.model.parameters()).device
     block_in: list = [None] * (L + 1)
-    got: dict[str, list] = {k: [None] * L for k in ("attn", "mlp", "z", "attn_in", "pattern")}
+    got: dict[str, list] = {k: [None] * L for k in ("attn", "mlp", "z", "attn_in", "pattern", "gain")}
     handles = []
 
     def first(x):
@@ -91,9 +112,12 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
     def keep_out(name, layer):
         def hook(m, args, out):
             got[name][layer] = as_btd(first(out), 1)[0]
-            if name == "attn":
-                w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-                got["pattern"][layer] = w[0, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
+        return hook
+
+    def keep_pattern(layer):
+        def hook(m, args, out):
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            got["pattern"][layer] = w[0, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
         return hook
 
     def keep_input(name, layer):
@@ -101,23 +125,35 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
             got[name][layer] = as_btd(args[0] if args else kwargs["hidden_states"], 1)[0]
         return hook
 
+    def keep_gain(layer):
+        def hook(m, args, kwargs):
+            got["gain"][layer] = adapter.post_gain("attn", layer, (args[0] if args else kwargs["hidden_states"])[0])
+        return hook
+
     for la in range(L):
         handles.append(adapter.block(la).register_forward_pre_hook(keep_in(la), with_kwargs=True))
-        handles.append(adapter.attn(la).register_forward_hook(keep_out("attn", la)))
-        handles.append(adapter.mlp(la).register_forward_hook(keep_out("mlp", la)))
+        handles.append(adapter.to_residual("attn", la).register_forward_hook(keep_out("attn", la)))
+        handles.append(adapter.attn(la).register_forward_hook(keep_pattern(la)))
+        handles.append(adapter.to_residual("mlp", la).register_forward_hook(keep_out("mlp", la)))
         handles.append(adapter.attn_out(la).register_forward_pre_hook(keep_input("z", la), with_kwargs=True))
         handles.append(adapter.attn(la).register_forward_pre_hook(keep_input("attn_in", la), with_kwargs=True))
+        if adapter.post_norm("attn", la) is not None:
+            handles.append(adapter.post_norm("attn", la).register_forward_pre_hook(keep_gain(la), with_kwargs=True))
     handles.append(adapter.block(L - 1).register_forward_hook(keep_last_out))
+    model = adapter.model
     try:
-        out = adapter.model(input_ids=torch.tensor([input_ids], device=device), use_cache=True)
+        out = model(input_ids=torch.tensor([input_ids], device=device), use_cache=True,
+                    **with_cache(model, new_cache([])))
     finally:
         for h in handles:
             h.remove()
-    kv = [layer_kv(out.past_key_values, la) for la in range(L)]
+    kv = [layer_kv(output_cache(out), la) for la in range(L)]
     patterns = got["pattern"]
+    gains = got["gain"] if all(g is not None for g in got["gain"]) else None
     return CleanRun(list(input_ids), block_in, [k for k, _ in kv], [v for _, v in kv], got["attn"],
                     out.logits[0, -1], mlp=got["mlp"], z=got["z"], attn_in=got["attn_in"],
-                    attn_pattern=torch.stack(patterns) if all(p is not None for p in patterns) else None)
+                    attn_pattern=torch.stack(patterns) if all(p is not None for p in patterns) else None,
+                    attn_gain=gains)
 
 
 def active_rows(row_start: list[int], layer: int) -> list[int]:
@@ -125,13 +161,15 @@ def active_rows(row_start: list[int], layer: int) -> list[int]:
     return [r for r, s in enumerate(row_start) if s <= layer]
 
 
-def prefix_causal_mask(n_rows: int, start: int, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+def prefix_causal_mask(n_rows: int, start: int, seq: int, dtype: torch.dtype, device,
+                       window: int | None = None) -> torch.Tensor:
     """(n_rows, 1, seq - start, seq) additive mask for queries ``start..seq-1`` over keys
-    ``0..seq-1``: 0 where the key is at or before the query, dtype-min after it."""
-    q = torch.arange(start, seq, device=device)[:, None]
-    k = torch.arange(seq, device=device)[None, :]
+    ``0..seq-1``: 0 where the key is visible (at or before the query, and within ``window``
+    positions for a sliding layer), dtype-min elsewhere."""
+    q = torch.arange(start, seq, device=device)
+    k = torch.arange(seq, device=device)
     m = torch.zeros(seq - start, seq, dtype=dtype, device=device)
-    m[k > q] = torch.finfo(dtype).min
+    m[~visible(q, k, window)] = torch.finfo(dtype).min
     return m.expand(n_rows, 1, seq - start, seq).clone()
 
 
@@ -141,7 +179,7 @@ class Rerun:
 
     logits: torch.Tensor  # (B, V) at the last position
     stream: dict[tuple[int, int], torch.Tensor]  # (stream layer, position) -> (B, d); 0 = embeddings
-    attn_last: torch.Tensor | None  # (B, L, d) MHSA output at the last position
+    attn_last: torch.Tensor | None  # (B, L, d) MHSA update of the residual at the last position
 
 
 @contextmanager
@@ -190,7 +228,8 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
     ``row_start[r]`` up.
 
     ``masks(layer, rows)`` gives the additive attention mask of the active ``rows`` at that
-    layer, (len(rows), 1, n, T), causality included (default: plain causal).
+    layer, (len(rows), 1, n, T), causality and the layer's sliding window included (default:
+    plain causal within the window).
     ``hooks(layer, rows)`` gives context managers to enter for the rerun (e.g. sublayer
     interventions), which see tensors of the active rows only, in that order.
     ``keep_stream`` names the (stream layer, position) pairs to return for every row.
@@ -205,7 +244,8 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
         if masks is not None:
             mask_by_layer.append(masks(la, active[la]))
         else:
-            mask_by_layer.append(prefix_causal_mask(len(active[la]), start, T, torch.float32, device))
+            mask_by_layer.append(prefix_causal_mask(len(active[la]), start, T, torch.float32, device,
+                                                    adapter.attn_window(la)))
 
     prefix = [(k[..., :start, :].expand(len(active[la]), -1, -1, -1),
                v[..., :start, :].expand(len(active[la]), -1, -1, -1))
@@ -224,7 +264,7 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
         if keep_attn_last and active[la]:
             def keep_attn(m, args, out, la=la):
                 attn_sub[la] = as_btd(out[0] if isinstance(out, tuple) else out, len(active[la]))[:, -1]
-            handles.append(adapter.attn(la).register_forward_hook(keep_attn))
+            handles.append(adapter.to_residual("attn", la).register_forward_hook(keep_attn))
 
     ids = torch.tensor([clean.input_ids[start:]] * B, device=device)
     pos = torch.arange(start, T, device=device)[None]
@@ -236,8 +276,8 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
                 for la in range(L):
                     for cm in hooks(la, active[la]):
                         stack.enter_context(cm)
-            logits = adapter.model(input_ids=ids, position_ids=pos, past_key_values=cache,
-                                   use_cache=cache is not None, **last_logits_only(adapter.model)).logits[:, -1]
+            logits = adapter.model(input_ids=ids, position_ids=pos, use_cache=cache is not None,
+                                   **with_cache(adapter.model, cache), **last_logits_only(adapter.model)).logits[:, -1]
     finally:
         for h in handles:
             h.remove()

@@ -17,6 +17,7 @@ class TokenizedPrompt:
     prompt: str
     input_ids: list[int]
     subject_span: tuple[int, int]  # [start, end) in tokens
+    bos: bool = False  # position 0 is a special token the tokenizer added (a BOS, as Gemma's)
 
     @property
     def last_subject(self) -> int:
@@ -80,4 +81,6 @@ def tokenize_with_subject(tokenizer, prompt: str, subject: str) -> TokenizedProm
             f"the subject {subject!r} ends the prompt {text!r}: a relation must follow the subject "
             "so that the last position can predict the attribute"
         )
-    return TokenizedPrompt(text, list(ids), span)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    bos = bool(ids) and ids[0] in special and offsets[0][0] == offsets[0][1]
+    return TokenizedPrompt(text, list(ids), span, bos=bos)

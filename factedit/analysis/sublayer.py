@@ -3,7 +3,8 @@ of layers, and measure what the subject representation and the last position los
 
 Unlike the reference code (which zeroes the MLP's pre-activations at every position, so the
 output bias survives, and makes attention uniform), the sublayer's whole output is removed at
-the subject positions only: the residual stream there never receives that sublayer's update.
+the subject positions only: the residual stream there never receives that sublayer's update
+(after the family's post-norm where it has one, see ``ModelAdapter.to_residual``).
 
 Row 0 is the clean run, then one row per (sublayer, centre layer). Positions before the
 subject never change, so by default each row reruns the positions from the subject on, from
@@ -50,10 +51,9 @@ class SublayerKnockoutResult:
 @contextmanager
 def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, list[int]],
                    positions: list[int], batch: int | dict[int, int]) -> Iterator[None]:
-    """Zero the output of sublayer ``kind`` ("mlp" or "attn") at ``positions`` for the batch
-    rows ``rows_by_layer[layer]``. ``batch`` is the number of rows the module sees (per layer
-    where it varies)."""
-    getter = adapter.mlp if kind == "mlp" else adapter.attn
+    """Zero what sublayer ``kind`` ("mlp" or "attn") adds to the residual at ``positions`` for
+    the batch rows ``rows_by_layer[layer]``. ``batch`` is the number of rows the module sees
+    (per layer where it varies)."""
     handles = []
     for layer, rows in rows_by_layer.items():
         if not rows:
@@ -69,7 +69,7 @@ def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, li
             o = o.reshape(shape)
             return (o, *out[1:]) if isinstance(out, tuple) else o
 
-        handles.append(getter(layer).register_forward_hook(hook))
+        handles.append(adapter.to_residual(kind, layer).register_forward_hook(hook))
     try:
         yield
     finally:
@@ -163,7 +163,7 @@ def _naive(adapter, tp, rows, windows, read_layer):
         with remove_updates(adapter, "mlp", by_kind["mlp"], subject, 1), \
                 remove_updates(adapter, "attn", by_kind["attn"], subject, 1), \
                 capture(adapter, {"block_in": (adapter.block, "in"), "block_out": (adapter.block, "out"),
-                                  "attn": (adapter.attn, "out")}, store):
+                                  "attn": (lambda la: adapter.to_residual("attn", la), "out")}, store):
             logits.append(adapter.model(input_ids=ids).logits[0, tp.last])
         stream = [store["block_in"][0]] + store["block_out"]
         subj_rep.append(stream[read_layer][0, tp.last_subject])

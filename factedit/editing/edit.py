@@ -26,7 +26,7 @@ import torch
 from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
 from factedit.editing.config import EditConfig
-from factedit.editing.insert import least_squares, mean_hidden, mean_keys, rank_one
+from factedit.editing.insert import least_squares, mean_hidden, mean_keys, mlp_to_residual, rank_one, residual_to_mlp
 from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
@@ -384,10 +384,14 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
             res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
             log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL "
                 f"{sum(fitted.base_nll) / len(requests):.2f} -> {sum(fitted.nll) / len(requests):.2f}")
-            z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + fitted.mlp
+            # the residual change the fitted MLP output change makes (itself, unless a post-norm
+            # sits between them), and each layer's share turned back into an MLP output change
+            z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + mlp_to_residual(
+                adapter, tok, requests, prefixes, z_layer, fitted.mlp, position)
             for i, la in sweep:
                 cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position)
-                resid = (z_target - cur) / (len(layers) - i)
+                resid = residual_to_mlp(adapter, tok, requests, prefixes, la, (z_target - cur) / (len(layers) - i),
+                                        position)
                 insert(la, resid)
                 log(f"layer {la}: residual norm {float(resid.norm(dim=-1).mean()):.3f}")
     finally:

@@ -14,9 +14,11 @@ averaged over the context prefixes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from factedit.analysis.hooks import as_btd, attention_masks, causal_mask
+from factedit.analysis.hooks import as_btd, attention_masks, causal_mask, padding_safe
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
 from factedit.editing.values import pad_right
@@ -26,11 +28,13 @@ from factedit.models.adapter import ModelAdapter
 @torch.no_grad()
 def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
                module: torch.nn.Module, where: str = "in", chunk: int = 256, position: str = "subject",
-               block_subject: list[int] | None = None) -> torch.Tensor:
+               block_subject: list[int] | None = None,
+               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(n, width): ``module``'s input (or output) at the subject's last token (or the last
     position) of each request's prompt, averaged over the context prefixes. With
     ``block_subject`` (layers), the edges last position -> subject are blocked there, as in
-    attention knockout."""
+    attention knockout. ``fn(x, req)`` maps the rows read (b, width) of requests ``req`` (b,)
+    before they are averaged."""
     device = next(adapter.model.parameters()).device
     texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
              for i, r in enumerate(requests) for p in prefixes]
@@ -53,18 +57,21 @@ def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: 
             h = module.register_forward_hook(hook)
         masks = None
         if block_subject:
-            base = causal_mask(nb, T, torch.float32, device)
-            blocked = base.clone()
-            for b, tp in enumerate(tps):
-                blocked[b, 0, tp.last, tp.subject_span[0] : tp.subject_span[1]] = torch.finfo(torch.float32).min
-            masks = {la: blocked for la in block_subject}
+            masks = {}
+            for la in block_subject:
+                blocked = causal_mask(nb, T, torch.float32, device, adapter.attn_window(la))
+                for b, tp in enumerate(tps):
+                    blocked[b, 0, tp.last, tp.subject_span[0] : tp.subject_span[1]] = torch.finfo(torch.float32).min
+                masks[la] = blocked
         try:
-            with attention_masks(adapter, lambda la, masks=masks: (masks or {}).get(la)):
+            with padding_safe(adapter, mask), attention_masks(adapter, lambda la, masks=masks: (masks or {}).get(la)):
                 adapter.model(input_ids=ids, attention_mask=mask)
         finally:
             h.remove()
         pos = [tp.last_subject if position == "subject" else tp.last for tp in tps]
         x = got["x"][torch.arange(len(tps)), torch.tensor(pos)].float()  # (b, w)
+        if fn is not None:
+            x = fn(x, torch.tensor([i for i, _, _ in part], device=x.device)).float()
         if sums is None:
             sums = torch.zeros(len(requests), x.shape[-1], device=x.device)
         sums.index_add_(0, torch.tensor([i for i, _, _ in part], device=x.device), x)
@@ -82,6 +89,38 @@ def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixe
                 position: str = "subject") -> torch.Tensor:
     """(n, d) residual stream after block ``layer`` at the subject's last token (or the last)."""
     return at_token(adapter, tok, requests, prefixes, adapter.block(layer), "out", position=position)
+
+
+def mlp_to_residual(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
+                    delta: torch.Tensor, position: str = "subject") -> torch.Tensor:
+    """(n, d): what the residual stream receives, averaged over the prefixes, when each
+    request's MLP output at ``layer`` moves by ``delta`` (n, d). The same ``delta`` without a
+    post-MLP norm; with one (Gemma 2/3), norm(m + delta) - norm(m) at each prompt's MLP output m."""
+    norm = adapter.post_norm("mlp", layer)
+    if norm is None:
+        return delta
+
+    def change(m: torch.Tensor, req: torch.Tensor) -> torch.Tensor:  # m (b, d) MLP outputs
+        dt = norm.weight.dtype
+        return norm((m + delta[req].to(m.device)).to(dt)).float() - norm(m.to(dt)).float()
+
+    return at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position, fn=change)
+
+
+def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
+                    resid: torch.Tensor, position: str = "subject") -> torch.Tensor:
+    """(n, d): the MLP output change at ``layer`` that gives the residual change ``resid``
+    (n, d). The same without a post-MLP norm. With an RMS post-norm, ``resid / gain`` with the
+    norm's gain frozen at the current MLP output m (the definition factedit uses for per-head
+    outputs), averaged over the prefixes. For one prompt that is exact up to what no MLP output
+    can change: norm(m + delta) = (r + resid) / rms((r + resid) / (1 + w)) with r = norm(m)
+    (eps aside), i.e. the wanted residual rescaled to the norm's fixed output size. MEMIT's
+    spread re-measures what is left after each layer."""
+    if adapter.post_norm("mlp", layer) is None:
+        return resid
+    gain = at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position,
+                    fn=lambda m, req: adapter.post_gain("mlp", layer, m))  # (n, d)
+    return resid / gain.to(resid.device)
 
 
 def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:

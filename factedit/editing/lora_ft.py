@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from factedit.analysis.hooks import padding_safe
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest
 from factedit.editing.stats import Corpus
@@ -51,15 +52,19 @@ def lora_finetune(adapter: ModelAdapter, tok, requests: list[EditRequest], corpu
     try:
         params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
         opt = torch.optim.Adam(params, lr=cfg.lora_lr)
+        def logits() -> torch.Tensor:
+            with padding_safe(adapter, mask):
+                return peft_model(input_ids=ids, attention_mask=mask).logits
+
         with torch.no_grad():
-            before = nll_per_request(peft_model(input_ids=ids, attention_mask=mask).logits)
+            before = nll_per_request(logits())
         for _ in range(cfg.lora_steps):
-            loss = nll_per_request(peft_model(input_ids=ids, attention_mask=mask).logits).mean()
+            loss = nll_per_request(logits()).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            after = nll_per_request(peft_model(input_ids=ids, attention_mask=mask).logits)
+            after = nll_per_request(logits())
         for name in names:
             mod = peft_model.base_model.model.get_submodule(name)
             a = mod.lora_A["default"].weight.detach()

@@ -10,8 +10,10 @@ with Adam so that the model predicts the new target:
 
 and after every step each delta's norm is clamped to ``clamp * ||v_i||`` (v_i: the current
 output there). Sites: the MLP output of one layer, and/or the value vectors of chosen heads
-(the head's slice of the value projection's output). Requests are independent: each has
-its own deltas and rows, so many are fitted in one batch.
+(the head's slice of the value projection's output). The MLP site is the MLP module's own
+output, the space its output projection writes (before a post-MLP norm, in Gemma 2/3): the
+deltas are fitted through the model, norms included, and inserted where they were added.
+Requests are independent: each has its own deltas and rows, so many are fitted in one batch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from factedit.analysis.hooks import as_btd
+from factedit.analysis.hooks import as_btd, padding_safe
 from factedit.analysis.locate import target_token_ids
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.config import EditConfig
@@ -68,7 +70,7 @@ def context_prefixes(tok, texts: list[str], cfg: EditConfig) -> list[str]:
         if not pool:
             break
         n = cfg.prefix_tokens[i % len(cfg.prefix_tokens)]
-        ids = tok.encode(rng.choice(pool))
+        ids = tok.encode(rng.choice(pool), add_special_tokens=False)  # no BOS inside the snippet
         start = rng.randrange(max(1, len(ids) - n + 1))
         snippet = tok.decode(ids[start : start + n]).strip()
         if snippet:
@@ -192,27 +194,46 @@ class _LastTokenRun:
     and each fitting step runs one token per row: about T times cheaper."""
 
     def __init__(self, adapter: ModelAdapter, rows: list[Row], pad: int, device):
-        from factedit.analysis.rerun import last_logits_only, layer_kv
+        from factedit.analysis.rerun import last_logits_only, layer_kv, new_cache, output_cache, with_cache
 
         n = [len(r.ids) for r in rows]
         # the earlier tokens right-padded (a left pad would attend to nothing and could turn to
         # NaN); the last token then follows the padding, which its attention mask hides
         prefix, mask = pad_right([r.ids[:-1] for r in rows], pad, device)  # (B, T-1)
         model = self.model = adapter.model
+        self.adapter = adapter
         self.mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, T)
         self.pos = torch.tensor([[k - 1] for k in n], device=device)  # (B, 1): its position without padding
         self.last = torch.tensor([[r.ids[-1]] for r in rows], device=device)  # (B, 1)
         self.kw = last_logits_only(model)
-        with torch.no_grad():
-            out = model(input_ids=prefix, attention_mask=mask, use_cache=True)
-        self.kv = [layer_kv(out.past_key_values, la) for la in range(adapter.n_layers)]
+        self.windows = {la: w for la in range(adapter.n_layers) if (w := adapter.attn_window(la)) is not None}
+        with torch.no_grad(), padding_safe(adapter, mask):  # a cache of every position (the model's own
+            # would cut sliding layers)
+            out = model(input_ids=prefix, attention_mask=mask, use_cache=True, **with_cache(model, new_cache([])))
+        self.kv = [layer_kv(output_cache(out), la) for la in range(adapter.n_layers)]
+        self.window_masks = {la: self._window_mask(n, w, device) for la, w in self.windows.items()}
+
+    def _window_mask(self, n: list[int], window: int, device) -> torch.Tensor:
+        """(B, 1, 1, T) additive mask of a sliding layer. The last token's cache slot (T-1) is
+        not its position (n-1) in padded rows, so the window is laid out in positions here,
+        where the model's own mask would count cache slots."""
+        T = self.mask.shape[1]
+        slot = torch.arange(T, device=device)[None, :]  # (1, T): prefix slot j holds position j
+        last = torch.tensor(n, device=device)[:, None] - 1  # (B, 1)
+        ok = (slot < last) & (slot > last - window)  # the row's own earlier tokens within the window
+        ok[:, -1] = True  # the token itself
+        m = torch.zeros(ok.shape, dtype=torch.float32, device=device)
+        m[~ok] = torch.finfo(torch.float32).min
+        return m[:, None, None, :]
 
     def __call__(self) -> torch.Tensor:
         """(B, V) logits at each row's last token."""
-        from factedit.analysis.rerun import new_cache
+        from factedit.analysis.hooks import attention_masks
+        from factedit.analysis.rerun import new_cache, with_cache
 
-        out = self.model(input_ids=self.last, attention_mask=self.mask, position_ids=self.pos,
-                         past_key_values=new_cache(self.kv), use_cache=True, **self.kw)
+        with attention_masks(self.adapter, self.window_masks.get):
+            out = self.model(input_ids=self.last, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                             **with_cache(self.model, new_cache(self.kv)), **self.kw)
         return out.logits[:, -1]
 
 
@@ -241,7 +262,8 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
         ids, mask = pad_right([r.ids for r in rows], pad, device)
 
         def forward() -> torch.Tensor:
-            return model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            with padding_safe(adapter, mask):
+                return model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
     with torch.no_grad():
         cur, base_logits = _current(adapter, sites, hook_rows, forward)
     req_of = torch.tensor([r.req for r in rows], device=device)

@@ -8,6 +8,7 @@ hard-codes module paths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +38,27 @@ class FamilySpec:
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str = "num_key_value_heads"  # grouped KV heads, where the config has them
     unembed_pre: str | None = None  # applied between the final norm and the unembedding (OPT project_out)
+    # Post-sublayer norms (Gemma 2/3), relative to a block: the residual receives
+    # norm(sublayer output) instead of the sublayer output. ``post_norm_gain(norm, a)`` gives the
+    # norm's map at input ``a`` (..., d) frozen to a per-position gain (..., d), so that
+    # ``norm(a) == a * gain``: what makes per-head outputs add up to what the residual receives.
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    post_norm_gain: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # config attributes: the attention window of sliding layers, and the per-layer types; a
+    # layer slides when its type is "sliding_attention", or, where the config has no layer
+    # types, whenever the window is set (Mistral)
+    window_attr: str = "sliding_window"
+    layer_types_attr: str = "layer_types"
+    logit_softcap_attr: str | None = None  # config attribute c: logits -> c * tanh(logits / c) (Gemma 2/3)
 
     def __post_init__(self) -> None:
         if self.qkv not in ("separate", "gpt2_fused", "neox_fused"):
             raise ValueError(f"FamilySpec.qkv must be separate, gpt2_fused or neox_fused, not {self.qkv!r}")
         if not self.v_proj:
             raise ValueError("FamilySpec.v_proj must name the value (or fused qkv) projection")
+        if (self.attn_post_norm or self.mlp_post_norm) and self.post_norm_gain is None:
+            raise ValueError("FamilySpec.post_norm_gain must be given with a post-sublayer norm")
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
@@ -97,6 +113,11 @@ class ModelAdapter:
         self.d_model = int(self.config.hidden_size)
         self.head_dim = int(getattr(self.config, "head_dim", None) or self.d_model // self.n_heads)
         self.n_kv_heads = int(getattr(self.config, self.spec.n_kv_heads_attr, None) or self.n_heads)
+        if getattr(self.config, "use_bidirectional_attention", False):
+            raise UnsupportedModelError(
+                f"this {model.config.model_type} model attends in both directions (use_bidirectional_attention, "
+                "an embedding model): factedit analyses causal language models only"
+            )
 
     # ---- modules ------------------------------------------------------------------------
     def block(self, layer: int) -> nn.Module:
@@ -119,6 +140,38 @@ class ModelAdapter:
 
     def v_proj(self, layer: int) -> nn.Module:
         return _get(self.blocks[layer], self.spec.v_proj)
+
+    def post_norm(self, kind: str, layer: int) -> nn.Module | None:
+        """The norm applied to sublayer ``kind``'s ("attn" or "mlp") output before the residual
+        add, or None where the family has none."""
+        rel = self.spec.attn_post_norm if kind == "attn" else self.spec.mlp_post_norm
+        return None if rel is None else _get(self.blocks[layer], rel)
+
+    def to_residual(self, kind: str, layer: int) -> nn.Module:
+        """The module whose output is exactly what the residual stream receives from sublayer
+        ``kind`` ("attn" or "mlp") at ``layer``: its post-norm where the family has one, else
+        the sublayer itself (whose first output is then the update)."""
+        norm = self.post_norm(kind, layer)
+        if norm is not None:
+            return norm
+        return self.attn(layer) if kind == "attn" else self.mlp(layer)
+
+    def post_gain(self, kind: str, layer: int, out: torch.Tensor) -> torch.Tensor | None:
+        """(..., d) the post-norm's gain frozen at the sublayer output ``out`` (..., d), computed
+        in float32 or wider: the residual receives ``out * gain``. None without a post-norm."""
+        norm = self.post_norm(kind, layer)
+        if norm is None:
+            return None
+        return self.spec.post_norm_gain(norm, out)
+
+    def attn_window(self, layer: int) -> int | None:
+        """How many positions (itself included) a query of ``layer`` sees, or None (all earlier
+        ones): a key k is visible from query q when q - window < k <= q."""
+        window = getattr(self.config, self.spec.window_attr, None)
+        types = getattr(self.config, self.spec.layer_types_attr, None)
+        if window is None or (types is not None and types[layer] != "sliding_attention"):
+            return None
+        return int(window)
 
     def module_name(self, layer: int, rel: str) -> str:
         """Full dotted name, e.g. ``transformer.h.3.mlp.c_proj``."""
@@ -190,22 +243,31 @@ class ModelAdapter:
             start = kv_head * dh
         return list(range(start, start + dh))
 
-    def head_ov(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def head_ov(self, layer: int, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Each head's OV map applied to attention inputs ``x`` (..., d_model):
-        (..., H, d_model), what head h would write if it attended only to x."""
+        (..., H, d_model), what head h would write if it attended only to x. With ``gain``
+        (d_model,), the frozen post-norm gain of the position it writes to (see
+        :meth:`post_gain`), that is what the residual would receive from it."""
         w_v, b_v = self.head_value_weights(layer)  # (H, d, dh)
         v = torch.einsum("...d,hdk->...hk", x.to(w_v.dtype), w_v)
         if b_v is not None:
             v = v + b_v
-        return torch.einsum("...hk,hkd->...hd", v, self.head_out_weights(layer))
+        out = torch.einsum("...hk,hkd->...hd", v, self.head_out_weights(layer))
+        return out if gain is None else out * gain.to(out.dtype)
 
     # ---- projection to the vocabulary -------------------------------------------------------
     def logit_lens(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
-        """(..., d_model) -> (..., vocab) logits, through the final norm unless told not to."""
+        """(..., d_model) -> (..., vocab) logits, through the final norm unless told not to, and
+        through the family's final logit softcapping where the config sets one (in both cases:
+        it belongs to the model's unembedding; it changes probabilities, never ranks)."""
         if final_norm and self.final_norm is not None:
             x = self.final_norm(x)
         if self.spec.unembed_pre is not None:
             pre = _get_optional(self.model, self.spec.unembed_pre)
             if pre is not None:
                 x = pre(x)
-        return self.unembed(x)
+        logits = self.unembed(x)
+        cap = getattr(self.config, self.spec.logit_softcap_attr, None) if self.spec.logit_softcap_attr else None
+        if cap is not None:  # as the model's own head does, so that projected probabilities match it
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -25,7 +25,9 @@ from collections import Counter
 
 import torch
 
+from factedit.analysis.hooks import padding_safe
 from factedit.analysis.locate import target_token_ids
+from factedit.models.adapter import ModelAdapter
 
 
 @torch.no_grad()
@@ -34,6 +36,7 @@ def teacher_forced(model, tok, prompts: list[str], targets: list[str], batch_siz
     """Per (prompt, target): mean per-token NLL, the target's token ids, and the model's argmax
     at each target position. Right-padded batches with an attention mask."""
     device = next(model.parameters()).device
+    adapter = ModelAdapter(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     nll: list[float] = []
     tgt_ids: list[list[int]] = []
@@ -52,7 +55,8 @@ def teacher_forced(model, tok, prompts: list[str], targets: list[str], batch_siz
             seq = p + t[:-1]
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
-        logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+        with padding_safe(adapter, mask.to(device)):
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
         for b, (p, t) in enumerate(chunk):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=device)
             lp = logp[b, pos, torch.tensor(t, device=device)]
