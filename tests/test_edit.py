@@ -143,6 +143,44 @@ def test_second_moments_match_naive_and_are_cached(demo, tmp_path):
     assert not rep2.computed and torch.equal(again[("mlp", 1)], got[("mlp", 1)])
 
 
+class _BosTokenizer:
+    """The demo tokenizer made to start every input with BOS, as Llama's and Gemma's do."""
+
+    def __init__(self, tok, bos: int):
+        self.tok, self.bos_token_id, self.eos_token_id = tok, bos, tok.eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+def test_statistics_windows_start_with_bos_once_and_skip_it(demo):
+    from factedit.editing.stats import _chunks, bos_prefix
+
+    model, tok, _ = demo
+    texts = ["Ada was born in Paris.", "Bob plays the oboe. He keeps a pony."] * 5
+    stream = sum((tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts), [])
+    bos = next(i for i in range(len(tok)) if i not in stream)  # a token the texts never use
+    btok = _BosTokenizer(tok, bos=bos)
+    assert bos_prefix(btok) == [bos] and bos_prefix(tok) == []
+    windows = list(_chunks(btok, texts, 16))
+    assert all(w[0] == bos and bos not in w[1:] and len(w) <= 16 for w in windows)
+    assert sum((w[1:] for w in windows), []) == stream  # every corpus token once, in order
+    assert list(_chunks(tok, texts, 16)) == [stream[s: s + 16] for s in range(0, len(stream), 16)]
+    adapter = ModelAdapter(model)
+    got, rep = second_moments(adapter, btok, Corpus("t", texts), [("mlp", 1)], model_fingerprint(model),
+                              samples=10_000, max_length=16, use_cache=False, progress=False)
+    assert rep.tokens == len(stream)  # the BOS positions are not counted
+    keys = []
+    h = adapter.mlp_out(1).register_forward_pre_hook(lambda m, a: keys.append(a[0][0, 1:]))
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=torch.tensor([w]))
+    h.remove()
+    x = torch.cat(keys).double()
+    torch.testing.assert_close(got[("mlp", 1)].double(), x.T @ x / len(stream), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_value_rows_are_the_heads_value_vectors(family):
     """A rank-one update through ``value_rows`` changes exactly that KV head's value at the key

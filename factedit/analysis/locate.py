@@ -70,15 +70,12 @@ def world_related(model, tok, subject: str) -> set[int] | None:
 
 
 def config_for_model(model) -> LocateConfig:
-    """The analysis section recorded with a world model (e.g. the demo's window), else defaults."""
-    from factedit.recipes import from_dict
-    from factedit.world.generate import World
+    """The analysis section of the recipe that comes with the model (a world model's, or a named
+    real model's shipped recipe), else defaults."""
+    from factedit.recipes import from_dict, model_recipe_section
 
-    path = Path(str(getattr(model, "name_or_path", "") or "")) / "world.json"
-    if path.is_file():
-        analysis = World.load(path).meta.get("recipe", {}).get("analysis", {})
-        return from_dict(LocateConfig, analysis, where=f"{path} meta.recipe.analysis")
-    return LocateConfig()
+    section, where = model_recipe_section(model, "analysis")
+    return from_dict(LocateConfig, section, where=where)
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def cache_dir() -> Path:
 
 
 def _cache_path(fingerprint: str, kind: str, layer: int, corpus: Corpus, samples: int, max_length: int) -> Path:
-    key = f"{fingerprint}|{kind}|{layer}|{corpus.name}|{samples}|{max_length}"
+    key = f"{fingerprint}|{kind}|{layer}|{corpus.name}|{samples}|{max_length}|bos-windows"
     return cache_dir() / f"{kind}{layer}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
 
 
@@ -138,12 +138,13 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     acc: dict[tuple[str, int], torch.Tensor] = {}
     getters = {"mlp": adapter.mlp_out, "attn": adapter.attn}
     seen = {"n": 0}
+    skip = len(bos_prefix(tok))  # the BOS position is the model's, not the corpus's
     handles = []
     for site in todo:
         kind, layer = site
 
         def hook(module, args, kwargs, site=site):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = (args[0] if args else kwargs["hidden_states"])[:, skip:]  # (b, T - skip, n_in)
             x = x.reshape(-1, x.shape[-1]).to(torch.float64 if device.type == "cpu" else torch.float32)
             acc[site] = acc.get(site, 0) + x.T @ x
 
@@ -153,7 +154,7 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     try:
         for rows in _batches(_chunks(tok, corpus.texts, max_length), samples, batch):
             adapter.model(input_ids=torch.tensor(rows, device=device))  # (b, T): one pass, every site
-            n = sum(map(len, rows))
+            n = sum(len(r) - skip for r in rows)
             seen["n"] += n
             bar.update(n)
     finally:
@@ -194,15 +195,27 @@ def _batches(chunks: Iterator[list[int]], samples: int, batch: int) -> Iterator[
         yield group
 
 
+def bos_prefix(tok) -> list[int]:
+    """``[BOS]`` when the tokenizer starts every input with it (Llama, Gemma), else ``[]``
+    (GPT-2). Models trained that way treat position 0 as a sink; a window without it is input
+    the model never sees."""
+    ids = tok("a")["input_ids"]
+    bos = tok.bos_token_id
+    return [bos] if bos is not None and ids and ids[0] == bos else []
+
+
 def _chunks(tok, texts: Iterable[str], max_length: int) -> Iterator[list[int]]:
-    """The texts' tokens, concatenated with the EOS token between documents, cut into
-    ``max_length`` windows."""
+    """The texts' tokens (no special tokens), concatenated with the EOS token between
+    documents, cut into windows of ``max_length`` tokens that each start with the tokenizer's
+    BOS where it uses one (so no BOS lands mid-window; its position is not counted)."""
+    prefix = bos_prefix(tok)
+    width = max_length - len(prefix)
     buf: list[int] = []
     eos = tok.eos_token_id
     for t in texts:
-        buf += tok.encode(t) + ([eos] if eos is not None else [])
-        while len(buf) >= max_length:
-            yield buf[:max_length]
-            buf = buf[max_length:]
+        buf += tok(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        while len(buf) >= width:
+            yield prefix + buf[:width]
+            buf = buf[width:]
     if buf:
-        yield buf
+        yield prefix + buf
