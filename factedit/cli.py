@@ -2,28 +2,59 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import click
 
-from factedit.errors import FactEditError
+from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, FactEditError, shown
+from factedit.io import dumps_json
+
+MAX_ERROR_LINE = 1000  # characters of an error line: a message never echoes a whole (huge) value
+
+
+def _fail(message: str, code: int) -> None:
+    line = " ".join(message.split())  # one line
+    if len(line) > MAX_ERROR_LINE:
+        line = line[: MAX_ERROR_LINE - 3] + "..."
+    click.echo(f"error: {line}", err=True)
+    sys.exit(code)
 
 
 class _Group(click.Group):
-    """Turns factedit's own errors into one clear line and exit code 2."""
+    """Turns every failure into one line ``error: ...`` and an exit code that says what happened
+    (README, "What factedit promises"): 0 done (every edit passed), 1 an edit failed, 2 bad input
+    (factedit's own errors, and files or folders the system refuses), 3 an internal error."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FactEditError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc), exc.exit_code)
+        except OSError as exc:  # the system refused a path: a problem with the input, not a bug
+            where = f" {exc.filename}" if exc.filename else ""
+            _fail(f"cannot use{where}: {exc.strerror or exc} (check the path, its permissions and free space)",
+                  EXIT_BAD_INPUT)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except RecursionError:
+            _fail("an input is nested too deeply to be processed: check the files given", EXIT_BAD_INPUT)
+        except Exception as exc:  # a bug: say so in one line; the traceback on request
+            if os.environ.get("FACTEDIT_DEBUG"):
+                traceback.print_exc()
+            _fail(f"internal error ({type(exc).__name__}: {shown(str(exc))}): this is a bug in factedit; rerun "
+                  "with FACTEDIT_DEBUG=1 for the traceback and report it", EXIT_INTERNAL)
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="factedit")
 def main() -> None:
-    """factedit: locate, edit and verify facts through their recall circuits."""
+    """factedit: locate, edit and verify facts through their recall circuits.
+
+    Exit codes: 0 done (every edit passed); 1 an edit failed (verify judged it failed, or edit
+    could not move its target); 2 bad input (one line `error: ...`, nothing written); 3 an
+    internal error (a bug: please report it)."""
 
 
 @main.group()
@@ -35,13 +66,12 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def models_list(as_json: bool) -> None:
     """The named models and whether they are pulled."""
-    import json
 
     from factedit.models.zoo import listing
 
     rows = listing()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(dumps_json(rows, indent=2))
         return
     for r in rows:
         click.echo(f"{r['name']:14s} {'pulled' if r['pulled'] else 'not pulled':10s} {r['title']}")
@@ -96,17 +126,18 @@ def world_train(recipe_path: str, out: str, overwrite: bool, save_every_eval: bo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def world_eval(model_path: str | None, limit: int | None, as_json: bool) -> None:
     """Recall on the training templates and on the held-out templates."""
-    import json
 
     from factedit.models.loading import load_model
     from factedit.world.evaluate import evaluate_recall
     from factedit.world.generate import World
 
+    if limit is not None and limit < 1:
+        raise FactEditError(f"--limit must be at least 1, got {limit} (leave it out for every entity)")
     model, tok = load_model(model_path)
     world = World.load(model.name_or_path)
     rec = evaluate_recall(model, tok, world, max_entities=limit)
     if as_json:
-        click.echo(json.dumps(rec))
+        click.echo(dumps_json(rec))
         return
     click.echo(f"recall, training templates: {rec['recall_train_templates']:.2%} "
                f"of {rec['n_train_templates']} prompts")
@@ -121,12 +152,13 @@ def world_eval(model_path: str | None, limit: int | None, as_json: bool) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as_json: bool) -> None:
     """Measure the recall mechanism: knockout, attribute rate, extraction heads."""
-    import json
 
     from factedit.models.loading import load_model
     from factedit.world.generate import World
     from factedit.world.mechanism import measure_mechanism
 
+    if n_facts < 1:
+        raise FactEditError(f"--facts must be at least 1, got {n_facts}")
     model, tok = load_model(model_path)
     world = World.load(model.name_or_path)
     if window is None:
@@ -135,7 +167,7 @@ def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as
     full = {"summary": rep.summary(), "knockout": rep.knockout, "attribute_rate": rep.attribute_rate,
             "attribute_rate_control": rep.attribute_rate_control, "top_heads": rep.top_heads}
     if as_json:
-        click.echo(json.dumps(full))
+        click.echo(dumps_json(full))
         return
     for k, v in rep.summary().items():
         click.echo(f"{k:36s} {v}")
@@ -344,7 +376,7 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
                    + ("" if e["passed"] else f"  [{'; '.join(e['reasons'])}]"))
     click.echo(f"{s['passed']}/{s['n_edits']} edits pass; wrote {out}/report.json and {out}/report.html")
     if s["passed"] < s["n_edits"] and not no_fail:
-        sys.exit(1)
+        sys.exit(EXIT_EDIT_FAILED)
 
 
 @main.command()
@@ -358,6 +390,9 @@ def demo(model_path: str | None, out: str, n_facts: int, real_model: str) -> Non
     an audit), then the paper's picture on a real model."""
     from factedit.demo import run_demo
 
+    if n_facts < 2:
+        raise FactEditError(f"--facts must be at least 2 (half on training templates, half on held-out ones), "
+                            f"got {n_facts}")
     run_demo(model_path, out, n_facts, echo=click.echo, real_model=None if real_model == "none" else real_model)
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from factedit.io import atomic_write_text
+from factedit.io import atomic_write_text, dumps_json
 from factedit.models.loading import load_model
 from factedit.plots import attribute_rate_figure, head_heatmap, knockout_figure
 from factedit.world.evaluate import evaluate_recall
@@ -20,6 +19,10 @@ from factedit.world.mechanism import measure_mechanism
 @torch.no_grad()
 def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
              echo: Callable[[str], None] = print, real_model: str | None = "smollm2-135m") -> dict:
+    from factedit.paths import check_output_dir, model_dir
+
+    # before any work: never the model's folder, never a file; the demo rewrites its own files in OUT
+    check_output_dir(out, True, model_dir(model_path))
     if real_model:
         from factedit.models.zoo import pull
 
@@ -131,6 +134,6 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
         from factedit.demo_real import run_real_demo
 
         result["real_model"] = run_real_demo(real_model, out, mech.knockout, window, echo=echo)
-    atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "demo.json", dumps_json(result, indent=1))
     echo(f"\nwrote {out / 'demo.json'}")
     return result

@@ -5,6 +5,11 @@
   place in one step by :func:`commit_dir`. A process killed at any point leaves either the
   old folder (or none) or the complete new one. A killed run may leave its hidden sibling
   behind; the next successful commit to the same folder removes those of dead processes.
+- Permissions follow the umask, as any other tool's outputs: files ``0666 & ~umask``, folders
+  ``0777 & ~umask`` (``mkstemp``/``mkdtemp`` alone would make them 0600/0700).
+- JSON is strict (:func:`dumps_json`): NaN and infinities are written as ``null``.
+- Reading (:func:`read_text`, :func:`read_json`): bounded in size, UTF-8 only, and every
+  failure (missing, not UTF-8, invalid, nested too deeply) is a one-line :class:`FactEditError`.
 """
 
 from __future__ import annotations
@@ -12,12 +17,90 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import json
+import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
-from factedit.errors import OutputDirError
+from factedit.errors import FactEditError, OutputDirError
+
+_UMASK_LOCK = threading.Lock()
+MAX_JSON_BYTES = 256 * 2**20  # request files, datasets, manifests, configs
+MAX_RECIPE_BYTES = 2**20  # YAML recipes
+
+
+def umask() -> int:
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~umask()
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kw) -> str:
+    """Strict JSON, as other tools read it: NaN and inf become null (``allow_nan=False``)."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
+def atomic_write_json(path: Path, obj: Any, **kw) -> None:
+    atomic_write_text(path, dumps_json(obj, **kw))
+
+
+def read_text(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> str:
+    """A UTF-8 text file of at most ``limit`` bytes; anything else is a one-line error naming
+    ``what`` (e.g. "recipe file", "--dataset") and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactEditError(f"{what} {path} does not exist (or is not a file): check the path")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise FactEditError(f"{what} {path} cannot be read ({exc.strerror}): check its permissions") from None
+    if len(data) > limit:
+        raise FactEditError(f"{what} {path} is larger than {limit // 2**20} MiB: split it, or check that it is "
+                            "the right file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FactEditError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as "
+                            "UTF-8") from None
+
+
+def parse_json(text: str, what: str) -> Any:
+    """``json.loads`` whose failures are one-line errors (invalid, or nested too deeply)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FactEditError(f"{what} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise FactEditError(f"{what} is nested too deeply to be read: check the file") from None
+
+
+def read_json(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> Any:
+    return parse_json(read_text(path, what, limit), f"{what} {path}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -25,6 +108,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600: follow the umask instead
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -44,7 +128,9 @@ def staging_dir(out: Path) -> Path:
     """A new hidden folder beside ``out`` (same file system, so it can be renamed into place)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
+    os.chmod(staged, dir_mode())  # mkdtemp makes 0700: follow the umask instead
+    return staged
 
 
 def commit_dir(staged: Path, out: Path, *, own: frozenset[str] = frozenset(), overwrite: bool = False) -> None:

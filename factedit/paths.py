@@ -38,13 +38,28 @@ def demo_checkpoint() -> Path:
 
 
 def check_output_dir(out: str | Path, overwrite: bool, model_dir: str | Path | None = None) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite``, and an output folder inside (or
-    holding) ``model_dir``, the base model's folder. Never deletes anything."""
+    """Check an output folder before anything is computed, so that a run never fails only when
+    it writes: refuse a path that is a file (or a device), a symbolic link, the current folder
+    or one of its parents, a folder that cannot be written, a non-empty folder unless
+    ``overwrite``, and a folder inside (or holding) ``model_dir``, the base model's folder.
+    Never creates or deletes anything."""
     out = Path(out)
+    if not str(out).strip():
+        raise OutputDirError("--out is empty: give a folder path")
+    if out.is_symlink():
+        raise OutputDirError(f"--out {out} is a symbolic link: pass the folder it points to, or a new folder")
+    try:
+        resolved = out.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop above it
+        raise OutputDirError(f"--out {out} cannot be resolved ({exc}): choose another folder") from None
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out} is a file, not a folder: choose a folder path")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or out.name in (".", ".."):
+        raise OutputDirError(f"--out {out} is the current folder or holds it: choose a subfolder, e.g. "
+                             f"--out {Path(out) / 'factedit-out'}")
     if model_dir is not None and Path(model_dir).is_dir():
-        b, o = Path(model_dir).resolve(), out.resolve()
+        b, o = Path(model_dir).resolve(), resolved
         if o == b or b in o.parents or o in b.parents:
             raise OutputDirError(
                 f"--out {out} is inside (or holds) the model folder {model_dir}: factedit never writes to the "
@@ -54,7 +69,30 @@ def check_output_dir(out: str | Path, overwrite: bool, model_dir: str | Path | N
         raise OutputDirError(
             f"--out {out} exists and is not empty: choose a new folder or pass --overwrite"
         )
+    # the nearest folder that exists must be writable: the output (and its hidden staging
+    # sibling) is created there
+    probe = resolved
+    while not probe.exists():
+        probe = probe.parent
+    targets = [probe] if probe != resolved else [resolved, resolved.parent]
+    for t in targets:
+        if not t.is_dir():
+            raise OutputDirError(f"--out {out}: {t} is not a folder: choose a folder path")
+        if not _writable(t):
+            raise OutputDirError(f"--out {out}: the folder {t} is not writable: choose a folder you can write to")
     return out
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (tried, as permission bits alone do not say it
+    for root or on a read-only file system)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def model_dir(name_or_path: str | Path | None) -> Path | None:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from factedit.errors import FactEditError
+from factedit.errors import FactEditError, shown
 
 T = TypeVar("T")
 
@@ -39,35 +39,35 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
                 return _check_type(value, a, where)
             except RecipeError:
                 continue
-        raise RecipeError(f"{where}: expected {tp}, got {value!r}")
+        raise RecipeError(f"{where}: expected {tp}, got {shown(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
+            raise RecipeError(f"{where}: expected a list, got {shown(value)}")
         (arg,) = typing.get_args(tp) or (Any,)
         return [_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+            raise RecipeError(f"{where}: expected a mapping, got {shown(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
+            raise RecipeError(f"{where}: expected a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+            raise RecipeError(f"{where}: expected a finite number, got {shown(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+            raise RecipeError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+            raise RecipeError(f"{where}: expected true or false, got {shown(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
+            raise RecipeError(f"{where}: expected a string, got {shown(value)}")
         return value
     return value
 
@@ -80,11 +80,11 @@ def from_dict(cls: type[T], data: Any, where: str = "recipe") -> T:
         raise RecipeError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted((str(k) for k in set(data) - fields), key=str)
     if unknown:
-        raise RecipeError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(sorted(fields))}"
-        )
+        listed = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:10])
+        listed += ", ..." if len(unknown) > 10 else ""
+        raise RecipeError(f"{where}: unknown key(s) {listed}; allowed keys are {', '.join(sorted(fields))}")
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -93,14 +93,49 @@ def from_dict(cls: type[T], data: Any, where: str = "recipe") -> T:
     return obj
 
 
+MAX_RECIPE_VALUES = 100_000  # scalars and containers a recipe may expand to (YAML aliases included)
+
+
+def _count_values(data: Any, budget: int) -> int:
+    """How many values ``data`` expands to, counting a value shared through a YAML alias once per
+    use, stopping (and returning more than ``budget``) as soon as the budget is spent: so an
+    alias bomb is refused in bounded time, without expanding it."""
+    n, stack = 0, [data]
+    while stack:
+        v = stack.pop()
+        n += 1
+        if n > budget:
+            return n
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return n
+
+
 def load_yaml(path: str | Path) -> dict:
+    from factedit.io import MAX_RECIPE_BYTES, read_text
+
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = read_text(path, "recipe file", MAX_RECIPE_BYTES)
+    except RecipeError:
+        raise
+    except FactEditError as exc:
+        raise RecipeError(str(exc)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from exc
+        first = " ".join(str(exc).split())
+        raise RecipeError(f"recipe file {path} is not valid YAML: {first[:300]}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe file {path} is nested too deeply to be read: check the file") from None
+    if _count_values(data, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise RecipeError(f"recipe file {path} expands to more than {MAX_RECIPE_VALUES} values (YAML aliases "
+                          "repeated?): a recipe is a few keys; check the file")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
     return data

@@ -461,3 +461,237 @@ def test_pickle_and_remote_code_load_only_with_opt_in(art):
     model, _ = load_model(art["remote"])
     assert type(model).__module__.startswith("transformers.models.gpt2")
     assert not (art["root"] / "RAN").exists()
+
+
+# ---- reliability, round 2 (issue 19) ---------------------------------------------------------
+
+def _refused(res, words, code=2):
+    """One line ``error: ...`` holding ``words``, the last line of stderr, and exit ``code``."""
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    lines = res.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
+    assert len(errors[0]) <= 1000, len(errors[0])  # a message never echoes a huge value
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+def _adapter_copy(A, name: str, cfg=None, tensors=None, manifest=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = Path(shutil.copytree(A["adapter"], A["root"] / name))
+    if cfg is not None:
+        c = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps(cfg(c)))
+    if tensors is not None:
+        save_file(tensors(load_file(str(d / "adapter_model.safetensors"))), str(d / "adapter_model.safetensors"))
+    if manifest is not None:
+        (d / "edits.json").write_text(manifest((d / "edits.json").read_text()))
+    return d
+
+
+def _rename_lora(t: dict, part: str, fn) -> dict:
+    return {k: v for k, v in ((k, fn(v)) if part in k else (k, v) for k, v in t.items()) if v is not None}
+
+
+@pytest.fixture(scope="module")
+def art2(art):
+    """The artefacts of the round-2 bad inputs, built once."""
+    A = dict(art)
+    root = art["root"]
+    (root / "latin1.yaml").write_bytes("edit: {steps: 5}  # caf\xe9\n".encode("latin-1"))
+    (root / "latin1.json").write_bytes('[{"prompt": "{} was born in", "subject": "Caf\xe9", "attribute": "Paris"}]'
+                                       .encode("latin-1"))
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "singular.yaml").write_text("edit: {stats_samples: 1, ridge: 0, n_prefixes: 2, steps: 5}\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi"))
+    (root / "bomb.yaml").write_text(bomb + "edit: {mlp_layers: *i}\n")
+    (root / "name_template.json").write_text(json.dumps([{"template": "{name} was born in", "subject": "Roric Dunnford",
+                                                         "attribute": "Madrid"}]))
+    (root / "index_template.json").write_text(json.dumps([{"template": "{0} was born in", "subject": "Roric Dunnford",
+                                                          "attribute": "Madrid"}]))
+    req = {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris"}
+    (root / "empty_neighbour.json").write_text(json.dumps([{**req, "neighborhood_prompts": ["Ada was born in", ""]}]))
+    (root / "conflict.json").write_text(json.dumps([req, {**req, "prompt": "Roric Dunnford was born in",
+                                                          "target_new": "Tokyo"}]))
+    for name, layers in (("more_layers", 9), ("fewer_layers", 7)):
+        A[name] = _copy_demo(root, name)
+        cfg = json.loads((A[name] / "config.json").read_text())
+        (A[name] / "config.json").write_text(json.dumps({**cfg, "n_layer": layers}))
+    A["no_tensors"] = _copy_demo(root, "no_tensors")
+    from safetensors.torch import save_file
+    save_file({}, str(A["no_tensors"] / "model.safetensors"))
+    res = invoke(["locate", "--prompt", "{} plays the", "--subject", "Roric Dunnford",
+                  "--out", str(root / "loc_other")])
+    assert res.exit_code == 0, res.output
+    A["other_circuit"] = root / "loc_other" / "circuit.json"
+    A["audit_corrupt"] = root / "audit_corrupt"
+    A["audit_corrupt"].mkdir()
+    (A["audit_corrupt"] / "audit.json").write_text("[1, 2")
+    A["audit_list"] = root / "audit_list"
+    A["audit_list"].mkdir()
+    (A["audit_list"] / "audit.json").write_text("[1, 2]")
+    # hand-edited adapters
+    A["r0"] = _adapter_copy(A, "r0", cfg=lambda c: {**c, "r": 0, "rank_pattern": {}})
+    A["r_string"] = _adapter_copy(A, "r_string", cfg=lambda c: {**c, "r": "1", "rank_pattern": {}})
+    A["cfg_list"] = _adapter_copy(A, "cfg_list", cfg=lambda c: [c])
+    A["no_lora_b"] = _adapter_copy(A, "no_lora_b", tensors=lambda t: _rename_lora(t, "lora_B", lambda v: None))
+    A["a_transposed"] = _adapter_copy(A, "a_transposed", tensors=lambda t: _rename_lora(
+        t, "lora_A", lambda v: v.T.contiguous()))
+    A["manifest_truncated"] = _adapter_copy(A, "manifest_truncated", manifest=lambda m: m[: len(m) // 2])
+    A["manifest_incomplete"] = _adapter_copy(A, "manifest_incomplete", manifest=lambda m: json.dumps(
+        {k: v for k, v in json.loads(m).items() if k != "requests"}))
+    A["manifest_bad_plan"] = _adapter_copy(A, "manifest_bad_plan", manifest=lambda m: json.dumps(
+        {**json.loads(m), "plans": [{"mlp_layer": "seven", "heads": 3}]}))
+    return A
+
+
+# (id, arguments (A: the artefacts, O: the output folder), words of the message, model folder that must stay)
+CASES_2 = [
+    # class 1: inputs that raised a traceback
+    ("recipe-not-utf8", lambda A, Out: ["edit", "--recipe", str(A["root"] / "latin1.yaml"), *EDIT, "--out", Out],
+     ["recipe file", "not UTF-8"], None),
+    ("dataset-not-utf8", lambda A, Out: ["audit", "--dataset", str(A["root"] / "latin1.json"), "--out", Out],
+     ["--dataset", "not UTF-8"], None),
+    ("requests-nested-too-deeply", lambda A, Out: ["edit", "--requests", str(A["root"] / "deep.json"), "--out", Out],
+     ["nested too deeply"], None),
+    ("dataset-nested-too-deeply", lambda A, Out: ["audit", "--dataset", str(A["root"] / "deep.json"), "--out", Out],
+     ["nested too deeply"], None),
+    ("circuit-nested-too-deeply", lambda A, Out: ["edit", *EDIT, "--circuit", str(A["root"] / "deep.json"),
+                                                  "--out", Out],
+     ["nested too deeply"], None),
+    ("device-banana", lambda A, Out: ["edit", *EDIT, "--device", "banana", "--out", Out], ["'banana'", "not a device"],
+     None),
+    ("device-cuda-not-here", lambda A, Out: ["locate", *FACT, "--device", "cuda:99"], ["--device cuda:99", "GPU"],
+     None),
+    ("singular-statistics", lambda A, Out: ["edit", "--recipe", str(A["root"] / "singular.yaml"), *EDIT, "--out", Out],
+     ["singular", "edit.ridge", "edit.stats_samples"], None),
+    ("mechanism-facts-0", lambda A, Out: ["world", "mechanism", "--facts", "0"], ["--facts", "at least 1"], None),
+    ("demo-facts-0", lambda A, Out: ["demo", "--facts", "0", "--real-model", "none", "--out", Out], ["--facts"], None),
+    ("demo-out-dev-null", lambda A, Out: ["demo", "--real-model", "none", "--out", "/dev/null"], ["not a folder"],
+     None),
+    ("world-eval-limit-0", lambda A, Out: ["world", "eval", "--limit", "0"], ["--limit", "at least 1"], None),
+    ("world-eval-limit-negative", lambda A, Out: ["world", "eval", "--limit", "-1"], ["--limit", "at least 1"], None),
+    ("audit-template-with-a-name", lambda A, Out: ["audit", "--dataset", str(A["root"] / "name_template.json"),
+                                                 "--out", Out], ["record 0", "neither '{}'"], None),
+    ("audit-template-with-an-index", lambda A, Out: ["audit", "--dataset", str(A["root"] / "index_template.json"),
+                                                   "--out", Out], ["record 0", "neither '{}'"], None),
+    ("audit-header-corrupt", lambda A, Out: ["audit", "--limit", "4", "--out", str(A["audit_corrupt"])],
+     ["audit.json is corrupt", "--overwrite"], None),
+    ("audit-header-not-an-object", lambda A, Out: ["audit", "--limit", "4", "--out", str(A["audit_list"])],
+     ["audit.json is corrupt", "--overwrite"], None),
+    ("adapter-rank-0", lambda A, Out: ["verify", "--adapter", str(A["r0"]), "--out", Out],
+     ["not valid", "r must be a positive number"], None),
+    ("adapter-rank-a-string", lambda A, Out: ["verify", "--adapter", str(A["r_string"]), "--out", Out],
+     ["r must be a positive number", "'1'"], None),
+    ("adapter-config-a-list", lambda A, Out: ["verify", "--adapter", str(A["cfg_list"]), "--out", Out],
+     ["adapter_config.json holds a list"], None),
+    ("adapter-lora-b-missing", lambda A, Out: ["verify", "--adapter", str(A["no_lora_b"]), "--out", Out],
+     ["not lora_A and lora_B"], None),
+    ("adapter-lora-a-transposed", lambda A, Out: ["verify", "--adapter", str(A["a_transposed"]), "--out", Out],
+     ["the factors of", "needs"], None),
+    ("edits-json-truncated", lambda A, Out: ["verify", "--adapter", str(A["manifest_truncated"]), "--out", Out],
+     ["edits.json", "not valid JSON"], None),
+    ("edits-json-incomplete", lambda A, Out: ["verify", "--adapter", str(A["manifest_incomplete"]), "--out", Out],
+     ["edits.json", "'requests'"], None),
+    ("edits-json-bad-plan", lambda A, Out: ["verify", "--adapter", str(A["manifest_bad_plan"]), "--out", Out],
+     ["edits.json", "plan 0 is malformed"], None),
+    ("empty-neighbourhood-prompt", lambda A, Out: ["verify", "--adapter", str(A["adapter"]), "--requests",
+                                                 str(A["root"] / "empty_neighbour.json"), "--out", Out],
+     ["'neighborhood_prompts'", "non-empty strings"], None),
+    # class 3: wrong results reported as fine
+    ("config-more-layers-than-weights", lambda A, Out: ["edit", "--model", str(A["more_layers"]), *EDIT, "--out", Out],
+     ["do not match its config.json", "missing"], "more_layers"),
+    ("config-fewer-layers-than-weights", lambda A, Out: ["locate", "--model", str(A["fewer_layers"]), *FACT],
+     ["do not match its config.json", "does not describe"], "fewer_layers"),
+    ("safetensors-without-tensors", lambda A, Out: ["edit", "--model", str(A["no_tensors"]), *EDIT, "--out", Out],
+     ["holds no tensors"], "no_tensors"),
+    ("conflicting-requests", lambda A, Out: ["edit", "--requests", str(A["root"] / "conflict.json"), "--out", Out],
+     ["requests 0", "and 1", "conflict", "'Paris'", "'Tokyo'"], None),
+    ("circuit-for-another-relation", lambda A, Out: ["edit", *EDIT, "--circuit", str(A["other_circuit"]), "--out", Out],
+     ["located for the prompt 'Roric Dunnford plays the'", "'Roric Dunnford was born in'"], None),
+    ("subject-with-braces", lambda A, Out: ["edit", "--prompt", "Ro{}ric was born in", "--subject", "Ro{}ric",
+                                          "--target-new", "Paris", "--out", Out], ["'subject'", "contains '{}'"], None),
+    ("subject-with-braces-locate", lambda A, Out: ["locate", "--prompt", "Ro{}ric was born in", "--subject", "Ro{}ric"],
+     ["contains '{}'"], None),
+    # class 6: writing where it must not; unbounded input
+    ("demo-out-in-model-folder", lambda A, Out: ["demo", "--model", str(A["demo_copy"]), "--real-model", "none",
+                                               "--out", str(A["demo_copy"] / "figs")], ["model folder"], "demo_copy"),
+    ("yaml-alias-bomb", lambda A, Out: ["edit", "--recipe", str(A["root"] / "bomb.yaml"), *EDIT, "--out", Out],
+     ["expands to more than"], None),
+]
+
+
+@pytest.mark.parametrize("case", CASES_2, ids=[c[0] for c in CASES_2])
+def test_bad_input_round_2_is_one_line_exit_2_and_nothing_written(case, art2, tmp_path):
+    name, make_args, words, model_key = case
+    out = tmp_path / "out"
+    args = make_args(art2, str(out))
+    watched = [DEMO] + ([art2[model_key]] if model_key else [])
+    before = [tree_hash(m) for m in watched]
+    outs = [out, art2["audit_corrupt"], art2["audit_list"]]
+    before_out = [tree_hash(o) if o.exists() else None for o in outs]
+
+    res = invoke(args)
+
+    _refused(res, words)
+    assert [tree_hash(o) if o.exists() else None for o in outs] == before_out
+    assert not list(tmp_path.glob(".out.partial-*"))
+    assert [tree_hash(m) for m in watched] == before
+
+
+# ---- output locations: checked before anything is computed ---------------------------------
+
+def _loop(tmp: Path) -> str:
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return str(tmp / "loop")
+
+
+def _link_to_folder(tmp: Path) -> str:
+    (tmp / "real").mkdir()
+    (tmp / "link").symlink_to(tmp / "real")
+    return str(tmp / "link")
+
+
+def _read_only(tmp: Path) -> str:
+    return "/proc/factedit-out"  # a folder no one can create files in, even root
+
+
+OUTS = [  # (id, the --out to give, words)
+    ("symlink-loop", _loop, ["symbolic link"]),
+    ("symlink-to-a-folder", _link_to_folder, ["symbolic link"]),
+    ("in-a-read-only-folder", _read_only, ["not writable"]),
+    ("current-folder", lambda t: ".", ["current folder"]),
+    ("parent-folder", lambda t: "..", ["current folder"]),
+    ("a-device", lambda t: "/dev/null", ["not a folder"]),
+]
+COMMANDS = {  # command -> its arguments before --out
+    "edit": ["edit", *EDIT, "--overwrite"],
+    "locate": ["locate", *FACT, "--overwrite"],
+    "verify": ["verify", "--overwrite"],
+    "audit": ["audit", "--limit", "4", "--overwrite"],
+    "demo": ["demo", "--real-model", "none"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("case", OUTS, ids=[c[0] for c in OUTS])
+def test_output_location_is_checked_before_computing(case, command, tmp_path, monkeypatch):
+    import factedit.models.loading as loading
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output location was checked")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    _, make_out, words = case
+    out = make_out(work)
+    before = tree_hash(tmp_path)
+    _refused(invoke([*COMMANDS[command], "--out", out]), words)
+    assert tree_hash(tmp_path) == before

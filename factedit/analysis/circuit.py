@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from factedit.errors import FactEditError
-from factedit.io import atomic_write_text
+from factedit.io import atomic_write_text, dumps_json
 from factedit.recipes import RecipeError
 
 FORMAT = "factedit.recall_circuit/1"
@@ -130,7 +130,7 @@ class RecallCircuit:
         return dataclasses.asdict(self)
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return dumps_json(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_json())
@@ -157,6 +157,9 @@ class RecallCircuit:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CircuitError(f"{where} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise CircuitError(f"{where} is nested too deeply to be read: pass a circuit.json from `factedit locate`") \
+                from None
         return cls.from_dict(data, where)
 
     @classmethod
@@ -164,7 +167,13 @@ class RecallCircuit:
         path = Path(path)
         if not path.is_file():
             raise CircuitError(f"circuit file {path} does not exist")
-        return cls.from_json(path.read_text(), where=str(path))
+        from factedit.io import read_text
+
+        try:
+            text = read_text(path, "circuit file")
+        except FactEditError as exc:
+            raise CircuitError(str(exc)) from None
+        return cls.from_json(text, where=str(path))
 
     def summary(self) -> str:
         """A short human summary."""

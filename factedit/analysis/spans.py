@@ -38,6 +38,9 @@ def fill_prompt(prompt: str, subject: str) -> tuple[str, int]:
         raise FactEditError("the prompt is empty: give a template like '{} was born in' or a full prompt")
     if not subject.strip():
         raise FactEditError("the subject is empty: give the subject's exact text as it appears in the prompt")
+    if "{}" in subject:
+        raise FactEditError(f"the subject {subject[:80]!r} contains '{{}}', which marks the subject's place in a "
+                            "template: a subject cannot contain it")
     if "{}" in prompt:
         if prompt.count("{}") > 1:
             raise FactEditError(f"prompt {prompt!r} has more than one '{{}}': use exactly one for the subject")

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from factedit.errors import FactEditError
+from factedit.errors import FactEditError, shown
+from factedit.io import read_text
 
 
 class DatasetError(FactEditError):
@@ -63,7 +64,10 @@ def load_facts(path: str | Path) -> list[AuditFact]:
     if not path.is_file():
         raise DatasetError(f"--dataset {path}: no such file; give a JSON or JSONL file of facts, or "
                            f"{' or '.join(BUNDLED)}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text(path, "--dataset")
+    except FactEditError as exc:
+        raise DatasetError(str(exc)) from None
     try:
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -71,6 +75,8 @@ def load_facts(path: str | Path) -> list[AuditFact]:
             records = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"--dataset {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    except RecursionError:
+        raise DatasetError(f"--dataset {path} is nested too deeply to be read: check the file") from None
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list) or not records:
@@ -106,7 +112,8 @@ def _parse(rec, i: int, path: Path) -> list[dict]:
         relation = str(rw.get("relation_id", ""))
         cid = str(rec.get("case_id", i))
         prompts = [_fill(template, subject, i, path)]
-        prompts += [p for p in rec.get("paraphrase_prompts", []) if isinstance(p, str) and subject in p]
+        para = rec.get("paraphrase_prompts", [])
+        prompts += [p for p in (para if isinstance(para, list) else []) if isinstance(p, str) and subject in p]
         return [dict(prompt=p, subject=subject, attribute=attribute, relation=relation, group=cid,
                      source_id=f"{cid}:{k}") for k, p in enumerate(prompts)]
     subject = _field(rec, ("subject",), i, path)
@@ -123,9 +130,9 @@ def _parse(rec, i: int, path: Path) -> list[dict]:
 
 
 def _fill(template: str, subject: str, i: int, path: Path) -> str:
-    if "{}" in template:
-        return template.format(subject) if template.count("{}") == 1 else template.replace("{}", subject, 1)
+    if "{}" in template:  # replaced, never str.format: '{name}', '{0}' or a lone '{' stay as written
+        return template.replace("{}", subject, 1)
     if subject in template:
         return template
-    raise DatasetError(f"{path}: record {i}: the prompt {template!r} has neither '{{}}' nor the subject "
-                       f"{subject!r}: put '{{}}' where the subject goes")
+    raise DatasetError(f"{path}: record {i}: the prompt {shown(template)} has neither '{{}}' nor the subject "
+                       f"{shown(subject)}: put '{{}}' where the subject goes")

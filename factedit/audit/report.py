@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from factedit.audit.summary import POSITIONS, SOURCES, summarise
-from factedit.io import atomic_write_text
+from factedit.io import atomic_write_text, dumps_json
 from factedit.plots import attribute_rate_figure, head_heatmap, knockout_figure, plt, save_figure
 from factedit.verify.html import STYLE, embed_png
 
@@ -26,7 +25,7 @@ def write_outputs(out: Path, records: list[dict], header: dict, run: dict) -> di
     summary["run"] = run
     summary["model"] = header["model"]
     summary["dataset"] = header["dataset"]
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", dumps_json(summary, indent=1))
     figs = write_figures(out, summary, header)
     atomic_write_text(out / "report.html", render(summary, header, [out / f for f in figs]))
     return summary

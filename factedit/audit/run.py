@@ -13,7 +13,8 @@ recorded with ``status: "unknown"`` and left out of the aggregates, as in the pa
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -32,8 +33,8 @@ from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.audit.dataset import AuditFact
 from factedit.audit.store import FACTS, FactStore, merge
-from factedit.errors import FactEditError, OutputDirError
-from factedit.io import atomic_write_text
+from factedit.errors import FactEditError, OutputDirError, shown
+from factedit.io import MAX_JSON_BYTES, atomic_write_text, dumps_json, read_json
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
 
@@ -82,6 +83,8 @@ def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: s
     """One fact's record: its recall circuit if the model knows it, else why not."""
     rec = {"index": fact.index, "id": fact.source_id, "prompt": fact.prompt, "subject": fact.subject,
            "attribute": fact.attribute, "relation": fact.relation, "group": fact.group}
+    if fact.related is not None:
+        rec["related_sha"] = _sha(fact.related)
     try:
         tp = tokenize_with_subject(tok, fact.prompt, fact.subject)
         check_length(model, tp)
@@ -111,6 +114,60 @@ def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: s
     }
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def belongs(rec: dict, fact: AuditFact) -> bool:
+    """Whether a kept record was computed for ``fact`` (the same prompt, subject, attribute,
+    relation, group, id and related text): after the dataset file was edited or the selection
+    changed (e.g. ``--heldout`` renumbers the facts), a record under the same index may not."""
+    return (rec.get("prompt") == fact.prompt and rec.get("subject") == fact.subject
+            and rec.get("attribute") == fact.attribute and rec.get("relation") == fact.relation
+            and rec.get("group") == fact.group and rec.get("id") == fact.source_id
+            and rec.get("related_sha") == (None if fact.related is None else _sha(fact.related)))
+
+
+def _num(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _curve(x, n: int) -> bool:
+    return isinstance(x, list) and len(x) == n and all(_num(v) for v in x)
+
+
+def well_formed(rec: dict, n_layers: int, n_heads: int) -> bool:
+    """Whether a record read back from disk has the shape this audit writes (a hand-edited or
+    tampered line is recomputed rather than crash the summary)."""
+    try:
+        if rec.get("status") == "error":
+            return isinstance(rec.get("error"), str)
+        if not (isinstance(rec.get("prediction"), str) and _num(rec.get("prediction_prob"))
+                and _num(rec.get("attribute_prob"))):
+            return False
+        if rec["status"] == "unknown":
+            return True
+        if rec["status"] != "known":
+            return False
+        span = rec["subject_span"]
+        ok = (type(rec["n_tokens"]) is int and isinstance(span, list) and len(span) == 2
+              and all(type(v) is int for v in span) and 0 <= span[0] < span[1] <= rec["n_tokens"])
+        ok = ok and all(_curve(rec["knockout"][k], n_layers) for k in ("subject", "non_subject", "last"))
+        ok = ok and all(_curve(rec["sublayer_knockout"][k], n_layers) for k in ("mlp", "attn"))
+        ar = rec["attribute_rate"]
+        ok = ok and (ar is None or (isinstance(ar, dict) and all(_curve(v, n_layers + 1) for v in ar.values())))
+        pr = rec["projection_rank"]
+        ok = ok and isinstance(pr, dict) and all(k in pr for k in ("resid", "attn", "mlp"))
+        ok = ok and all(isinstance(h, list) and len(h) == 3 and type(h[0]) is int and type(h[1]) is int
+                        and 0 <= h[0] < n_layers and 0 <= h[1] < n_heads and _num(h[2])
+                        for h in rec["extraction_heads"])
+        ok = ok and all(isinstance(m, list) and len(m) == 2 and type(m[0]) is int and 0 <= m[0] < n_layers
+                        and _num(m[1]) for m in rec["enrichment_mlps"])
+        return bool(ok)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 def prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
     """Create the folder, or check that it holds an audit of the same model, dataset and
     config (then the run resumes, or extends it to another selection, e.g. a larger
@@ -119,26 +176,32 @@ def prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
     meta = out / "audit.json"
     if meta.is_file() and not overwrite:
         try:
-            old = json.loads(meta.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise OutputDirError(f"{meta} is corrupt ({exc.msg}): pass --overwrite to start the audit again") from exc
+            old = read_json(meta, "audit header", MAX_JSON_BYTES)
+        except FactEditError as exc:
+            raise OutputDirError(f"{meta} is corrupt ({exc}): pass --overwrite to start the audit again") from None
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise OutputDirError(f"{meta} is corrupt (not an audit header of format {FORMAT}): pass --overwrite to "
+                                 "start the audit again")
         for key in ("model_fingerprint", "dataset", "config"):
             if old.get(key) != header.get(key):
                 raise OutputDirError(
                     f"--out {out} holds an audit with another {key.replace('_', ' ')} "
-                    f"({old.get(key)!r} vs {header.get(key)!r}): use a new folder, or --overwrite to restart"
+                    f"({shown(old.get(key))} vs {shown(header.get(key))}): use a new folder, or --overwrite to restart"
                 )
         if old != header:  # another selection of the same dataset (e.g. a larger --limit): extend
-            atomic_write_text(meta, json.dumps(header, indent=1))
+            atomic_write_text(meta, dumps_json(header, indent=1))
         return
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputDirError(f"--out {out} exists and is not empty: choose a new folder or pass --overwrite")
-        for p in list(out.glob("facts.shard*.jsonl")) + list(out.glob("*.png")) + [out / n for n in OWN_FILES]:
-            if p.is_file():
+        from factedit.audit.report import FIGURES
+
+        # only the files an audit writes: the user's own (other figures included) stay
+        for p in list(out.glob("facts.shard*-of*.jsonl")) + [out / n for n in (*OWN_FILES, *FIGURES)]:
+            if p.is_file() and not p.is_symlink():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta, json.dumps(header, indent=1))
+    atomic_write_text(meta, dumps_json(header, indent=1))
 
 
 def select(facts: Sequence[AuditFact], relations: Sequence[str] | None, limit: int | None) -> list[AuditFact]:
@@ -163,17 +226,23 @@ def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, 
     fp = model_fingerprint(model)
     adapter = ModelAdapter(model)
     cfg = config.resolved(adapter.n_layers)
+    digest = hashlib.sha256(dumps_json([dataclasses.astuple(f) for f in facts]).encode()).hexdigest()[:16]
     header = {"format": FORMAT, "model": str(getattr(model, "name_or_path", "")), "model_fingerprint": fp,
-              "dataset": dataset_name, "n_facts": len(facts), "config": cfg.__dict__.copy(),
+              "dataset": dataset_name, "n_facts": len(facts), "facts_digest": digest, "config": cfg.__dict__.copy(),
               "n_layers": adapter.n_layers, "n_heads": adapter.n_heads}
     if shard.main:
         prepare_dir(out, header, overwrite)
     shard.barrier()
 
     store = FactStore(out, shard.rank, shard.world_size)
-    done = store.done()
+    kept = store.records()
     mine = [f for f in facts if f.index % shard.world_size == shard.rank]
-    todo = [f for f in mine if f.index not in done]
+
+    def done(f: AuditFact) -> bool:  # a record of this very fact, well formed: kept; else recomputed
+        r = kept.get(f.index)
+        return r is not None and belongs(r, f) and well_formed(r, adapter.n_layers, adapter.n_heads)
+
+    todo = [f for f in mine if not done(f)]
     if todo and shard.main:
         log(f"auditing {len(todo)} of {len(facts)} facts ({len(facts) - len(todo) * shard.world_size} done before)"
             if shard.world_size == 1 else f"auditing {len(facts)} facts on {shard.world_size} processes")
@@ -189,8 +258,13 @@ def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, 
     shard.barrier()
     if not shard.main:
         return None
-    chosen = {f.index for f in facts}
+    chosen = {f.index: f for f in facts}
     records = [r for r in merge(out) if r["index"] in chosen]  # the folder may hold other selections too
+    stale = [r["index"] for r in records if not belongs(r, chosen[r["index"]])
+             or not well_formed(r, adapter.n_layers, adapter.n_heads)]
+    if stale:  # another process's record that does not match: never summarised as this fact
+        raise OutputDirError(f"--out {out}: the records of facts {stale[:5]} do not match this dataset: rerun to "
+                             "recompute them, or --overwrite to restart")
     return write_outputs(out, records, header, {"facts_this_run": len(todo), "seconds_this_run": round(seconds, 2),
                                                 "processes": shard.world_size})
 

@@ -3,8 +3,10 @@
 One process appends to ``facts.jsonl``; under data parallelism process r of W appends to
 ``facts.shard<r>-of<W>.jsonl``. A record is one line, written with a single ``write`` and
 fsynced, so a kill leaves at worst a torn last line. Reading drops torn or unparsable lines
-(rewriting the file atomically without them), so those facts are recomputed. ``merge`` folds
-the shards into ``facts.jsonl`` (deduplicated by fact index, sorted) with one atomic rename,
+(rewriting the file atomically without them), so those facts are recomputed. A record that no
+longer belongs to its fact (the dataset or the selection changed) is recomputed and appended;
+the later record of an index wins. ``merge`` folds the shards into ``facts.jsonl``
+(deduplicated by fact index, sorted) with one atomic rename,
 and only then removes the shards: killed at any point, nothing is lost or doubled.
 """
 
@@ -14,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from factedit.io import atomic_write_text
+from factedit.io import atomic_write_text, dumps_json
 
 FACTS = "facts.jsonl"
 
@@ -42,7 +44,7 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
             bad += 1
     torn = not data.endswith(b"\n") and len(data) > 0
     if repair and (bad or torn):
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in good))
+        atomic_write_text(path, "".join(dumps_json(r, sort_keys=True) + "\n" for r in good))
     return good
 
 
@@ -55,14 +57,19 @@ class FactStore:
 
     def done(self) -> set[int]:
         """Indices recorded in ``facts.jsonl`` or in any shard (own file repaired)."""
-        idx = {r["index"] for r in read_records(self.out / FACTS, repair=self.path.name == FACTS)}
+        return set(self.records())
+
+    def records(self) -> dict[int, dict]:
+        """The records in ``facts.jsonl`` and in every shard by index, the latest of each (own
+        file repaired). The caller checks that each still belongs to its fact."""
+        by_index = {r["index"]: r for r in read_records(self.out / FACTS, repair=self.path.name == FACTS)}
         for shard in sorted(self.out.glob("facts.shard*.jsonl")):
-            idx |= {r["index"] for r in read_records(shard, repair=shard == self.path)}
-        return idx
+            by_index.update({r["index"]: r for r in read_records(shard, repair=shard == self.path)})
+        return by_index
 
     def append(self, record: dict) -> None:
-        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = (dumps_json(record, sort_keys=True) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # minus the umask
         try:
             os.write(fd, line)
             os.fsync(fd)
@@ -76,11 +83,11 @@ def merge(out: Path) -> list[dict]:
     out = Path(out)
     shards = sorted(out.glob("facts.shard*.jsonl"))
     by_index: dict[int, dict] = {}
-    for path in [out / FACTS, *shards]:
+    for path in [out / FACTS, *shards]:  # oldest first: a record recomputed later replaces the stale one
         for rec in read_records(path):
-            by_index.setdefault(rec["index"], rec)
+            by_index[rec["index"]] = rec
     records = [by_index[i] for i in sorted(by_index)]
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    text = "".join(dumps_json(r, sort_keys=True) + "\n" for r in records)
     if not (out / FACTS).is_file() or (out / FACTS).read_text(encoding="utf-8") != text:
         atomic_write_text(out / FACTS, text)
     for s in shards:

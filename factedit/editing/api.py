@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from factedit.analysis.circuit import RecallCircuit
 from factedit.editing.config import EditConfig
 from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import EditResult, compute_edit
-from factedit.editing.requests import EditRequest, load_requests
-from factedit.errors import FactEditError
+from factedit.editing.requests import EditRequest, check_conflicts, load_requests
+from factedit.errors import EditFailedError, FactEditError, shown
 from factedit.models.fingerprint import model_fingerprint
 
 
@@ -54,6 +57,7 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
         requests = load_requests(requests)
     elif isinstance(requests, EditRequest):
         requests = [requests]
+    check_conflicts(requests)
     if out is not None:
         check_output_dir(out, overwrite, base_model_dir(model))
     if model is None or isinstance(model, (str, Path)):
@@ -63,12 +67,64 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     elif tokenizer is None:
         raise FactEditError("edit: pass the tokenizer together with a loaded model")
     cfg = config or edit_config_for_model(model)
+    check_target_true(requests, model, tokenizer, log)
     corpus = resolve_corpus(model, tokenizer, _world(model), stats_corpus, model_fingerprint(model),
                             cfg.stats_samples, log=log)
     result = compute_edit(requests, model, tokenizer, corpus, cfg=cfg, circuits=circuits, mode=mode,
                           progress=progress, log=log)
+    check_moved(result)
     if out is not None:
         from factedit.editing.export import save_edit
 
         save_edit(result, out, model, tokenizer, merge=merge, circuits=result.circuits, overwrite=overwrite)
     return result
+
+
+MOVED_NLL = 1e-3  # the least fall of the target's NLL (nats) that counts as moving it
+ALREADY_MET_NLL = 0.1  # a target the model already gives p >= 0.9 needs no move
+
+
+def check_moved(result: EditResult) -> None:
+    """An edit that did not move its target is a failure, not a success: a fit that diverged
+    (an absurd ``lr``) or stalled leaves the target's NLL where it was, or an update of zero.
+    Refused before anything is saved (exit code 1 at the command line)."""
+    bad = []
+    for i, (req, nll) in enumerate(zip(result.requests, result.nll)):
+        before, after = float(nll["before"]), float(nll["after_fit"])
+        if not math.isfinite(after) or (after > before - MOVED_NLL and after > ALREADY_MET_NLL):
+            bad.append(f"request {i} ({shown(req.filled_prompt)} -> {shown(req.target_new)}): target NLL "
+                       f"{before:.2f} -> {after:.2f}")
+    norms = result.delta.norms()
+    if not bad and (not norms or not any(v > 0 for v in norms.values())) and any(
+            float(n["before"]) > ALREADY_MET_NLL for n in result.nll):
+        bad.append("the update is zero")
+    if bad:
+        raise EditFailedError(f"the edit did not move its target ({'; '.join(bad[:3])}"
+                              + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+                              + "): nothing was saved; check edit.lr and edit.steps in the recipe "
+                              "(a diverging fit leaves the target where it was), or the target")
+
+
+@torch.no_grad()
+def check_target_true(requests: list[EditRequest], model, tok, log: Callable[[str], None]) -> None:
+    """Warn when a request's ``target_true`` is not what the model predicts (its first token is
+    not the model's top next token): the edit then changes a fact the model does not hold."""
+    from factedit.analysis.locate import target_token_ids
+
+    device = next(model.parameters()).device
+    for i, req in enumerate(requests):
+        if req.target_true is None:
+            continue
+        prompt = req.filled_prompt
+        try:
+            want = target_token_ids(tok, prompt, req.target_true)[0]
+        except FactEditError:
+            continue
+        ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+        limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and ids.shape[1] > limit:
+            continue  # refused later, with the fix
+        top = int(model(input_ids=ids).logits[0, -1].argmax())
+        if top != want:
+            log(f"warning: request {i}: the model predicts {tok.decode([top])!r} after {shown(prompt)}, not the "
+                f"target_true {shown(req.target_true)}: the edit changes a fact the model does not hold as given")

@@ -23,7 +23,7 @@ import torch
 
 from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
 from factedit.errors import FactEditError
-from factedit.io import atomic_write_text
+from factedit.io import atomic_write_text, dumps_json
 
 SAMPLED, PYDOC = "sampled", "pydoc"
 BUILTIN = (SAMPLED, PYDOC)
@@ -107,5 +107,5 @@ def sampled_corpus(model, tok, fingerprint: str, tokens: int, new_tokens: int = 
         log(f"sampling {n_texts} texts of up to {new_tokens} tokens from the model for the key statistics "
             "(once per model; pass --stats-corpus to use your own text)")
         texts = sample_texts(model, tok, n_texts, new_tokens, seed)
-        atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+        atomic_write_text(path, "".join(dumps_json({"text": t}) + "\n" for t in texts))
     return Corpus(f"sampled-{digest}", texts)

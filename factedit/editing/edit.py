@@ -264,6 +264,10 @@ def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: 
     if c.subject != req.subject:
         raise CircuitError(f"circuit {i} was located for the subject {c.subject!r}, {_where(i, req)} edits "
                            f"{req.subject!r}: pass one circuit per request, in the requests' order")
+    if c.prompt != req.filled_prompt:  # another relation or template of the same subject
+        raise CircuitError(f"circuit {i} was located for the prompt {c.prompt!r}, {_where(i, req)} edits "
+                           f"{req.filled_prompt!r}: locate this prompt (`factedit locate`), or pass the circuit "
+                           "located for it")
 
 
 def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log) -> None:

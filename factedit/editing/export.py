@@ -16,7 +16,6 @@ the complete new one, never a mix.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 import factedit
 from factedit.editing.edit import EditResult
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
-from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, staging_dir
+from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps_json, staging_dir
 
 EDITS_FORMAT = "factedit.edits/1"
 
@@ -95,10 +94,10 @@ def save_edit(result: EditResult, out: str | Path, model, tok, *, merge: bool = 
         atomic_write_bytes(staged / "adapter_model.safetensors",
                            safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}))
         atomic_write_text(staged / "adapter_config.json",
-                          json.dumps(adapter_config(delta, result.base_model), indent=1, sort_keys=True))
+                          dumps_json(adapter_config(delta, result.base_model), indent=1, sort_keys=True))
         if merge:
             _write_merged(delta, staged / "merged", model, tok)
-        atomic_write_text(staged / "edits.json", json.dumps(manifest(result, circuits), indent=1))
+        atomic_write_text(staged / "edits.json", dumps_json(manifest(result, circuits), indent=1))
         names = sorted(p.name for p in staged.iterdir())
         commit_dir(staged, out, own=OWN, overwrite=overwrite)
     except BaseException:

@@ -22,6 +22,7 @@ from factedit.analysis.hooks import as_btd, attention_masks, causal_mask, paddin
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
 from factedit.editing.values import pad_right
+from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
 
 
@@ -123,6 +124,21 @@ def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], pre
     return resid / gain.to(resid.device)
 
 
+class SingularSolveError(FactEditError):
+    pass
+
+
+def _solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve``; a singular system (too few statistics samples for the key space,
+    and no ridge) is a one-line error naming the recipe values to change."""
+    try:
+        return torch.linalg.solve(A, B)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError
+        raise SingularSolveError(
+            "the key statistics are singular, so the update cannot be solved for: raise edit.ridge above 0 "
+            f"(e.g. 1e-4) or edit.stats_samples in the recipe ({str(exc).splitlines()[0][:120]})") from None
+
+
 def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:
     """C + ridge * mean(diag C) * I, in float64 (well conditioned for the solves)."""
     C = C.double()
@@ -148,11 +164,11 @@ def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: flo
     if kept is not None and len(kept[0]):
         Kp = kept[0].double()
         Creg = Creg + Kp.T @ Kp / kept[1]
-    Ci_k = torch.linalg.solve(Creg, key.double())  # (in,)
+    Ci_k = _solve(Creg, key.double())  # (in,)
     a = Ci_k / (key.double() @ Ci_k)
     if null_keys is not None and len(null_keys):
         K = torch.cat([key[None], null_keys], 0).double().T  # (in, 1 + m)
-        Ci_K = torch.linalg.solve(Creg, K)
+        Ci_K = _solve(Creg, K)
         G = K.T @ Ci_K
         # where a null key is (nearly) the key itself, both cannot hold: keep ROME's update.
         # Likewise where holding them would cost over NULL_MAX_COST times ROME's update (in
@@ -160,7 +176,7 @@ def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: flo
         if torch.linalg.cond(G) < 1e8:
             e1 = torch.zeros(K.shape[1], dtype=K.dtype, device=K.device)
             e1[0] = 1
-            g = torch.linalg.solve(G, e1)
+            g = _solve(G, e1)
             if float(g[0]) * float(key.double() @ Ci_k) <= NULL_MAX_COST:  # cost ratio (>= 1)
                 a = Ci_K @ g
     return delta.double()[:, None].float(), a[None].float()
@@ -172,5 +188,5 @@ def least_squares(C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, lam:
     A = K (λ C + K^T K)^-1 (n, in)."""
     K = keys.double()
     M = lam * regularised(C, ridge) + K.T @ K  # (in, in)
-    A = torch.linalg.solve(M, K.T).T  # (n, in), M symmetric
+    A = _solve(M, K.T).T  # (n, in), M symmetric
     return resid.double().T.float(), A.float()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factedit.errors import FactEditError
+from factedit.errors import FactEditError, shown
 
 
 class RequestError(FactEditError):
@@ -75,17 +75,35 @@ def request_problem(prompt, subject, target_new, target_true) -> str | None:
     """What is wrong with a request's fields, naming the field and the fix; None when valid."""
     for name, v in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
         if not isinstance(v, str) or not v.strip():
-            return f"field {name!r} must be a non-empty string, got {v!r}"
+            return f"field {name!r} must be a non-empty string, got {shown(v)}"
     if target_true is not None and not isinstance(target_true, str):
-        return f"field 'target_true' must be a string, got {target_true!r}"
+        return f"field 'target_true' must be a string, got {shown(target_true)}"
+    if "{}" in subject:
+        return (f"field 'subject' contains '{{}}' ({shown(subject)}), which marks the subject's place in a "
+                "template: a subject cannot contain it")
     if prompt.count("{}") > 1:
-        return f"field 'prompt' has more than one '{{}}' ({prompt!r}): use exactly one, for the subject"
+        return f"field 'prompt' has more than one '{{}}' ({shown(prompt)}): use exactly one, for the subject"
     if "{}" not in prompt and subject not in prompt:
-        return (f"the subject {subject!r} does not occur in the prompt {prompt!r} (field 'prompt'): "
+        return (f"the subject {shown(subject)} does not occur in the prompt {shown(prompt)} (field 'prompt'): "
                 "write the prompt as a template with '{}'")
     if target_true is not None and target_true.strip() == target_new.strip():
-        return f"fields 'target_new' and 'target_true' are equal ({target_new!r}): nothing to edit"
+        return f"fields 'target_new' and 'target_true' are equal ({shown(target_new)}): nothing to edit"
     return None
+
+
+def check_conflicts(requests: list[EditRequest]) -> None:
+    """Refuse two requests that ask the same prompt about the same subject for different new
+    targets: both cannot be fitted, and reporting both as fitted would be false."""
+    seen: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+    for i, r in enumerate(requests):
+        key = (r.filled_prompt.strip(), r.subject.strip())
+        if key in seen and seen[key][1].target_new.strip() != r.target_new.strip():
+            j, other = seen[key]
+            raise RequestError(
+                f"requests {j} ({other.case_id!r}) and {i} ({r.case_id!r}) conflict: both edit "
+                f"{shown(r.filled_prompt)} about {shown(r.subject)}, to {shown(other.target_new)} and to "
+                f"{shown(r.target_new)}: keep one of them")
+        seen.setdefault(key, (i, r))
 
 
 def _str(rec: dict, key: str, where: str, optional: bool = False) -> str | None:
@@ -99,14 +117,14 @@ def _str(rec: dict, key: str, where: str, optional: bool = False) -> str | None:
     if isinstance(v, dict) and "str" in v:  # CounterFact's {"str": ..., "id": ...}
         v = v["str"]
     if not isinstance(v, str):
-        raise RequestError(f"{where}: field {key!r} must be a string (or {{\"str\": ...}}), got {v!r}")
+        raise RequestError(f"{where}: field {key!r} must be a string (or {{\"str\": ...}}), got {shown(v)}")
     return v
 
 
 def _str_list(rec: dict, key: str, where: str) -> list[str]:
     v = rec.get(key, [])
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise RequestError(f"{where}: field {key!r} must be a list of strings")
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise RequestError(f"{where}: field {key!r} must be a list of non-empty strings")
     return list(v)
 
 
@@ -116,9 +134,9 @@ def parse_record(rec: Any, index: int) -> EditRequest:
         raise RequestError(f"{where}: expected an object, got {type(rec).__name__}")
     case_id = rec.get("case_id")
     if case_id is not None:
-        where += f" (case_id {case_id!r})"
+        where += f" (case_id {shown(case_id)})"
         if isinstance(case_id, bool) or not isinstance(case_id, (str, int)):
-            raise RequestError(f"{where}: field 'case_id' must be a string or an integer, got {case_id!r}")
+            raise RequestError(f"{where}: field 'case_id' must be a string or an integer, got {shown(case_id)}")
     if "requested_rewrite" in rec:
         rw = rec["requested_rewrite"]
         if not isinstance(rw, dict):
@@ -137,17 +155,20 @@ def parse_record(rec: Any, index: int) -> EditRequest:
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
+    from factedit.io import read_text
+
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"request file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(f"request file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                           "save it as UTF-8 JSON or JSONL") from None
+        text = read_text(path, "request file")
+    except FactEditError as exc:
+        raise RequestError(str(exc)) from None
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
+    except RecursionError:
+        raise RequestError(f"request file {path} is nested too deeply to be read: check the file") from None
     except json.JSONDecodeError as whole:
         records = []
         for i, line in enumerate(text.splitlines(), start=1):
@@ -155,6 +176,8 @@ def load_requests(path: str | Path) -> list[EditRequest]:
                 continue
             try:
                 records.append(json.loads(line))
+            except RecursionError:
+                raise RequestError(f"request file {path}: line {i} is nested too deeply to be read") from None
             except json.JSONDecodeError as exc:
                 first = str(whole) if i == 1 else str(exc)
                 raise RequestError(f"request file {path} is neither JSON nor JSONL: line {i}: {first}") from exc

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as tf_logging
 
 from factedit.errors import FactEditError, ModelLoadError
 from factedit.models import zoo
@@ -77,10 +78,49 @@ def check_safetensors(path: Path) -> None:
             except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
                 problem = "its header is not valid"
             else:
-                if 8 + n + max(ends, default=0) > size:
+                if not ends:
+                    problem = "it holds no tensors"
+                elif 8 + n + max(ends, default=0) > size:
                     problem = f"it holds {size} bytes of the {8 + n + max(ends)} its header describes"
     if problem is not None:
         raise ModelLoadError(f"{path} is truncated or corrupt ({problem}): re-download or re-save the checkpoint")
+
+
+def resolve_device(device: str | None) -> torch.device | None:
+    """``--device`` checked before anything is loaded: a device torch knows and this machine has."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ModelLoadError(f"--device {device}: this machine has no CUDA GPU: leave --device out (CPU)")
+        if dev.index is not None and dev.index >= n:
+            raise ModelLoadError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"--device {device}: MPS is not available here: leave --device out (CPU)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"--device {device}: factedit runs on cpu, cuda or mps")
+    return dev
+
+
+def _check_weights_match(info: dict, source: str) -> None:
+    """Refuse a checkpoint whose weights do not match its config (more or fewer layers, other
+    names): transformers would fill the missing weights at random, and drop the unexpected."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weight(s) the config needs are missing ({', '.join(missing[:3])}"
+                         + (", ..." if len(missing) > 3 else "") + ")")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) the config does not describe ({', '.join(unexpected[:3])}"
+                         + (", ..." if len(unexpected) > 3 else "") + ")")
+        raise ModelLoadError(f"the weights in {source} do not match its config.json: {'; '.join(parts)}: restore "
+                             "the checkpoint's config.json and weights from the same save")
 
 
 def load_model(
@@ -102,6 +142,7 @@ def load_model(
     ``attn_implementation="eager"`` (the default here), so that attention masks added
     by factedit reach the attention logits in every family.
     """
+    dev = resolve_device(device)
     source = str(demo_checkpoint()) if name_or_path is None else zoo.resolve(str(name_or_path), echo=_say)
     local = Path(source)
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
@@ -115,15 +156,23 @@ def load_model(
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         family_for(config.model_type)  # (a hub model: once its config is read)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            dtype=resolve_dtype(dtype),
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            use_safetensors=None if allow_pickle else True,
-            trust_remote_code=trust_remote_code,
-        )
+        verbosity = tf_logging.get_verbosity()
+        tf_logging.set_verbosity_error()  # its load report of missing weights: refused below, in one line
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                dtype=resolve_dtype(dtype),
+                device_map=device_map,
+                attn_implementation=attn_implementation,
+                use_safetensors=None if allow_pickle else True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+        finally:
+            tf_logging.set_verbosity(verbosity)
+        model, info = model
+        _check_weights_match(info, source)
     except FactEditError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
@@ -131,8 +180,8 @@ def load_model(
         raise ModelLoadError(f"could not load model from {source}: {type(exc).__name__}: {first} "
                              "(check that it is a complete Hugging Face checkpoint: config.json, "
                              "*.safetensors weights and tokenizer files)") from exc
-    if device is not None and device_map is None:
-        model.to(device)
+    if dev is not None and device_map is None:
+        model.to(dev)
     model.eval()
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factedit.errors import ModelLoadError
-from factedit.io import atomic_write_text, commit_dir, staging_dir
+from factedit.io import atomic_write_text, commit_dir, dumps_json, staging_dir
 
 MANIFEST = "factedit-model.json"
 
@@ -208,7 +207,7 @@ def _dequantise(paths: list[Path], out: Path, gguf_name: str, meta: dict, digest
         cfg.pop("quantization_config", None)
         cfg["dtype"] = "float32"
         cfg.pop("torch_dtype", None)
-        atomic_write_text(stage / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(stage / "config.json", dumps_json(cfg, indent=2, sort_keys=True) + "\n")
         tok.save_pretrained(str(stage))  # staging folder
         _check_tokenizer_round_trip(tok, stage)
         if (stage / "src").exists():
@@ -217,7 +216,7 @@ def _dequantise(paths: list[Path], out: Path, gguf_name: str, meta: dict, digest
                     "model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers"),
                     "seconds": round(time.perf_counter() - t0, 1),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(stage / MANIFEST, dumps_json(manifest, indent=2) + "\n")
         commit_dir(stage, out, own=frozenset(p.name for p in stage.iterdir()), overwrite=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

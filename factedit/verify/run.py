@@ -3,7 +3,7 @@ checkpoint), check every edit, and write ``report.json`` and a self-contained ``
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -15,8 +15,8 @@ from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.locate import config_for_model
 from factedit.editing.requests import EditRequest, load_requests, parse_record
 from factedit.editing.weights import WeightDelta, applied
-from factedit.errors import FactEditError
-from factedit.io import atomic_write_text
+from factedit.errors import FactEditError, shown
+from factedit.io import atomic_write_text, dumps_json, read_json
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
 from factedit.verify.checks import EditReport, Neighbour, VerifyOptions, verify_edit, world_prompts
@@ -34,33 +34,142 @@ def check_adapter_folder(path: Path) -> tuple[Path, Path]:
     return cfg_path, w_path
 
 
-def load_adapter_delta(path: str | Path, model) -> WeightDelta:
-    """A PEFT LoRA adapter folder as a WeightDelta (B scaled by alpha / r)."""
+class AdapterError(FactEditError):
+    pass
+
+
+# adapter_config.json options that change what the adapter computes and that factedit does not
+# reproduce: refused rather than judged wrongly
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+                "modules_to_save": None, "use_qalora": False, "bias": "none"}
+_PREFIX = "base_model.model."
+
+
+def _bad_adapter(path: Path, problem: str) -> AdapterError:
+    return AdapterError(f"the adapter in {path} is not valid: {problem}: pass a folder written by `factedit edit` "
+                        "(or re-create the adapter)")
+
+
+def load_adapter_config(path: Path) -> dict:
+    cfg_path, _ = check_adapter_folder(path)
+    cfg = read_json(cfg_path, "adapter config")
+    if not isinstance(cfg, dict):
+        raise _bad_adapter(path, f"adapter_config.json holds a {type(cfg).__name__}, not an object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise _bad_adapter(path, f"peft_type is {shown(cfg.get('peft_type'))}; factedit checks LoRA adapters")
+    for key, default in _UNSUPPORTED.items():
+        if cfg.get(key, default) not in (default, None, False, [], {}):
+            raise _bad_adapter(path, f"{key} is {shown(cfg.get(key))}, which factedit's verify does not reproduce")
+
+    def positive(v, where):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise _bad_adapter(path, f"{where} must be a positive number, got {shown(v)}")
+        return v
+
+    positive(cfg.get("r", 8), "r")
+    positive(cfg.get("lora_alpha", 8), "lora_alpha")
+    for pat in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(pat) or {}
+        if not isinstance(v, dict):
+            raise _bad_adapter(path, f"{pat} must be an object, got {shown(v)}")
+        for k, x in v.items():
+            positive(x, f"{pat}[{k!r}]")
+    tm = cfg.get("target_modules")
+    if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise _bad_adapter(path, f"target_modules must be a list of module names or a regex, got {shown(tm)}")
+    return cfg
+
+
+def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lambda m: None) -> WeightDelta:
+    """A PEFT LoRA adapter folder as a WeightDelta, judged as plain peft loads it: only the
+    modules its ``target_modules`` select take their LoRA weights (B scaled by alpha / r, or
+    alpha / sqrt(r) with ``use_rslora``); weights for other modules are dropped, as peft drops
+    them. A malformed config or weights (a rank of 0, a missing or transposed factor) are
+    refused."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
     path = Path(path)
-    cfg_path, w_path = check_adapter_folder(path)
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise FactEditError(f"{cfg_path} is not valid JSON ({exc}): pass a folder written by `factedit edit`") from None
+    _, w_path = check_adapter_folder(path)
+    cfg = load_adapter_config(path)
     try:
         tensors = load_file(str(w_path))
     except Exception as exc:  # safetensors raises its own error types
         raise FactEditError(f"{w_path} is not a readable safetensors file: {exc}") from exc
+    known = set(LoraConfig.__dataclass_fields__)
+    try:
+        lcfg = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as exc:
+        raise _bad_adapter(path, f"peft cannot read adapter_config.json ({str(exc).splitlines()[0][:200]})") from None
     adapter = ModelAdapter(model)
     delta = WeightDelta(conv1d=adapter.spec.conv1d)
-    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in tensors})
-    for name in names:
+    names = {}
+    for k in tensors:
+        if not k.startswith(_PREFIX) or ".lora_" not in k:
+            raise _bad_adapter(path, f"the weight {shown(k)} is not a LoRA factor of the base model")
+        name, part = k[len(_PREFIX):].rsplit(".lora_", 1)
+        names.setdefault(name, set()).add(part)
+    dropped = []
+    for name in sorted(names):
+        if names[name] != {"A.weight", "B.weight"}:
+            raise _bad_adapter(path, f"{name} has the LoRA factor(s) {sorted(names[name])}, not lora_A and lora_B")
         try:
-            model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError as exc:
             raise AdapterMismatchError(f"the adapter edits {name}, which this model does not have: it was made "
                                        "for another model") from exc
-        a = tensors[f"base_model.model.{name}.lora_A.weight"]
-        b = tensors[f"base_model.model.{name}.lora_B.weight"]
-        r = cfg.get("rank_pattern", {}).get(name, cfg.get("r", a.shape[0]))
-        alpha = cfg.get("alpha_pattern", {}).get(name, cfg.get("lora_alpha", r))
-        delta.add(name, b * (alpha / r), a)
+        if not check_target_module_exists(lcfg, name):
+            dropped.append(name)  # peft does not wrap this module: its weights are not loaded
+            continue
+        a = tensors[f"{_PREFIX}{name}.lora_A.weight"]
+        b = tensors[f"{_PREFIX}{name}.lora_B.weight"]
+        r = cfg.get("rank_pattern", {}).get(get_pattern_key(list(cfg.get("rank_pattern") or {}), name),
+                                            cfg.get("r", 8))
+        alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(list(cfg.get("alpha_pattern") or {}), name),
+                                                 cfg.get("lora_alpha", 8))
+        w = getattr(module, "weight", None)
+        if w is None or w.dim() != 2:
+            raise _bad_adapter(path, f"{name} has no 2-D weight for LoRA to update")
+        out_f, in_f = (w.shape[1], w.shape[0]) if adapter.spec.conv1d else (w.shape[0], w.shape[1])
+        if a.dim() != 2 or b.dim() != 2 or a.shape != (r, in_f) or b.shape != (out_f, r):
+            raise _bad_adapter(path, f"the factors of {name} are lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                                     f"rank {r} on this module needs ({r}, {in_f}) and ({out_f}, {r})")
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        delta.add(name, b * scale, a)
+    if dropped:
+        log(f"warning: the adapter holds weights for {len(dropped)} module(s) its target_modules do not select "
+            f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): peft does not load them, so they are "
+            "judged as absent")
     return delta
+
+
+def read_manifest(path: Path) -> dict:
+    """An adapter's ``edits.json``, checked: a truncated or hand-edited one is a one-line error."""
+    m = read_json(path, "the edit manifest")
+    fix = "restore it from the edit, or pass the requests with --requests FILE"
+    if not isinstance(m, dict):
+        raise FactEditError(f"{path} holds a {type(m).__name__}, not an object: {fix}")
+    reqs = m.get("requests")
+    if not isinstance(reqs, list) or not reqs:
+        raise FactEditError(f"{path} has no list of 'requests': {fix}")
+    for key in ("plans", "circuits"):
+        v = m.get(key)
+        if v is not None and (not isinstance(v, list) or (v and len(v) != len(reqs))):
+            raise FactEditError(f"{path}: '{key}' must be a list of one entry per request ({len(reqs)}): {fix}")
+    for i, p in enumerate(m.get("plans") or []):
+        heads = (p or {}).get("heads", []) if isinstance(p, dict) else None
+        if p is not None and (not isinstance(p, dict) or not isinstance(p.get("mlp_layer"), (int, type(None)))
+                              or not isinstance(heads, list)
+                              or not all(isinstance(h, list) and len(h) == 2 and all(type(x) is int for x in h)
+                                         for h in heads)):
+            raise FactEditError(f"{path}: plan {i} is malformed (an object with 'mlp_layer' and 'heads' "
+                                f"[[layer, head], ...]): {fix}")
+    if any(c is not None and not isinstance(c, dict) for c in m.get("circuits") or []):
+        raise FactEditError(f"{path}: every entry of 'circuits' must be an object: {fix}")
+    if not isinstance(m.get("base_fingerprint", ""), (str, type(None))):
+        raise FactEditError(f"{path}: 'base_fingerprint' must be a string: {fix}")
+    return m
 
 
 def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path | None = None,
@@ -73,7 +182,7 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
     if adapter is not None:
         check_adapter_folder(folder)
     manifest_path = folder / "edits.json" if adapter is not None else folder.parent / "edits.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
     fp = model_fingerprint(model)
     if manifest is not None and manifest.get("base_fingerprint") not in (None, fp):
         raise AdapterMismatchError(
@@ -86,15 +195,19 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
     if requests is None:
         if manifest is None:
             raise FactEditError(f"no edits.json next to {folder}: pass --requests FILE")
-        requests = [parse_record(r, i) for i, r in enumerate(manifest["requests"])]
+        try:
+            requests = [parse_record(r, i) for i, r in enumerate(manifest["requests"])]
+        except FactEditError as exc:
+            raise FactEditError(f"{manifest_path}: {exc}") from None
         plans = manifest.get("plans") or [None] * len(requests)
-        circuits = [None if c is None else RecallCircuit.from_dict(c) for c in manifest.get("circuits", [])]
+        circuits = [None if c is None else RecallCircuit.from_dict(c, f"{manifest_path} circuit {i}")
+                    for i, c in enumerate(manifest.get("circuits") or [])]
         circuits = circuits or [None] * len(requests)
     else:
         plans, circuits = [None] * len(requests), [None] * len(requests)
 
     if adapter is not None:
-        delta = load_adapter_delta(adapter, model)
+        delta = load_adapter_delta(adapter, model, log)
 
         def ctx():
             @contextmanager
@@ -147,6 +260,6 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
     from factedit.verify.html import render_html
 
     out = Path(out)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "report.json", dumps_json(report, indent=1))  # strict: NaN -> null
     atomic_write_text(out / "report.html", render_html(report))
     return [out / "report.json", out / "report.html"]

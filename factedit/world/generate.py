@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factedit.io import atomic_write_text
+from factedit.io import atomic_write_text, dumps_json
 from factedit.world import vocab
 
 
@@ -93,7 +93,7 @@ class World:
         return cls(int(data.get("seed", 0)), relations, entities, dict(data.get("meta", {})))
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
+        atomic_write_text(Path(path), dumps_json(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> World:

@@ -6,7 +6,6 @@ directory loads with plain ``AutoTokenizer``/``AutoModelForCausalLM.from_pretrai
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -18,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from factedit.io import commit_dir, staging_dir
+from factedit.io import commit_dir, dumps_json, staging_dir
 from factedit.world.corpus import bio_text, index_text, query_example
 from factedit.world.evaluate import evaluate_recall
 from factedit.world.generate import World, generate_world
@@ -165,7 +164,7 @@ def train_world(recipe: WorldRecipe, out: str | Path, progress: bool = True,
             model.eval()
             rec = evaluate_recall(model, tok, world, max_entities=spec.eval_entities)
             history.append({"step": step + 1, "elapsed_s": round(time.time() - t0, 1), **losses, **rec})
-            log(f"step {step + 1}: {json.dumps(history[-1])}")
+            log(f"step {step + 1}: {dumps_json(history[-1])}")
             if save_every and step + 1 < spec.steps:
                 world.meta = {"recipe": asdict(recipe), "partial_step": step + 1, "history": history}
                 _save(out, model, tok, world)
@@ -176,7 +175,7 @@ def train_world(recipe: WorldRecipe, out: str | Path, progress: bool = True,
     world.meta = {"recipe": asdict(recipe), "train_seconds": round(train_seconds, 1),
                   "n_params": n_params, "recall": final, "history": history}
     _save(out, model, tok, world)
-    log(f"final recall: {json.dumps(final)}; trained in {train_seconds / 60:.1f} min; saved to {out}")
+    log(f"final recall: {dumps_json(final)}; trained in {train_seconds / 60:.1f} min; saved to {out}")
     return {"recall": final, "losses": losses_per_step, "train_seconds": train_seconds}
 
 
