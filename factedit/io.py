@@ -143,6 +143,7 @@ def commit_dir(staged: Path, out: Path, *, own: frozenset[str] = frozenset(), ov
     files that are not the writer's own are never lost.
     """
     staged, out = Path(staged), Path(out)
+    _follow_umask(staged)
     _fsync_tree(staged)
     try:
         os.rename(staged, out)  # out absent, or an empty folder
@@ -166,6 +167,21 @@ def commit_dir(staged: Path, out: Path, *, own: frozenset[str] = frozenset(), ov
     else:
         _fsync_dir(out.parent)
     _remove_stale(out)
+
+
+def _follow_umask(root: Path) -> None:
+    """Give the staged folder and everything written into it (also by other libraries, e.g.
+    ``save_pretrained``, which may create files 0600) the modes the umask asks for."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            if not os.path.islink(os.path.join(dirpath, d)):
+                os.chmod(os.path.join(dirpath, d), dmode)
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -695,3 +696,259 @@ def test_output_location_is_checked_before_computing(case, command, tmp_path, mo
     before = tree_hash(tmp_path)
     _refused(invoke([*COMMANDS[command], "--out", out]), words)
     assert tree_hash(tmp_path) == before
+
+
+# ---- exit codes: one per meaning -------------------------------------------------------------
+
+def _requests_file(A, name: str, **fields) -> str:
+    req = {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris", **fields}
+    (A["root"] / name).write_text(json.dumps([req]))
+    return str(A["root"] / name)
+
+
+def _crash(monkeypatch):
+    import factedit.verify.run as verify_run
+
+    def boom(**kw):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(verify_run, "verify", boom)
+
+
+# (id, arguments (A, Out), setup(monkeypatch), exit code, words of the error line or None)
+EXIT_CODES = [
+    ("pass", lambda A, Out: ["verify", "--adapter", str(A["adapter"]), "--no-fluency", "--requests",
+                             _requests_file(A, "pass.json", neighborhood_prompts=["Roric Dunnford plays the"]),
+                             "--out", Out], None, 0, None),
+    ("an-edit-failed", lambda A, Out: ["verify", "--adapter", str(A["adapter"]), "--no-fluency", "--requests",
+                                       _requests_file(A, "tokyo.json", target_new="Tokyo"), "--out", Out],
+     None, 1, None),
+    ("an-edit-failed-with-no-fail", lambda A, Out: ["verify", "--adapter", str(A["adapter"]), "--no-fluency",
+                                                    "--no-fail", "--requests",
+                                                    _requests_file(A, "tokyo.json", target_new="Tokyo"), "--out", Out],
+     None, 0, None),
+    ("a-fit-that-did-not-move-its-target", lambda A, Out: ["edit", "--recipe", str(A["root"] / "diverge.yaml"), *EDIT,
+                                                           "--out", Out],
+     None, 1, ["did not move its target", "NLL", "nothing was saved", "edit.lr"]),
+    ("bad-input", lambda A, Out: ["verify", "--adapter", str(A["root"] / "loc"), "--out", Out], None, 2,
+     ["not a PEFT adapter folder"]),
+    ("internal-error", lambda A, Out: ["verify", "--adapter", str(A["adapter"]), "--out", Out], _crash, 3,
+     ["internal error", "ZeroDivisionError", "a bug", "FACTEDIT_DEBUG=1"]),
+]
+
+
+@pytest.mark.parametrize("case", EXIT_CODES, ids=[c[0] for c in EXIT_CODES])
+def test_exit_codes_say_what_happened(case, art, tmp_path, monkeypatch):
+    name, make_args, setup, code, words = case
+    (art["root"] / "diverge.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5, lr: 1.0e+30}\n")
+    if setup is not None:
+        setup(monkeypatch)
+    out = tmp_path / "out"
+    res = invoke(make_args(art, str(out)))
+    if words is not None:
+        _refused(res, words, code)
+        assert not out.exists()  # nothing written
+    else:
+        assert res.exit_code == code, res.output
+        assert (out / "report.json").is_file()
+        report = json.loads((out / "report.json").read_text())
+        assert (report["summary"]["passed"] == report["summary"]["n_edits"]) == (name == "pass")
+
+
+# ---- verify judges what plain peft loads ---------------------------------------------------------
+
+def test_verify_judges_the_adapter_as_peft_loads_it(art, tmp_path, demo):
+    """An adapter whose config targets other modules loads in peft as doing nothing: verify
+    must not pass it (the same adapter with its own targets passes efficacy)."""
+    from peft import PeftModel
+
+    from factedit.verify.run import load_adapter_delta
+
+    model, tok, _ = demo
+    other = _adapter_copy(art, "other_targets", cfg=lambda c: {**c, "target_modules": ["c_attn"]})
+    # plain peft: the adapter changes nothing
+    base = tf.AutoModelForCausalLM.from_pretrained(DEMO)
+    ids = torch.tensor([tok.encode("Roric Dunnford was born in")])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        peft_logits = PeftModel.from_pretrained(base, other)(input_ids=ids).logits
+    assert torch.allclose(before, peft_logits)
+    assert not list(load_adapter_delta(other, model).modules())  # what peft loads: nothing
+    assert list(load_adapter_delta(art["adapter"], model).modules())  # its own targets: the update is there
+    reqs = _requests_file(art, "own.json")
+    ok = invoke(["verify", "--adapter", str(art["adapter"]), "--no-fluency", "--requests", reqs,
+                 "--out", str(tmp_path / "own")])
+    res = invoke(["verify", "--adapter", str(other), "--no-fluency", "--requests", reqs, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1, res.output
+    assert "target_modules do not select" in res.stderr
+    own = json.loads((tmp_path / "own" / "report.json").read_text())["edits"][0]["metrics"]
+    theirs = json.loads((tmp_path / "o" / "report.json").read_text())["edits"][0]["metrics"]
+    assert own["efficacy_score"] == 1.0 and theirs["efficacy_score"] == 0.0, (ok.output, res.output)
+
+
+def test_target_true_the_model_does_not_predict_is_warned(art, tmp_path):
+    res = invoke(["edit", "--recipe", str(art["root"] / "fast.yaml"), *EDIT, "--target-true", "Tokyo",
+                  "--out", str(tmp_path / "tokyo")])
+    assert res.exit_code == 0, res.output
+    assert "warning: request 0: the model predicts ' Madrid'" in res.stderr and "'Tokyo'" in res.stderr
+    res = invoke(["edit", "--recipe", str(art["root"] / "fast.yaml"), *EDIT, "--target-true", "Madrid",
+                  "--out", str(tmp_path / "madrid")])
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+
+
+# ---- strict JSON ---------------------------------------------------------------------------------
+
+def _strict(text: str):
+    def refuse(c):
+        raise ValueError(f"not strict JSON: {c}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_of_a_nan_adapter_is_strict_json(art, tmp_path):
+    nan = _adapter_copy(art, "nan_adapter", tensors=lambda t: _rename_lora(t, "lora_B", lambda v: v * float("nan")))
+    res = invoke(["verify", "--adapter", str(nan), "--no-fluency", "--out", str(tmp_path / "v")])
+    assert res.exit_code == 1, res.output  # a NaN edit fails; it is judged, not crashed on
+    report = _strict((tmp_path / "v" / "report.json").read_text())
+    assert report["edits"][0]["passed"] is False
+
+
+@pytest.mark.parametrize("value, expected", [
+    (float("nan"), None), (float("inf"), None), (-float("inf"), None), ([1.5, float("nan")], [1.5, None]),
+    ({"a": (float("nan"),)}, {"a": [None]})])
+def test_json_is_written_strict(value, expected, tmp_path):
+    from factedit.io import atomic_write_json, dumps_json
+
+    assert _strict(dumps_json(value)) == expected
+    atomic_write_json(tmp_path / "x.json", {"v": value})
+    assert _strict((tmp_path / "x.json").read_text()) == {"v": expected}
+
+
+def test_every_json_writer_is_strict():
+    """JSON is written by factedit.io.dumps_json (NaN -> null, allow_nan=False), nowhere else."""
+    found = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        rel = str(f.relative_to(PACKAGE.parent))
+        if rel == "factedit/io.py":
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(r"\bjson\.dumps?\(", line.split("#", 1)[0]):
+                found.append(f"{rel}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+# ---- permissions follow the umask ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_outputs_follow_the_umask(mask, art, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        res = invoke(["edit", "--recipe", str(art["root"] / "fast.yaml"), *EDIT, "--merge",
+                      "--out", str(tmp_path / "e")])
+        assert res.exit_code == 0, res.output
+        res = invoke(["locate", *FACT, "--out", str(tmp_path / "loc")])
+        assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "e", tmp_path / "e" / "merged", tmp_path / "loc", *(tmp_path / "e").rglob("*"),
+              *(tmp_path / "loc").iterdir()]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode), oct(want))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_audit_journal_follows_the_umask(mask, tmp_path):
+    import os
+    import stat
+
+    from factedit.audit.store import FactStore
+
+    old = os.umask(mask)
+    try:
+        FactStore(tmp_path).append({"index": 0})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "facts.jsonl").stat().st_mode) == 0o666 & ~mask
+
+
+# ---- audits: --overwrite removes only the audit's files; resumed records belong to their facts ----
+
+def test_audit_overwrite_removes_only_the_audits_own_files(tmp_path):
+    from factedit.audit.report import FIGURES
+    from factedit.audit.run import OWN_FILES, prepare_dir
+
+    out = tmp_path / "audit"
+    out.mkdir()
+    own = [*OWN_FILES, *FIGURES, "facts.shard0-of2.jsonl"]
+    for name in own:
+        (out / name).write_text("old")
+    mine = ["my_plot.png", "notes.txt", "facts.backup.jsonl"]
+    for name in mine:
+        (out / name).write_text("keep me")
+    prepare_dir(out, {"format": "factedit.audit/1"}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*mine, "audit.json"])
+    assert all((out / n).read_text() == "keep me" for n in mine)
+
+
+def _heldout(A):  # the same model and dataset, with the held-out templates: the indices now mean other prompts
+    return A["world_facts"](True)[: A["n"]]
+
+
+def _edit_attribute(A):  # the dataset file was edited: one fact's attribute changed
+    facts = A["facts"]
+    return [*facts[:2], dataclasses.replace(facts[2], attribute="Tokyo"), *facts[3:]]
+
+
+def _tamper_line(A):  # a hand-edited line that parses but does not hold a record's fields
+    lines = (A["out"] / "facts.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["knockout"] = "x"
+    lines[1] = json.dumps(rec, sort_keys=True)
+    (A["out"] / "facts.jsonl").write_text("\n".join(lines) + "\n")
+    return A["facts"]
+
+
+def _wrong_status(A):
+    lines = (A["out"] / "facts.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["status"] = 5
+    lines[0] = json.dumps(rec)
+    (A["out"] / "facts.jsonl").write_text("\n".join(lines) + "\n")
+    return A["facts"]
+
+
+RESUMES = [  # (id, change between the two runs -> the facts of the second run)
+    ("heldout-added", _heldout),
+    ("dataset-edited", _edit_attribute),
+    ("record-tampered", _tamper_line),
+    ("status-tampered", _wrong_status),
+]
+
+
+@pytest.mark.parametrize("case", RESUMES, ids=[c[0] for c in RESUMES])
+def test_resumed_audit_keeps_only_records_of_the_current_facts(case, demo, tmp_path):
+    from factedit.analysis.circuit import LocateConfig
+    from factedit.audit.dataset import world_facts
+    from factedit.audit.run import belongs, run_audit, world_related
+    from factedit.audit.store import read_records
+
+    model, tok, world = demo
+    n = 8
+    out = tmp_path / "audit"
+    kw = dict(model=model, tokenizer=tok, out=out, config=LocateConfig(knockout_window=3, attribute_top_k=10),
+              dataset_name="world", related_of=world_related(world, tok), progress=False, log=lambda m: None)
+    facts = world_facts(world)[:n]
+    run_audit(facts, **kw)
+    A = {"facts": facts, "out": out, "n": n, "world_facts": lambda h: world_facts(world, h)}
+    second = case[1](A)
+    changed = [f.index for f, g in zip(facts, second) if (f.prompt, f.attribute) != (g.prompt, g.attribute)]
+    s = run_audit(second, **kw)
+    recs = {r["index"]: r for r in read_records(out / "facts.jsonl")}
+    assert all(belongs(recs[f.index], f) for f in second)  # every record is of the fact it is filed under
+    assert s["run"]["facts_this_run"] >= max(1, len(changed))  # the stale ones were recomputed
+    assert s["run"]["facts_this_run"] < n or case[0] == "heldout-added"  # the others were kept
+    again = run_audit(second, **kw)
+    assert again["run"]["facts_this_run"] == 0  # and now all are current
