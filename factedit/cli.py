@@ -224,9 +224,11 @@ def _check_one_token(tok, prompt: str, subject: str, target: str) -> None:
               "not the logit lens.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write circuit.json and PNG plots here.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+@click.option("--trace", "with_trace", is_flag=True,
+              help="Also trace the MLP at the last subject token (ROME's causal tracing; adds ~10 x L passes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the circuit JSON only.")
 def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target, recipe_path,
-           window, related, related_file, raw_unembed, out, overwrite, as_json) -> None:
+           window, related, related_file, raw_unembed, with_trace, out, overwrite, as_json) -> None:
     """Locate a fact's recall circuit: enrichment MLPs and extraction heads, with scores."""
     import dataclasses
     from pathlib import Path
@@ -254,6 +256,8 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
         cfg = dataclasses.replace(cfg, knockout_window=window)
     if raw_unembed:
         cfg = dataclasses.replace(cfg, projection="raw")
+    if with_trace:
+        cfg = dataclasses.replace(cfg, trace=True)
     cfg.validate()
     circuit = run_locate(prompt, subject, target, model=model, tokenizer=tok, related=related, config=cfg)
     if out is not None:
@@ -267,6 +271,76 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
     click.echo(circuit.summary())
     if out is not None:
         click.echo(f"wrote {out}/circuit.json, " + ", ".join(p.name for p in written))
+
+
+@main.command("trace")
+@_model_options
+@click.option("--prompt", required=True, help="Template with {} for the subject, or a full prompt.")
+@click.option("--subject", required=True, help="The subject, exactly as it appears in the prompt.")
+@click.option("--target", default=None, help="Follow this attribute instead of the model's prediction.")
+@click.option("--kinds", default="hidden,mlp,attn", show_default=True,
+              help="States to restore, comma-separated: hidden, mlp, attn.")
+@click.option("--window", type=int, default=10, show_default=True, help="Layers restored per row (mlp, attn).")
+@click.option("--samples", type=int, default=10, show_default=True, help="Noise samples per row.")
+@click.option("--noise", type=float, default=None,
+              help="Noise standard deviation (default: 3x the input embeddings' standard deviation).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Write trace.json and trace.png here.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the trace JSON only.")
+def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target, kinds, window,
+              samples, noise, seed, out, overwrite, as_json) -> None:
+    """Causal tracing (ROME): corrupt the subject, restore one state per layer and position,
+    and report the indirect effect on the fact's probability."""
+    import json
+    from pathlib import Path
+
+    from factedit.analysis.trace import KINDS, trace
+    from factedit.errors import FactEditError
+    from factedit.io import atomic_write_text
+    from factedit.paths import check_output_dir, model_dir
+
+    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    bad = [k for k in chosen if k not in KINDS]
+    if bad or not chosen:
+        raise FactEditError(f"--kinds {kinds!r}: each must be one of {', '.join(KINDS)}")
+    for name, v in (("--window", window), ("--samples", samples)):
+        if v < 1:
+            raise FactEditError(f"{name} must be at least 1, got {v}")
+    if noise is not None and not noise > 0:
+        raise FactEditError(f"--noise must be positive, got {noise}")
+    if out is not None:
+        check_output_dir(out, overwrite, model_dir(model_path))
+    model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    if target is not None:
+        _check_one_token(tok, prompt, subject, target)
+    tp, traces = trace(prompt, subject, target, model=model, tokenizer=tok, kinds=chosen, window=window,
+                       samples=samples, noise=noise, seed=seed)
+    tokens = [tok.decode([i]) for i in tp.input_ids]
+    record = {"format": "factedit.causal_trace/1", "prompt": tp.prompt, "subject": subject,
+              "subject_span": list(tp.subject_span), "tokens": tokens,
+              "traces": {k: t.to_dict() for k, t in traces.items()}}
+    if out is not None:
+        from factedit.plots import trace_figure
+
+        atomic_write_text(Path(out) / "trace.json", json.dumps(record, indent=1))
+        trace_figure(traces, tokens, list(tp.subject_span), Path(out) / "trace.png",
+                     title=f"Causal tracing: {tp.prompt} -> {tok.decode([next(iter(traces.values())).token])!r}")
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    first = next(iter(traces.values()))
+    click.echo(f"fact: {tp.prompt!r} -> {tok.decode([first.token])!r}: p {first.p_clean:.3f} clean, "
+               f"{first.p_corrupt:.3f} with the subject corrupted (noise {first.noise:.3g}, {first.samples} samples)")
+    last_subj = tp.subject_span[1] - 1
+    for k, t in traces.items():
+        col = t.positions.index(last_subj)
+        best = t.best_layer(last_subj)
+        ll = max(range(len(t.effect)), key=lambda la: t.effect[la][-1])
+        click.echo(f"{k:6s} at the last subject token: peak at layer {best} ({t.effect[best][col]:+.3f}); "
+                   f"at the last token: peak at layer {ll} ({t.effect[ll][-1]:+.3f})")
+    if out is not None:
+        click.echo(f"wrote {out}/trace.json, trace.png")
 
 
 @main.command("edit")

@@ -93,6 +93,28 @@ def head_heatmap(scores: list[list[float]], path: Path, title: str = "", label: 
     save_figure(fig, path)
 
 
+def trace_figure(traces: dict, tokens: list[str], subject_span: list[int], path: Path, title: str = "") -> None:
+    """ROME's causal-tracing panels: indirect effect per (token position, layer), one panel per
+    traced kind (a ``TraceResult`` each); subject tokens marked with *."""
+    kinds = list(traces)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.4 * len(kinds), 0.35 * len(tokens) + 1.6), squeeze=False,
+                             layout="constrained")
+    names = {"hidden": "hidden state", "mlp": "MLP output", "attn": "MHSA output"}
+    for ax, kind in zip(axes[0], kinds):
+        t = traces[kind]
+        eff = [[t.effect[la][i] for la in range(len(t.effect))] for i in range(len(t.positions))]  # (P, L)
+        im = ax.imshow(eff, aspect="auto", cmap={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[kind],
+                       vmin=min(0.0, min(map(min, eff))))
+        ax.set_yticks(range(len(t.positions)))
+        ax.set_yticklabels([repr(tokens[p]) + (" *" if subject_span[0] <= p < subject_span[1] else "")
+                            for p in t.positions], fontsize=7)
+        ax.set_xlabel("centre layer" + ("" if kind == "hidden" else f" (window {t.window})"))
+        ax.set_title(f"restore {names[kind]}", fontsize=9)
+        fig.colorbar(im, ax=ax, label="indirect effect (p)")
+    fig.suptitle(title or "Causal tracing", fontsize=9)
+    save_figure(fig, path)
+
+
 def sublayer_figure(sub: dict, path: Path, title: str = "") -> None:
     """Sublayer knockout at the subject positions: change of p(token) at the output, and the
     attribute rate read higher up, per centre layer of the removed window."""

@@ -40,6 +40,13 @@ class LocateConfig:
     # tokenizer adds one). Off: blocking the edge to the attention sink is not relation
     # information, and the paper's GPT models have no BOS
     knockout_bos: bool = False
+    # causal tracing (ROME) of the MLP at the last subject token: off by default, it costs
+    # trace_samples x (1 + L) forward passes; the edit turns it on where it chooses its MLP
+    # layer by it (edit.mlp_site: trace)
+    trace: bool = False
+    trace_window: int = 10  # MLP layers restored per row (ROME's 10)
+    trace_samples: int = 10  # noise samples (ROME's 10)
+    trace_noise: float | None = None  # None: 3x the input embeddings' standard deviation
 
     def validate(self) -> None:
         if self.projection not in ("logit_lens", "raw"):
@@ -47,6 +54,12 @@ class LocateConfig:
         for name in ("sublayer_window", "attribute_top_k", "head_max_rank", "max_heads", "max_enrichment"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"analysis.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("trace_window", "trace_samples"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"analysis.{name} must be at least 1, got {getattr(self, name)}")
+        if self.trace_noise is not None and not self.trace_noise > 0:
+            raise RecipeError(f"analysis.trace_noise must be positive (or null for 3x the embeddings' "
+                              f"standard deviation), got {self.trace_noise}")
         if self.knockout_window is not None and self.knockout_window < 1:
             raise RecipeError(f"analysis.knockout_window must be at least 1, got {self.knockout_window}")
 
@@ -123,6 +136,8 @@ class RecallCircuit:
     enrichment_metric: str
     enrichment_mlps: list[EnrichmentMLP] = field(default_factory=list)
     extraction_heads: list[ExtractionHead] = field(default_factory=list)
+    # causal trace of the MLP at the last subject token (analysis.trace): TraceResult.to_dict()
+    trace: dict[str, Any] | None = None
     format: str = FORMAT
 
     # ---- JSON ------------------------------------------------------------------------------
@@ -140,7 +155,7 @@ class RecallCircuit:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CircuitError(f"{where} is not a factedit recall circuit (expected format {FORMAT!r})")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data) - {"enrichment_mlps", "extraction_heads", "format"})
+        missing = sorted(names - set(data) - {"enrichment_mlps", "extraction_heads", "trace", "format"})
         if missing:
             raise CircuitError(f"{where} lacks field(s) {', '.join(missing)}")
         kw = {k: v for k, v in data.items() if k in names}
@@ -204,6 +219,13 @@ class RecallCircuit:
             for h in self.extraction_heads[:5]
         ) or "none at rank 1"
         lines.append(f"extraction heads: {heads}")
+        if self.trace is not None:
+            t = self.trace
+            eff = [row[0] for row in t["effect"]]
+            top = max(range(L), key=lambda la: eff[la])
+            lines.append(f"causal trace: MLP at the last subject token (window {t['window']}) peaks at layer {top} "
+                         f"(indirect effect {eff[top]:+.3f}; p {t['p_clean']:.3f} clean, {t['p_corrupt']:.3f} "
+                         "subject corrupted)")
         ev = self.extraction_events
         lines.append(f"extraction events of {tok!r}: MHSA layers {ev['attn'] or 'none'}, "
                      f"MLP layers {ev['mlp'] or 'none'}")

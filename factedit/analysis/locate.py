@@ -21,6 +21,7 @@ from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.rerun import CleanRun, clean_run
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import sublayer_knockout
+from factedit.analysis.trace import causal_trace, embedding_noise
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
@@ -165,6 +166,12 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     order = sorted(range(L), key=lambda la: -scores[la])
     enrich = [EnrichmentMLP(la, float(scores[la])) for la in order[: cfg.max_enrichment] if scores[la] > 0]
 
+    trace = None
+    if cfg.trace:
+        trace = causal_trace(adapter, tp, token, "mlp", positions=[tp.last_subject], window=cfg.trace_window,
+                             samples=cfg.trace_samples,
+                             noise=cfg.trace_noise or embedding_noise(adapter, tok)).to_dict()
+
     return RecallCircuit(
         prompt=tp.prompt,
         subject=subject,
@@ -203,5 +210,6 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         enrichment_metric=metric,
         enrichment_mlps=enrich,
         extraction_heads=heads,
+        trace=trace,
     )
 

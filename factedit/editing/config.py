@@ -16,6 +16,10 @@ class EditConfig:
     # where: candidate layers for the MLP update; the located enrichment MLP is used when it lies
     # among them, else the candidate layer nearest to it (or the first, when none was located)
     mlp_layers: list[int] | None = None  # None: every layer is a candidate
+    # how the MLP layer is chosen among mlp_layers: "enrichment" (the located enrichment MLP:
+    # the largest drop when its updates at the subject are removed) | "trace" (ROME's evidence:
+    # the largest causal-tracing indirect effect of the MLP at the last subject token)
+    mlp_site: str = "enrichment"
     batch_layers: list[int] | None = None  # MLP layers a batch edit spreads over (MEMIT); None: around the best
     batch_span: int = 1  # when batch_layers is None: this many layers ending at the most common located layer
     extraction_threshold: float = 20.0  # % drop from upper-half subject knockout that means "extraction"
@@ -60,6 +64,8 @@ class EditConfig:
             raise RecipeError(f"edit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.batch_strategy not in ("spread", "refit"):
             raise RecipeError(f"edit.batch_strategy must be 'spread' or 'refit', not {self.batch_strategy!r}")
+        if self.mlp_site not in ("enrichment", "trace"):
+            raise RecipeError(f"edit.mlp_site must be 'enrichment' or 'trace', not {self.mlp_site!r}")
         if self.head_fallback not in ("attention", "none"):
             raise RecipeError(f"edit.head_fallback must be 'attention' or 'none', not {self.head_fallback!r}")
         for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span"):

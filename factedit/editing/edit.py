@@ -91,8 +91,16 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
         events = circuit.extraction_events["mlp"]
         why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
                    + (f"; MLP extraction events at L{events}" if events else ""))
+    elif cfg.method in ("circuit", "mlp") and cfg.mlp_site == "trace" and circuit is not None \
+            and circuit.trace is not None:
+        effect = [row[0] for row in circuit.trace["effect"]]  # (L,) at the last subject token
+        mlp = max(cands, key=lambda la: effect[la])
+        why.append(f"subject MLP L{mlp}: largest causal-tracing indirect effect ({effect[mlp]:+.3f})"
+                   + (f" among layers {cands}" if cfg.mlp_layers else ""))
     elif cfg.method in ("circuit", "mlp"):
         located = circuit.enrichment_mlps[0].layer if circuit and circuit.enrichment_mlps else None
+        if cfg.mlp_site == "trace" and circuit is not None:
+            why.append("the circuit holds no causal trace (locate with analysis.trace: true)")
         if located is None:
             mlp = cands[0]
             why.append(f"subject MLP L{mlp}: no enrichment MLP located, first candidate layer")
@@ -167,6 +175,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     fp = model_fingerprint(model)
     if circuits is None and cfg.method != "lora":
         lc = config_for_model(model)
+        lc.trace = lc.trace or (cfg.mlp_site == "trace" and cfg.method in ("circuit", "mlp"))
         circuits = [locate(r.prompt, r.subject, model=model, tokenizer=tok, config=lc, fingerprint=fp)
                     for r in requests]  # the fact as the model recalls it now
     circuits = circuits or [None] * len(requests)
