@@ -511,10 +511,6 @@ def art2(art):
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
         for p, c in zip("abcdefgh", "bcdefghi"))
     (root / "bomb.yaml").write_text(bomb + "edit: {mlp_layers: *i}\n")
-    (root / "name_template.json").write_text(json.dumps([{"template": "{name} was born in", "subject": "Roric Dunnford",
-                                                         "attribute": "Madrid"}]))
-    (root / "index_template.json").write_text(json.dumps([{"template": "{0} was born in", "subject": "Roric Dunnford",
-                                                          "attribute": "Madrid"}]))
     req = {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris"}
     (root / "empty_neighbour.json").write_text(json.dumps([{**req, "neighborhood_prompts": ["Ada was born in", ""]}]))
     (root / "conflict.json").write_text(json.dumps([req, {**req, "prompt": "Roric Dunnford was born in",
@@ -577,10 +573,6 @@ CASES_2 = [
      None),
     ("world-eval-limit-0", lambda A, Out: ["world", "eval", "--limit", "0"], ["--limit", "at least 1"], None),
     ("world-eval-limit-negative", lambda A, Out: ["world", "eval", "--limit", "-1"], ["--limit", "at least 1"], None),
-    ("audit-template-with-a-name", lambda A, Out: ["audit", "--dataset", str(A["root"] / "name_template.json"),
-                                                 "--out", Out], ["record 0", "neither '{}'"], None),
-    ("audit-template-with-an-index", lambda A, Out: ["audit", "--dataset", str(A["root"] / "index_template.json"),
-                                                   "--out", Out], ["record 0", "neither '{}'"], None),
     ("audit-header-corrupt", lambda A, Out: ["audit", "--limit", "4", "--out", str(A["audit_corrupt"])],
      ["audit.json is corrupt", "--overwrite"], None),
     ("audit-header-not-an-object", lambda A, Out: ["audit", "--limit", "4", "--out", str(A["audit_list"])],
@@ -643,6 +635,21 @@ def test_bad_input_round_2_is_one_line_exit_2_and_nothing_written(case, art2, tm
     assert [tree_hash(o) if o.exists() else None for o in outs] == before_out
     assert not list(tmp_path.glob(".out.partial-*"))
     assert [tree_hash(m) for m in watched] == before
+
+
+@pytest.mark.parametrize("template, prompt", [
+    ("{} was born in {name}", "Ada was born in {name}"),
+    ("{} was born in {0}", "Ada was born in {0}"),
+    ("{ {} was born in", "{ Ada was born in"),
+    ("{} was born in }", "Ada was born in }"),
+])
+def test_audit_templates_are_filled_by_replacing_not_str_format(template, prompt, tmp_path):
+    from factedit.audit.dataset import load_facts
+
+    for rec in ({"template": template, "subject": "Ada", "attribute": "Rome"},
+                {"case_id": 1, "requested_rewrite": {"prompt": template, "subject": "Ada", "target_true": "Rome"}}):
+        (tmp_path / "d.json").write_text(json.dumps([rec]))
+        assert load_facts(tmp_path / "d.json")[0].prompt == prompt
 
 
 # ---- output locations: checked before anything is computed ---------------------------------
@@ -859,7 +866,7 @@ def test_outputs_follow_the_umask(mask, art, tmp_path):
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode), oct(want))
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o077])
+@pytest.mark.parametrize("mask", [0o002, 0o077])
 def test_audit_journal_follows_the_umask(mask, tmp_path):
     import os
     import stat
