@@ -292,7 +292,6 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
               samples, noise, seed, out, overwrite, as_json) -> None:
     """Causal tracing (ROME): corrupt the subject, restore one state per layer and position,
     and report the indirect effect on the fact's probability."""
-    import json
     from pathlib import Path
 
     from factedit.analysis.trace import KINDS, trace
@@ -323,11 +322,11 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
     if out is not None:
         from factedit.plots import trace_figure
 
-        atomic_write_text(Path(out) / "trace.json", json.dumps(record, indent=1))
+        atomic_write_text(Path(out) / "trace.json", dumps_json(record, indent=1))
         trace_figure(traces, tokens, list(tp.subject_span), Path(out) / "trace.png",
                      title=f"Causal tracing: {tp.prompt} -> {tok.decode([next(iter(traces.values())).token])!r}")
     if as_json:
-        click.echo(json.dumps(record))
+        click.echo(dumps_json(record))
         return
     first = next(iter(traces.values()))
     click.echo(f"fact: {tp.prompt!r} -> {tok.decode([first.token])!r}: p {first.p_clean:.3f} clean, "
