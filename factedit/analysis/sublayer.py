@@ -104,7 +104,9 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
     else:
         raise FactEditError(f"sublayer knockout method must be 'fast' or 'naive', not {method!r}")
     probs = upcast(logits).softmax(-1)[:, token]  # (B,)
-    extraction = upcast(adapter.logit_lens(attn_last, final_norm)).softmax(-1)[..., token].amax(1)  # (B,)
+    # the naive reference projects every layer of every row; the fast path skips what is clean
+    starts = [w.start for w in windows] if method == "fast" else [0] * len(windows)
+    extraction = _extraction(adapter, attn_last, starts, token, final_norm)  # (B,)
 
     rates = None
     if related is not None:
@@ -124,6 +126,25 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
         base_extraction=float(extraction[0]),
         prob_change=out_prob, attribute_rate=None if rates is None else out_rate, extraction=out_ext,
     )
+
+
+def _extraction(adapter: ModelAdapter, attn_last: torch.Tensor, starts: list[int], token: int,
+                final_norm: bool) -> torch.Tensor:
+    """(B,) the largest p(token) over layers in the projection of the MHSA output at the last
+    position, ``attn_last`` (B, L, d), row 0 clean. A row's MHSA outputs below its window's
+    first layer read only states the knockout has not reached, so they are the clean row's:
+    only layers from the window's first one up are projected (the unembedding is most of the
+    cost: B x L x V)."""
+    vecs = torch.cat([attn_last[0]] + [attn_last[r, lo:] for r, lo in enumerate(starts, start=1)])  # (N, d)
+    p = upcast(adapter.logit_lens(vecs, final_norm)).softmax(-1)[:, token]  # (N,)
+    L = attn_last.shape[1]
+    clean_p, at = p[:L], L
+    out = [clean_p.max()]
+    for lo in starts:
+        row = p[at: at + L - lo].max()
+        out.append(torch.maximum(row, clean_p[:lo].max()) if lo else row)
+        at += L - lo
+    return torch.stack(out)
 
 
 def _fast(adapter, tp, rows, windows, read_layer, clean):
