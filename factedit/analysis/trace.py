@@ -29,6 +29,7 @@ import torch
 
 from factedit.analysis.hooks import as_btd, upcast
 from factedit.analysis.knockout import window_layers
+from factedit.analysis.rerun import last_logits_only
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
@@ -175,7 +176,7 @@ def causal_trace(adapter: ModelAdapter, tp: TokenizedPrompt, token: int, kind: s
                 return _with_first(out, x.view_as(_first(out)))
             hooks.append(_site_module(adapter, kind, la).register_forward_hook(put))
         try:
-            logits = model(input_ids=ids.expand(b, -1)).logits[:, -1]  # (b, V)
+            logits = model(input_ids=ids.expand(b, -1), **last_logits_only(model)).logits[:, -1]  # (b, V)
         finally:
             for h in hooks:
                 h.remove()
