@@ -532,3 +532,70 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
         click.echo(f"subject knockout strongest at layer {s['subject_knockout_strongest_layer']}; "
                    f"knowledge hubs: {hubs or 'none'}")
     click.echo(f"wrote {out}/facts.jsonl, summary.json, report.html and figures")
+
+
+@main.command()
+@_model_options
+@click.option("--dataset", default=None,
+              help="known_1000 (bundled; the default for a real model), or a known_1000-style / JSONL file of facts "
+                   "(default for a world model: its world's facts).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: study.json, table.md, figures.")
+@click.option("--limit", type=int, default=None, help="Only the first N facts (one per subject and relation).")
+@click.option("--related", default="auto", show_default=True,
+              help="Text about each subject for the attribute rate: 'model' (a short article the model writes), "
+                   "'dataset' (the subject's attributes in the dataset), 'world' (a world model's attributes), or a "
+                   "JSON file {subject: text}; 'auto': world for a world model, else model.")
+@click.option("--paraphrases", type=int, default=2, show_default=True,
+              help="Paraphrase prompts (the relation's other templates) located per known fact; 0 skips them.")
+@click.option("--no-two-hop", is_flag=True, help="Skip the two-hop queries.")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Recipe YAML whose 'analysis:' section sets the options.")
+@click.option("--raw-unembed", is_flag=True, help="Project with the raw unembedding in the main measures "
+              "(the logit-lens variant is reported beside it either way).")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, out, limit, related, paraphrases,
+          no_two_hop, recipe_path, raw_unembed, overwrite) -> None:
+    """The paper's study (Geva et al. 2023) on a model, beside the paper's values: information
+    flow, subject enrichment, attribute extraction, early MLPs, paraphrase stability, two hops."""
+    import dataclasses
+    from pathlib import Path
+
+    from factedit.analysis.circuit import load_locate_config
+    from factedit.analysis.locate import config_for_model
+    from factedit.audit.dataset import bundled, load_facts, world_facts
+    from factedit.paths import check_output_dir, model_dir
+    from factedit.studies.paper import StudyOptions, format_table, run_study
+    from factedit.world.generate import World
+
+    if limit is not None and limit < 1:
+        raise FactEditError(f"--limit must be at least 1, got {limit}")
+    if paraphrases < 0:
+        raise FactEditError(f"--paraphrases must be 0 or more, got {paraphrases}")
+    if related not in ("auto", "model", "dataset", "world") and not Path(related).is_file():
+        raise FactEditError(f"--related {related!r} is neither auto, model, dataset, world nor a JSON file")
+    check_output_dir(out, overwrite, model_dir(model_path))
+    facts = load_facts(dataset) if dataset else None
+    model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    world_json = Path(str(model.name_or_path)) / "world.json"
+    world = World.load(world_json) if world_json.is_file() else None
+    if facts is None:
+        if world is not None:
+            facts, name = world_facts(world), f"world:{world_json}"
+        else:
+            facts, name = load_facts("known_1000"), "known_1000"
+    else:
+        name = str(bundled(dataset))
+    if related == "world" and world is None:
+        raise FactEditError("--related world needs a world model (one with world.json)")
+    cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
+    if raw_unembed:
+        cfg = dataclasses.replace(cfg, projection="raw")
+    cfg.validate()
+    s = run_study(facts, model=model, tokenizer=tok, config=cfg, limit=limit, world=world, dataset_name=name,
+                  options=StudyOptions(related=related, paraphrases=paraphrases, two_hop=not no_two_hop),
+                  out=out, log=lambda m: click.echo(m, err=True)).summary
+    click.echo(f"{s['facts_known']} of {s['facts_scanned']} facts known; related text: {s['related_source']}; "
+               f"{s['seconds']['total']:.0f} s")
+    click.echo(format_table(s["table"], str(model_path or "demo world")))
+    click.echo(f"wrote {out}/study.json, table.md and figures")
