@@ -480,13 +480,16 @@ def demo(model_path: str | None, out: str, n_facts: int, real_model: str) -> Non
 @click.option("--limit", type=int, default=None, help="Only the first N facts (after --relations).")
 @click.option("--relations", default=None, help="Comma-separated relation ids to keep.")
 @click.option("--heldout", is_flag=True, help="World datasets: add the held-out templates.")
+@click.option("--paraphrases", type=int, default=0, show_default=True,
+              help="Add up to N paraphrases after each fact (its relation's other templates in the dataset) for "
+                   "the robustness aggregate; --limit counts them.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
               help="Recipe YAML whose 'analysis:' section sets the options.")
 @click.option("--window", type=int, default=None, help="Attention-knockout window k (overrides the recipe).")
 @click.option("--overwrite", is_flag=True, help="Restart: remove factedit's audit files in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map, dataset, out, limit, relations,
-          heldout, recipe_path, window, overwrite, no_progress) -> None:
+          heldout, paraphrases, recipe_path, window, overwrite, no_progress) -> None:
     """Map where a model retrieves its knowledge across a dataset (resumable; data-parallel
     under `accelerate launch -m factedit audit ...`)."""
     import dataclasses
@@ -494,7 +497,7 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
 
     from factedit.analysis.circuit import load_locate_config
     from factedit.analysis.locate import config_for_model
-    from factedit.audit.dataset import bundled, load_facts, world_facts
+    from factedit.audit.dataset import bundled, load_facts, with_paraphrases, world_facts
     from factedit.audit.run import current_shard, run_audit, select, text_related, world_related
     from factedit.models.loading import load_model
     from factedit.paths import check_output_dir, model_dir
@@ -502,6 +505,8 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
 
     if limit is not None and limit < 1:
         raise FactEditError(f"--limit must be at least 1, got {limit}")
+    if paraphrases < 0:
+        raise FactEditError(f"--paraphrases must be 0 or more, got {paraphrases}")
     check_output_dir(out, True, model_dir(model_path))  # never inside the base model's folder
     facts = load_facts(dataset) if dataset else None
     shard = current_shard()
@@ -517,6 +522,8 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
         facts, related_of, name = world_facts(world, heldout), world_related(world, tok), f"world:{world_json}"
     else:
         related_of, name = text_related(tok), str(bundled(dataset).resolve())
+    if paraphrases:
+        facts = with_paraphrases(facts, paraphrases)
     facts = select(facts, relations.split(",") if relations else None, limit)
     cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
     if window is not None:

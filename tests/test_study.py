@@ -184,3 +184,31 @@ def test_cli_study_writes_and_refuses_bad_input(tmp_path):
         res = CliRunner().invoke(main, ["study", "--out", str(tmp_path / "new"), *args])
         assert res.exit_code == 2 and "error:" in res.output, args
         assert not Path(tmp_path / "new").exists()
+
+
+def test_audit_paraphrases_fill_robustness(demo, tmp_path):
+    """`audit --paraphrases 1`: each fact is followed by its relation's other template in the
+    dataset, in its group, and the summary's robustness field is filled from those pairs."""
+    from factedit.audit.dataset import load_facts, with_paraphrases
+
+    _model, _tok, world = demo
+    rows = []
+    for i, e in enumerate(world.entities[:2]):  # each relation through two templates across the entities
+        for j, (rid, rel) in enumerate(list(world.relations.items())[:2]):
+            rows.append({"subject": e.name, "attribute": e.facts[rid], "relation_id": rid,
+                         "template": rel.templates[(i + j) % 2]})
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    facts = with_paraphrases(load_facts(path), 1)
+    assert [f.index for f in facts] == list(range(len(facts))) and len(facts) == 2 * len(rows)
+    for a, b in zip(facts[::2], facts[1::2]):
+        assert a.group == b.group and a.prompt != b.prompt and a.subject in b.prompt
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(main, ["audit", "--dataset", str(path), "--paraphrases", "1", "--out", str(out),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["facts"] == 2 * len(rows)
+    assert s["robustness"], s["robustness"]
+    res = CliRunner().invoke(main, ["audit", "--dataset", str(path), "--paraphrases", "-1", "--out", str(out)])
+    assert res.exit_code == 2 and "error:" in res.output

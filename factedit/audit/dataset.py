@@ -9,7 +9,8 @@ robustness aggregate compares.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from factedit.errors import FactEditError, shown
@@ -136,3 +137,41 @@ def _fill(template: str, subject: str, i: int, path: Path) -> str:
         return template
     raise DatasetError(f"{path}: record {i}: the prompt {shown(template)} has neither '{{}}' nor the subject "
                        f"{shown(subject)}: put '{{}}' where the subject goes")
+
+
+def template_of(prompt: str, subject: str) -> str | None:
+    """The prompt with its (first) subject occurrence replaced by '{}'."""
+    return prompt.replace(subject, "{}", 1) if subject in prompt else None
+
+
+def relation_templates(facts: list[AuditFact]) -> dict[str, list[str]]:
+    """Per relation, its templates in the dataset (derived from the prompts), most used first."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for f in facts:
+        t = template_of(f.prompt, f.subject)
+        if t is not None:
+            counts[f.relation][t] += 1
+    return {r: [t for t, _n in c.most_common()] for r, c in counts.items()}
+
+
+def with_paraphrases(facts: list[AuditFact], n: int) -> list[AuditFact]:
+    """Each fact followed by up to ``n`` paraphrases: its relation's other templates in the
+    dataset (most used first) filled with its subject, in the fact's group (so that the audit's
+    robustness aggregate compares them). Indices are renumbered in the new order."""
+    templates = relation_templates(facts)
+    have = {(f.group, f.prompt) for f in facts}
+    out: list[AuditFact] = []
+    for f in facts:
+        out.append(replace(f, index=len(out)))
+        own = template_of(f.prompt, f.subject)
+        added = 0
+        for t in templates.get(f.relation, []):
+            if added >= n:
+                break
+            prompt = t.replace("{}", f.subject, 1)
+            if t == own or (f.group, prompt) in have:
+                continue
+            have.add((f.group, prompt))
+            out.append(replace(f, index=len(out), prompt=prompt, source_id=f"{f.source_id}:para{added}"))
+            added += 1
+    return out

@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from factedit.analysis.attribute_rate import attribute_rate, related_tokens
+from factedit.analysis.attribute_rate import attribute_rate, keep_token, related_tokens
 from factedit.analysis.circuit import LocateConfig
 from factedit.analysis.knockout import window_layers
 from factedit.analysis.locate import check_length, locate, target_token_ids
 from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import tokenize_with_subject
-from factedit.audit.dataset import AuditFact
+from factedit.audit.dataset import AuditFact, relation_templates, template_of
 from factedit.audit.summary import _mean_band, robustness
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_text, dumps_json
@@ -163,11 +163,6 @@ def _share(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def template_of(prompt: str, subject: str) -> str | None:
-    """The prompt with its (first) subject occurrence replaced by '{}'."""
-    return prompt.replace(subject, "{}", 1) if subject in prompt else None
-
-
 # ---- facts ------------------------------------------------------------------------------------
 
 def primary_facts(facts: list[AuditFact], limit: int | None) -> list[AuditFact]:
@@ -182,16 +177,6 @@ def primary_facts(facts: list[AuditFact], limit: int | None) -> list[AuditFact]:
         if limit is not None and len(out) >= limit:
             break
     return out
-
-
-def relation_templates(facts: list[AuditFact]) -> dict[str, list[str]]:
-    """Per relation, its templates in the dataset (derived from the prompts), most used first."""
-    counts: dict[str, Counter] = defaultdict(Counter)
-    for f in facts:
-        t = template_of(f.prompt, f.subject)
-        if t is not None:
-            counts[f.relation][t] += 1
-    return {r: [t for t, _n in c.most_common()] for r, c in counts.items()}
 
 
 @torch.no_grad()
@@ -498,7 +483,8 @@ def two_hop(adapter: ModelAdapter, model, tok, known: list[dict], facts: list[Au
     """Item 6. Hop 1: a known fact of a bridge relation (its attribute is a country). Hop 2:
     the country's capital / continent / language asked directly: right when the model's top-1
     token is the dataset's answer where the dataset has the country as a subject of that
-    relation, else the model's own answer (counted apart as "self-consistent"). Composed:
+    relation, else the model's own answer (counted apart as "self-consistent"; a stopword or a
+    token of 2 characters or fewer is not an answer). Composed:
     right when its top-1 is the hop-2 answer. A composed query shows a two-step flow when the
     bridge's first token reaches rank <= 10 in the logit lens of the last position (or of the
     last subject token) at a layer below the first layer where the answer is top-1 at the last
@@ -515,6 +501,8 @@ def two_hop(adapter: ModelAdapter, model, tok, known: list[dict], facts: list[Au
             try:
                 hop2_pred = _top1(adapter, tok, hop2_t.format(country))
             except FactEditError:
+                continue
+            if not keep_token(tok.decode([hop2_pred])):  # " the", " a": not an answer, even if consistent
                 continue
             true2 = truth.get((country, rel2))
             if true2 is not None:
