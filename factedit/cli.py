@@ -555,6 +555,8 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
                    "JSON file {subject: text}; 'auto': world for a world model, else model.")
 @click.option("--paraphrases", type=int, default=2, show_default=True,
               help="Paraphrase prompts (the relation's other templates) located per known fact; 0 skips them.")
+@click.option("--description-tokens", type=int, default=64, show_default=True,
+              help="--related model: length of the article the model writes about each subject.")
 @click.option("--no-two-hop", is_flag=True, help="Skip the two-hop queries.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
               help="Recipe YAML whose 'analysis:' section sets the options.")
@@ -562,7 +564,7 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
               "(the logit-lens variant is reported beside it either way).")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
 def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, out, limit, related, paraphrases,
-          no_two_hop, recipe_path, raw_unembed, overwrite) -> None:
+          description_tokens, no_two_hop, recipe_path, raw_unembed, overwrite) -> None:
     """The paper's study (Geva et al. 2023) on a model, beside the paper's values: information
     flow, subject enrichment, attribute extraction, early MLPs, paraphrase stability, two hops."""
     import dataclasses
@@ -579,6 +581,8 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
         raise FactEditError(f"--limit must be at least 1, got {limit}")
     if paraphrases < 0:
         raise FactEditError(f"--paraphrases must be 0 or more, got {paraphrases}")
+    if description_tokens < 1:
+        raise FactEditError(f"--description-tokens must be at least 1, got {description_tokens}")
     if related not in ("auto", "model", "dataset", "world") and not Path(related).is_file():
         raise FactEditError(f"--related {related!r} is neither auto, model, dataset, world nor a JSON file")
     check_output_dir(out, overwrite, model_dir(model_path))
@@ -600,7 +604,8 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
         cfg = dataclasses.replace(cfg, projection="raw")
     cfg.validate()
     s = run_study(facts, model=model, tokenizer=tok, config=cfg, limit=limit, world=world, dataset_name=name,
-                  options=StudyOptions(related=related, paraphrases=paraphrases, two_hop=not no_two_hop),
+                  options=StudyOptions(related=related, paraphrases=paraphrases, two_hop=not no_two_hop,
+                                       description_tokens=description_tokens),
                   out=out, log=lambda m: click.echo(m, err=True)).summary
     click.echo(f"{s['facts_known']} of {s['facts_scanned']} facts known; related text: {s['related_source']}; "
                f"{s['seconds']['total']:.0f} s")

@@ -212,3 +212,16 @@ def test_audit_paraphrases_fill_robustness(demo, tmp_path):
     assert s["robustness"], s["robustness"]
     res = CliRunner().invoke(main, ["audit", "--dataset", str(path), "--paraphrases", "-1", "--out", str(out)])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_model_descriptions_batched_equal_one_at_a_time(demo):
+    """The offline subject text (--related model): left-padded batches give what each subject's
+    own greedy generation gives."""
+    from factedit.studies.paper import describe_subjects
+
+    model, tok, world = demo
+    names = [world.entities[0].name, world.entities[1].name + " Jr", world.entities[2].name]
+    batched = describe_subjects(model, tok, names, max_new_tokens=6, batch=3)
+    for n in names:
+        assert batched[n] == describe_subjects(model, tok, [n], max_new_tokens=6, batch=1)[n], n
+    assert all(isinstance(v, str) and v for v in batched.values())

@@ -25,7 +25,7 @@ one clean pass per prompt reused by every sweep) and aggregates:
 The related-token text for the attribute rate (the paper used Wikipedia paragraphs, never
 released): a user JSON file {subject: text}; for a world model, the subject's attributes in
 the world; otherwise, by default, a short article the model itself writes about the subject
-(greedy, from "Here is a short article about {subject}.", ``description_tokens`` tokens),
+(greedy, from "Here is a short article about {subject}.", ``description_tokens`` tokens, 64),
 without the subject's own name tokens. See ``describe_subjects``.
 """
 
@@ -105,7 +105,7 @@ class StudyOptions:
     paraphrases: int = 2  # paraphrase prompts located per known fact (0: skip item 5)
     two_hop: bool = True
     max_chains: int = 40  # composed queries located at most
-    description_tokens: int = 32
+    description_tokens: int = 64
     describe_batch: int = 16
     seed: int = 0
 
