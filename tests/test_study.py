@@ -225,3 +225,20 @@ def test_model_descriptions_batched_equal_one_at_a_time(demo):
     for n in names:
         assert batched[n] == describe_subjects(model, tok, [n], max_new_tokens=6, batch=1)[n], n
     assert all(isinstance(v, str) and v for v in batched.values())
+
+
+def test_related_file_gives_the_subject_texts(demo, tmp_path):
+    """--related FILE: the attribute rate uses the file's text for each subject (here the
+    world's attributes written out, so the rates equal the world source's)."""
+    model, tok, world = demo
+    facts = world_facts(world)
+    prim = primary_facts(facts, 2)
+    path = tmp_path / "texts.json"
+    path.write_text(json.dumps({f.subject: " ".join(world.entity(f.subject).facts.values()) for f in prim}))
+    opts = dict(model=model, tokenizer=tok, config=_cfg(), limit=2, world=world)
+    got = run_study(facts, options=StudyOptions(related=str(path), paraphrases=0, two_hop=False), **opts)
+    ref = run_study(facts, options=StudyOptions(related="world", paraphrases=0, two_hop=False), **opts)
+    assert got.summary["related_source"] == f"file:{path}"
+    assert got.summary["related_facts"] == 2
+    for a, b in zip(got.records, ref.records):
+        assert a["attribute_rate"]["logit_lens"] == b["attribute_rate"]["logit_lens"]
