@@ -30,12 +30,21 @@ from factedit.studies.paper import (
 K = 10  # attribute top-k
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The demo model is tiny: one thread is faster, and much faster on busy shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg():
     return LocateConfig(knockout_window=3, sublayer_window=3, attribute_top_k=K)
 
 
 @pytest.fixture(scope="module")
-def study(demo, tmp_path_factory):
+def study(one_thread, demo, tmp_path_factory):
     model, tok, world = demo
     out = tmp_path_factory.mktemp("study") / "out"
     s = run_study(world_facts(world), model=model, tokenizer=tok, config=_cfg(), limit=5, world=world,
