@@ -133,7 +133,9 @@ def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(real, tmp_path,
     prompt, subject, truth = spec["facts"][0]
     template, new = spec["edit"]
     cfg = edit_config_for_model(model)
-    cfg.stats_samples = 2000  # a small sampled corpus keeps the test fast; the recipe's value is larger
+    # a small sampled corpus and fewer context prefixes keep the test fast; the recipe's values
+    # are larger (20,000 tokens, 20 prefixes)
+    cfg.stats_samples, cfg.n_prefixes = 1000, 6
     req = factedit.EditRequest(template, subject, new)
     res = factedit.edit(req, model=model, tokenizer=tok, config=cfg, out=tmp_path / "e", merge=True,
                         progress=False)
