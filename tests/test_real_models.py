@@ -103,8 +103,8 @@ def test_fast_knockout_equals_naive_on_known_facts(real):
 
 def test_subject_edges_matter_in_the_upper_half(real):
     """The paper's finding on SmolLM2: blocking last -> subject edges hurts most in the upper
-    half of the layers, and the relation (non-subject) edges matter first: their curve falls
-    below -50% at an earlier layer, and bottoms out earlier, than the subject's."""
+    half of the layers, and the relation (non-subject) edges matter first: their curve reaches
+    half its depth at an earlier layer, and bottoms out earlier, than the subject's."""
     model, tok, spec = real
     cfg = config_for_model(model)
     L = model.config.num_hidden_layers
@@ -115,7 +115,9 @@ def test_subject_edges_matter_in_the_upper_half(real):
         assert strongest >= L // 2, (subject, strongest)
         assert subj[strongest] < -20, (subject, subj[strongest])
         rel = c.knockout["non_subject"]
-        first = lambda curve: next(la for la in range(L) if curve[la] < -50)  # noqa: E731
+        # where each curve first reaches half its own depth (Gemma's relation curve is shallower
+        # than SmolLM2's: its mean never falls below -50%)
+        first = lambda curve: next(la for la in range(L) if curve[la] <= min(curve) / 2)  # noqa: E731
         assert first(rel) < first(subj), (subject, first(rel), first(subj))
         assert min(range(L), key=lambda la: rel[la]) < strongest, subject
 
