@@ -366,9 +366,13 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
 @click.option("--merge", is_flag=True, help="Also write DIR/merged/, a full edited checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
 @click.option("--seed", type=int, default=None, help="Random seed (prefix sampling, LoRA init).")
+@click.option("--append", is_flag=True,
+              help="OUT holds a sequence (--mode sequential): continue it with these requests, in place.")
+@click.option("--undo", type=int, default=None, metavar="K",
+              help="Undo the last K edits of the sequence in OUT, in place (bit for bit; no requests).")
 def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target_new, target_true,
              requests_path, out, method, mode, recipe_path, circuit_paths, stats_corpus, merge, overwrite,
-             seed) -> None:
+             seed, append, undo) -> None:
     """Edit facts with targeted low-rank updates; writes a PEFT LoRA adapter."""
     import dataclasses
 
@@ -380,6 +384,10 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     from factedit.paths import check_output_dir, model_dir
 
     single = [prompt, subject, target_new]
+    if undo is not None:
+        _undo(undo, out, model_path, dtype, device, allow_pickle, trust_remote_code,
+              any(x is not None for x in (*single, requests_path)) or append)
+        return
     if requests_path is not None:
         if any(x is not None for x in single):
             raise FactEditError("give either --requests FILE or --prompt/--subject/--target-new, not both")
@@ -388,7 +396,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
         requests = [EditRequest(prompt, subject, target_new, target_true)]
     else:
         raise FactEditError("give --prompt, --subject and --target-new (or --requests FILE)")
-    check_output_dir(out, overwrite, model_dir(model_path))
+    check_output_dir(out, overwrite or append, model_dir(model_path))
     circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
     cfg = load_edit_config(recipe_path) if recipe_path else edit_config_for_model(model)
@@ -399,7 +407,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     cfg.validate()
     res = edit(requests, model=model, tokenizer=tok, config=cfg, mode=mode, circuits=circuits,
                stats_corpus=list(stats_corpus) or None, out=out, merge=merge, overwrite=overwrite,
-               log=lambda m: click.echo(m, err=True))
+               log=lambda m: click.echo(m, err=True), append=append)
     for req, plan, nll in zip(res.requests, res.plans, res.nll):
         click.echo(f"{req.filled_prompt!r} -> {req.target_new!r}: {plan.why}; "
                    f"target NLL {nll['before']:.2f} -> {nll['after_fit']:.2f}")
@@ -411,6 +419,24 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
                        f"{st['seconds']:.1f} s (cached for next time)")
     click.echo(f"wrote {out}/adapter_model.safetensors, adapter_config.json, edits.json"
                + (", merged/" if merge else "") + f" in {res.seconds:.1f} s")
+
+
+def _undo(k, out, model_path, dtype, device, allow_pickle, trust_remote_code, with_requests: bool) -> None:
+    """`factedit edit --undo K --out DIR`: the sequence in DIR without its last K edits."""
+    from pathlib import Path
+
+    from factedit.editing.history import load_sequence, undo
+    from factedit.errors import FactEditError
+
+    if with_requests:
+        raise FactEditError("--undo takes no requests (nor --append): it only removes edits from the sequence in OUT")
+    n = len(load_sequence(out).steps)  # checked before any model is loaded
+    model = tok = None
+    if (Path(out) / "merged").is_dir():
+        model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    kept = undo(out, k, model, tok)
+    click.echo(f"undid the last {k} of {n} edits in {out}: {len(kept.steps)} remain"
+               + (" (merged/ rebuilt)" if model is not None else ""))
 
 
 @main.command()

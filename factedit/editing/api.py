@@ -47,10 +47,12 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
          config: EditConfig | None = None, mode: str | None = None,
          circuits: list[RecallCircuit | None] | None = None, stats_corpus: list[str | Path] | None = None,
          out: str | Path | None = None, merge: bool = False, overwrite: bool = False,
-         progress: bool = True, log: Callable[[str], None] = lambda m: None) -> EditResult:
+         progress: bool = True, log: Callable[[str], None] = lambda m: None, append: bool = False) -> EditResult:
     """Edit facts. ``requests``: one request, a list, or a request file (CounterFact or flat
     JSON/JSONL). ``model``: a loaded model (with ``tokenizer``), a path, or None for the demo
-    model. With ``out`` the adapter (and ``merged/`` with ``merge``) is written there."""
+    model. With ``out`` the adapter (and ``merged/`` with ``merge``) is written there. With
+    ``append``, ``out`` holds a sequence (an earlier sequential edit): the requests continue it,
+    on the model with its edits applied, and the folder is updated in one atomic step."""
     from factedit.paths import check_output_dir
 
     if isinstance(requests, (str, Path)):
@@ -58,8 +60,19 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     elif isinstance(requests, EditRequest):
         requests = [requests]
     check_conflicts(requests)
+    if append:
+        if out is None:
+            raise FactEditError("append: give the folder of the sequence to continue (--out)")
+        if mode not in (None, "sequential"):
+            raise FactEditError(f"append continues a sequence: its mode is 'sequential', not {mode!r}")
+        mode = "sequential"
     if out is not None:
-        check_output_dir(out, overwrite, base_model_dir(model))
+        check_output_dir(out, overwrite or append, base_model_dir(model))
+    prior = None
+    if append:
+        from factedit.editing.history import load_sequence
+
+        prior = load_sequence(out)
     if model is None or isinstance(model, (str, Path)):
         from factedit.models.loading import load_model
 
@@ -70,6 +83,8 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     check_target_true(requests, model, tokenizer, log)
     corpus = resolve_corpus(model, tokenizer, _world(model), stats_corpus, model_fingerprint(model),
                             cfg.stats_samples, log=log)
+    if prior is not None:
+        return _append(prior, requests, model, tokenizer, corpus, cfg, circuits, out, merge, progress, log)
     result = compute_edit(requests, model, tokenizer, corpus, cfg=cfg, circuits=circuits, mode=mode,
                           progress=progress, log=log)
     check_moved(result)
@@ -77,6 +92,28 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
         from factedit.editing.export import save_edit
 
         save_edit(result, out, model, tokenizer, merge=merge, circuits=result.circuits, overwrite=overwrite)
+    return result
+
+
+def _append(prior, requests, model, tok, corpus, cfg, circuits, out, merge, progress, log) -> EditResult:
+    """Continue the sequence ``prior`` (stored in ``out``) with ``requests``."""
+    from factedit.editing.export import manifest, write_folder
+    from factedit.editing.history import SequenceError, appended_manifest, compose
+    from factedit.editing.weights import applied
+
+    fp = model_fingerprint(model)
+    if prior.manifest.get("base_fingerprint") != fp:
+        raise SequenceError(f"the sequence in {out} was made on another base model (fingerprint "
+                            f"{prior.manifest.get('base_fingerprint')}, this model {fp}): pass its base model")
+    with applied(model, prior.delta()):
+        result = compute_edit(requests, model, tok, corpus, cfg=cfg, circuits=circuits, mode="sequential",
+                              progress=progress, log=log, sequence=prior.state())
+    check_moved(result)
+    result.base_fingerprint = fp
+    steps, keys = prior.steps + result.steps, prior.step_keys + result.step_keys
+    delta = compose(steps, result.delta.conv1d)
+    man = appended_manifest(prior.manifest, manifest(result, result.circuits), delta)
+    write_folder(out, delta, man, model, tok, merge=merge, overwrite=True, sequence=(steps, keys))
     return result
 
 

@@ -45,6 +45,15 @@ class EditConfig:
     # sequential edits: earlier edits' keys join C with this weight (C + K K^T / λ), so that
     # later edits move them little; 0 turns it off (each edit then sees C alone, as ROME)
     sequential_lambda: float = 300.0
+    # how a sequence writes each edit (factedit/editing/sequential.py): "kept" (the circuit's
+    # site, rank-one against C + K K^T / λ) | "refit" (every layer of sequential_layers in turn
+    # fits what is still missing and inserts it by least squares against λC + w·(kept keys)) |
+    # "nullspace" (the same sweep, the update confined to the null space of C, AlphaEdit)
+    sequential_strategy: str = "kept"
+    sequential_layers: list[int] | None = None  # refit/nullspace: the layers swept; None: every layer
+    sequential_passes: int = 1  # refit/nullspace: sweeps over the layers per edit
+    sequential_keep: float = 1.0  # refit/nullspace: weight w of each kept key (earlier edits, held prompts)
+    nullspace_threshold: float = 1e-3  # nullspace: eigenvalues of C below this times the largest span the null space
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
     # layer, spread over the layers) | "refit" (each layer in turn fits and inserts what is left)
@@ -64,20 +73,25 @@ class EditConfig:
             raise RecipeError(f"edit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.batch_strategy not in ("spread", "refit"):
             raise RecipeError(f"edit.batch_strategy must be 'spread' or 'refit', not {self.batch_strategy!r}")
+        if self.sequential_strategy not in ("kept", "refit", "nullspace"):
+            raise RecipeError("edit.sequential_strategy must be 'kept', 'refit' or 'nullspace', not "
+                              f"{self.sequential_strategy!r}")
         if self.mlp_site not in ("enrichment", "trace"):
             raise RecipeError(f"edit.mlp_site must be 'enrichment' or 'trace', not {self.mlp_site!r}")
         if self.head_fallback not in ("attention", "none"):
             raise RecipeError(f"edit.head_fallback must be 'attention' or 'none', not {self.head_fallback!r}")
-        for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span"):
+        for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span",
+                     "sequential_passes"):
             if getattr(self, name) < 0 or (name != "n_prefixes" and getattr(self, name) == 0):
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         if "{}" not in self.kl_prompt:
             raise RecipeError(f"edit.kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
-        for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length"):
+        for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length",
+                     "nullspace_threshold"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_heads", "held_prompts", "kl_weight", "weight_decay", "ridge", "stop_nll",
-                     "sequential_lambda"):
+                     "sequential_lambda", "sequential_keep"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"edit.{name} must be zero or more, got {getattr(self, name)}")
         if not self.prefix_tokens or min(self.prefix_tokens) < 1:
@@ -85,7 +99,7 @@ class EditConfig:
                               f"got {self.prefix_tokens}")
 
     def check_layers(self, n_layers: int) -> None:
-        for name in ("mlp_layers", "batch_layers"):
+        for name in ("mlp_layers", "batch_layers", "sequential_layers"):
             for la in getattr(self, name) or []:
                 if not 0 <= la < n_layers:
                     raise RecipeError(f"edit.{name} holds layer {la}, but the model has layers 0..{n_layers - 1}")

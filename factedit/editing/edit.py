@@ -5,6 +5,8 @@ Modes:
   so far): per request, fit the new values at the circuit's sites (the enrichment MLP's
   output and the extraction heads' value vectors at the subject), then insert each with
   ROME's rank-one closed form; head keys are read after the MLP update is in place.
+  A sequence at scale sweeps the layers instead (``edit.sequential_strategy``, see
+  :mod:`factedit.editing.sequential`).
 - ``batch`` (many requests at once), by least squares over the batch's MLP layers:
   ``spread`` (MEMIT): fit the new residual at the top layer, then spread it over the layers;
   ``refit``: at each layer in turn, fit what the requests still need there (with the earlier
@@ -28,6 +30,7 @@ from factedit.analysis.knockout import window_layers
 from factedit.editing.config import EditConfig
 from factedit.editing.insert import least_squares, mean_hidden, mean_keys, mlp_to_residual, rank_one, residual_to_mlp
 from factedit.editing.requests import EditRequest, RequestError, held_requests
+from factedit.editing.sequential import SequenceState, sequential_sweep
 from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
@@ -59,6 +62,11 @@ class EditResult:
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     circuits: list[RecallCircuit | None] = field(default_factory=list)
+    # sequential: each request's own update, and the keys it added to the kept sets
+    steps: list[WeightDelta] = field(default_factory=list)
+    step_keys: list[dict] = field(default_factory=list)  # per request: {("mlp", layer, position): (n, in)}
+    step_seconds: list[float] = field(default_factory=list)
+    sequence: SequenceState | None = None  # the kept keys after the last request
 
 
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
@@ -154,9 +162,12 @@ class _Stats:
 
 def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditConfig | None = None,
          circuits: list[RecallCircuit | None] | None = None, mode: str | None = None,
-         progress: bool = True, log: Callable[[str], None] = lambda m: None) -> EditResult:
+         progress: bool = True, log: Callable[[str], None] = lambda m: None,
+         sequence: SequenceState | None = None) -> EditResult:
     """Compute the edit of ``requests`` on ``model``. ``circuits`` (one per request, or None to
-    locate each fact here) say where; ``mode`` defaults to single/batch by count."""
+    locate each fact here) say where; ``mode`` defaults to single/batch by count. ``sequence``
+    (sequential mode): the kept keys of the edits already applied to ``model``, to continue
+    a sequence."""
     from factedit.analysis.locate import config_for_model, locate
 
     cfg = cfg or EditConfig()
@@ -195,6 +206,8 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
         res.delta, res.nll = lora_finetune(adapter, tok, requests, corpus, cfg)
     elif mode == "batch":
         _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log)
+    elif mode == "sequential" and cfg.sequential_strategy != "kept":
+        _sequence(adapter, tok, corpus, requests, cfg, res, progress, log, sequence or SequenceState())
     else:
         _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log)
     res.delta.check_finite()
@@ -327,11 +340,46 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                 base.setdefault(name, w)
             res.delta.extend(step)
             res.delta.extend(head_step)
+            step.extend(head_step)
+            res.steps.append(step)
+            res.step_keys.append({})
             if len(requests) > 1:
                 log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
                     f"(NLL {fitted.base_nll[0]:.2f} -> {fitted.nll[0]:.2f})")
     finally:
         restore(adapter.model, base)
+    res.stats = [asdict(r) for r in stats.reports]
+
+
+def _sequence(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log, state: SequenceState) -> None:
+    """Sequential edits by a layer sweep (refit, or AlphaEdit's null space); heads are not
+    updated. Each request keeps the position its circuit chose (the last position for a lookup)."""
+    layers = cfg.sequential_layers or list(range(adapter.n_layers))
+    stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
+    stats.prepare([("mlp", la) for la in layers])
+    positions = [p.mlp_position for p in res.plans]
+    how = "AlphaEdit null-space projection" if cfg.sequential_strategy == "nullspace" else "least squares"
+    for p in res.plans:
+        p.heads = []
+    base: dict[str, torch.Tensor] = {}
+    try:
+        def timed(msg: str) -> None:
+            now = time.perf_counter()
+            res.step_seconds.append(now - timed.t)
+            timed.t = now
+            log(msg)
+        timed.t = time.perf_counter()
+        steps, added, nlls, wrote = sequential_sweep(adapter, tok, corpus, requests, positions, stats.__getitem__,
+                                                     cfg, state, base, timed)
+    finally:
+        restore(adapter.model, base)
+    for p, used in zip(res.plans, wrote):
+        p.mlp_layer = used[-1] if used else None
+        p.why = (f"sequential sweep over MLP layers {layers} at the {p.mlp_position} position ({how}, earlier "
+                 f"edits' keys kept); wrote layers {used}")
+    res.steps, res.step_keys, res.nll, res.sequence = steps, added, nlls, state
+    for st in steps:
+        res.delta.extend(st)
     res.stats = [asdict(r) for r in stats.reports]
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import factedit
 from factedit.editing.edit import EditResult
+from factedit.editing.history import SEQUENCE_FILE, compose, sequence_bytes
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
 from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps_json, staging_dir
 
@@ -72,10 +73,15 @@ def manifest(result: EditResult, circuits: list | None) -> dict:
         "fit_nll": result.nll,
         "statistics": result.stats,
         "seconds": round(result.seconds, 3),
+        **({"sequence": {"steps": len(result.steps), "conv1d": result.delta.conv1d, "file": SEQUENCE_FILE,
+                         "step_seconds": [round(x, 4) for x in result.step_seconds],
+                         "strategy": result.config.sequential_strategy}}
+           if result.mode == "sequential" and result.steps else {}),
     }
 
 
-OWN = frozenset({"adapter_model.safetensors", "adapter_config.json", "edits.json", "merged"})  # an edit's files
+OWN = frozenset({"adapter_model.safetensors", "adapter_config.json", "edits.json", "merged",
+                 SEQUENCE_FILE})  # an edit's files
 
 
 def save_edit(result: EditResult, out: str | Path, model, tok, *, merge: bool = False,
@@ -86,18 +92,31 @@ def save_edit(result: EditResult, out: str | Path, model, tok, *, merge: bool = 
     only ever the old folder (or none) or the complete new one. With ``overwrite``, files in
     ``out`` that are not an edit's own (:data:`OWN`) are kept.
     """
+    if result.mode == "sequential" and result.steps:  # the adapter as a function of the steps (history.py)
+        return write_folder(out, compose(result.steps, result.delta.conv1d), manifest(result, circuits), model, tok,
+                            merge=merge, overwrite=overwrite, sequence=(result.steps, result.step_keys))
+    return write_folder(out, result.delta.compact(), manifest(result, circuits), model, tok, merge=merge,
+                        overwrite=overwrite)
+
+
+def write_folder(out: str | Path, delta: WeightDelta, man: dict, model, tok, *, merge: bool = False,
+                 overwrite: bool = False, sequence: tuple[list[WeightDelta], list[dict]] | None = None,
+                 ) -> list[Path]:
+    """Write an edit's folder (adapter, manifest ``man``, ``merged/`` with ``merge``, and a
+    sequence's history), built in a hidden sibling and put in place in one step."""
     out = Path(out)
-    delta = result.delta.compact()
     delta.check_finite()
     staged = staging_dir(out)
     try:
         atomic_write_bytes(staged / "adapter_model.safetensors",
                            safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}))
         atomic_write_text(staged / "adapter_config.json",
-                          dumps_json(adapter_config(delta, result.base_model), indent=1, sort_keys=True))
+                          dumps_json(adapter_config(delta, man["base_model"]), indent=1, sort_keys=True))
+        if sequence is not None:
+            atomic_write_bytes(staged / SEQUENCE_FILE, sequence_bytes(*sequence))
         if merge:
             _write_merged(delta, staged / "merged", model, tok)
-        atomic_write_text(staged / "edits.json", dumps_json(manifest(result, circuits), indent=1))
+        atomic_write_text(staged / "edits.json", dumps_json(man, indent=1))
         names = sorted(p.name for p in staged.iterdir())
         commit_dir(staged, out, own=OWN, overwrite=overwrite)
     except BaseException:

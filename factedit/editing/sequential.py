@@ -1,0 +1,195 @@
+"""Sequential edits at scale: one request after another, each on the model edited so far,
+without undoing the ones before.
+
+Strategies (``edit.sequential_strategy``):
+
+- ``kept`` (ROME's rank-one update at the circuit's one site, solved against C + KₚᵀKₚ/λ: the
+  earlier edits' keys there move little); in :mod:`factedit.editing.edit`.
+- ``refit``: each edit sweeps the layers ``edit.sequential_layers``. At each layer it fits
+  what the request still needs there (nothing, once its target's NLL is below ``stop_nll``)
+  and inserts it by least squares, holding in place every key kept so far at that layer:
+
+      ΔW = r aᵀ,  a = the first row of K (λC + w·Mₗ + KᵀK)⁻¹,  K = [k; held keys] (1 + h, in)
+
+  Mₗ = Σ k kᵀ over the keys of the earlier edits and their held prompts at layer l (a running
+  sum: its cost does not grow with the sequence), λ = ``sequential_lambda``, w =
+  ``sequential_keep``. Held prompts: the request's template asked about ``held_prompts``
+  subjects of earlier edits (zero residual), as in a batch.
+- ``nullspace`` (AlphaEdit, Fang et al. 2025): the same sweep, but the update lives in the
+  null space of the corpus keys instead of being weighted by C: P projects onto the
+  eigenvectors of C with eigenvalues below ``nullspace_threshold`` times the largest, and
+
+      ΔW = R K P (w·Mₗ P + KᵀK P + I)⁻¹   (rows: keys; AlphaEdit's eq. 14 transposed)
+
+After a request's sweep, its keys (and its held prompts' keys) at every layer of the sweep,
+read with its update in place, join Mₗ.
+
+Each request's update is recorded as its own :class:`WeightDelta` (``EditResult.steps``),
+with the keys it added (``EditResult.step_keys``): a sequence's folder keeps them
+(:mod:`factedit.editing.history`), so that the last k edits can be undone exactly and a
+sequence can be continued later.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from factedit.editing.config import EditConfig
+from factedit.editing.insert import _solve, regularised
+from factedit.editing.requests import EditRequest
+from factedit.editing.values import ValueSites, context_prefixes, fit_values, pad_right
+from factedit.editing.weights import WeightDelta, apply, restore
+from factedit.models.adapter import ModelAdapter
+
+Site = tuple[str, int, str]  # ("mlp", layer, position)
+
+
+@dataclass
+class SequenceState:
+    """What later edits of a sequence must keep: per site, the running sum of kept keys'
+    outer products (in, in), in float64, and the subjects edited so far per template."""
+
+    gram: dict[Site, torch.Tensor] = field(default_factory=dict)
+    counts: dict[Site, int] = field(default_factory=dict)
+    subjects: list[tuple[str, str]] = field(default_factory=list)  # (template, subject) edited, in order
+
+    def keep(self, site: Site, keys: torch.Tensor) -> None:
+        """Add keys (n, in) to the site's kept set."""
+        k = keys.double().cpu()
+        g = self.gram.get(site)
+        self.gram[site] = k.T @ k if g is None else g + k.T @ k
+        self.counts[site] = self.counts.get(site, 0) + len(k)
+
+
+def held_for(req: EditRequest, state: SequenceState, n: int, seed: int, index: int) -> list[EditRequest]:
+    """``n`` prompts to leave as they are: the request's template asked about subjects of
+    earlier edits, never a (template, subject) pair the sequence has edited."""
+    if n <= 0:
+        return []
+    edited = set(state.subjects) | {(req.template, req.subject)}
+    pool = list(dict.fromkeys(s for _, s in state.subjects if (req.template, s) not in edited))
+    rng = random.Random(seed * 1_000_003 + index)
+    return [EditRequest(req.template, s, req.target_new) for s in rng.sample(pool, min(n, len(pool)))]
+
+
+@torch.no_grad()
+def keys_at_layers(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+                   layers: list[int], position: str) -> dict[int, torch.Tensor]:
+    """{layer: (n, in)}: the MLP output projection's input at the last position (or the
+    subject's last token) of each request's prompt, averaged over the prefixes; every layer
+    read in the same forward passes."""
+    from factedit.analysis.hooks import as_btd, padding_safe
+    from factedit.analysis.spans import tokenize_with_subject
+
+    device = next(adapter.model.parameters()).device
+    texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
+             for i, r in enumerate(requests) for p in prefixes]
+    tps = [tokenize_with_subject(tok, t, s) for _, t, s in texts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)
+    pos = torch.tensor([tp.last_subject if position == "subject" else tp.last for tp in tps], device=device)
+    rows = torch.arange(len(tps), device=device)
+    got: dict[int, torch.Tensor] = {}
+    handles = []
+    for la in layers:
+        def hook(m, args, kwargs, la=la):
+            x = as_btd(args[0] if args else kwargs["hidden_states"], len(tps))
+            got[la] = x[rows, pos].float()  # (B, in)
+        handles.append(adapter.mlp_out(la).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with padding_safe(adapter, mask):
+            adapter.model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    req = torch.tensor([i for i, _, _ in texts], device=device)
+    out = {}
+    for la, x in got.items():
+        s = torch.zeros(len(requests), x.shape[1], device=x.device).index_add_(0, req, x)
+        out[la] = (s / len(prefixes)).cpu()
+    return out
+
+
+def null_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(in, in) projector onto the eigenvectors of C whose eigenvalues are below ``threshold``
+    times the largest (AlphaEdit's null space of the preserved keys), in float64."""
+    e, U = torch.linalg.eigh(C.double())
+    small = U[:, e < threshold * e.max()]
+    return small @ small.T
+
+
+def sequential_row(C: torch.Tensor, gram: torch.Tensor | None, keys: torch.Tensor, cfg: EditConfig,
+                   proj: torch.Tensor | None = None) -> torch.Tensor:
+    """(in,): the row a with ΔW = r aᵀ for keys (1 + h, in), the first the request's (residual
+    r), the others held (residual 0); ``gram`` (in, in) the kept keys' Σ k kᵀ."""
+    K = keys.double()
+    n_in = K.shape[1]
+    G = torch.zeros(n_in, n_in, dtype=torch.float64) if gram is None else cfg.sequential_keep * gram.double()
+    if proj is None:
+        M = cfg.sequential_lambda * regularised(C, cfg.ridge) + G + K.T @ K  # (in, in), symmetric
+        return _solve(M, K[:1].T)[:, 0]
+    P = proj.double()
+    S = (G + K.T @ K) @ P + torch.eye(n_in, dtype=torch.float64)  # (in, in): a = k P S^-1
+    return _solve(S.T, P @ K[:1].T)[:, 0]
+
+
+def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequest], positions: list[str],
+                     stats: Callable[[tuple[str, int]], torch.Tensor], cfg: EditConfig,
+                     state: SequenceState, base: dict[str, torch.Tensor],
+                     log: Callable[[str], None] = lambda m: None,
+                     ) -> tuple[list[WeightDelta], list[dict[Site, torch.Tensor]], list[dict], list[list[int]]]:
+    """Apply ``requests`` one after another to ``adapter.model`` (updates stay in place; the
+    weights they touch are saved into ``base`` first). Returns, per request, its update, the
+    keys it added to the kept sets, its NLLs and the layers it wrote."""
+    layers = cfg.sequential_layers or list(range(adapter.n_layers))
+    prefixes = context_prefixes(tok, list(corpus.texts), cfg)
+    proj: dict[int, torch.Tensor] = {}
+    if cfg.sequential_strategy == "nullspace":
+        proj = {la: null_projector(stats(("mlp", la)), cfg.nullspace_threshold) for la in layers}
+    steps, added, nlls, wrote = [], [], [], []
+    for i, (req, pos) in enumerate(zip(requests, positions)):
+        held = held_for(req, state, cfg.held_prompts, cfg.seed, len(state.subjects))
+        step = WeightDelta(conv1d=adapter.spec.conv1d)
+        first = last = None
+        used: list[int] = []
+        for _ in range(cfg.sequential_passes):
+            for la in layers:
+                fitted = fit_values(adapter, tok, [req], prefixes, ValueSites(la, [], pos), cfg)
+                first = first if first is not None else fitted.base_nll[0]
+                last = fitted.nll[0]
+                if fitted.base_nll[0] < cfg.stop_nll:
+                    last = fitted.base_nll[0]
+                    break
+                keys = keys_at_layers(adapter, tok, [req, *held], prefixes, [la], pos)[la]  # (1 + h, in)
+                site = ("mlp", la, pos)
+                a = sequential_row(stats(("mlp", la)), state.gram.get(site), keys, cfg, proj.get(la))
+                one = WeightDelta(conv1d=adapter.spec.conv1d)
+                one.add(adapter.module_name(la, adapter.spec.mlp_out), fitted.mlp[0].double()[:, None].float(),
+                        a[None].float())
+                for name, w in apply(adapter.model, one).items():
+                    base.setdefault(name, w)
+                step.extend(one)
+                used.append(la)
+            else:
+                continue
+            break
+        kept = keys_at_layers(adapter, tok, [req, *held], prefixes, layers, pos)
+        got = {("mlp", la, pos): k for la, k in kept.items()}
+        for site, k in got.items():
+            state.keep(site, k)
+        state.subjects.append((req.template, req.subject))
+        steps.append(step)
+        added.append(got)
+        nlls.append({"before": first, "after_fit": last})
+        wrote.append(used)
+        log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
+            f"(NLL {first:.2f} -> {last:.2f}; layers {used})")
+    return steps, added, nlls, wrote
+
+
+def restore_all(adapter: ModelAdapter, base: dict[str, torch.Tensor]) -> None:
+    restore(adapter.model, base)

@@ -1,0 +1,141 @@
+"""Sequences of edits: the layer sweep's insertion maths, a sequence's folder (a PEFT adapter
+plus its history), continuing it, and undoing its last edits bit for bit."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from factedit.editing.api import edit
+from factedit.editing.config import EditConfig
+from factedit.editing.history import SequenceError, compose, load_sequence, undo
+from factedit.editing.requests import EditRequest
+from factedit.editing.sequential import SequenceState, held_for, null_projector, sequential_row
+from factedit.editing.weights import WeightDelta
+
+FAST = dict(stats_samples=4000, n_prefixes=4, sequential_strategy="refit", sequential_layers=[0, 1, 2],
+            sequential_lambda=300.0, held_prompts=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+def test_sequential_row_is_the_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 10, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 10, dtype=torch.float64)
+    C = X.T @ X / 400  # eigenvalues over 4 orders of magnitude
+    Kp = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    K = torch.randn(3, 10, generator=g, dtype=torch.float64)  # the request's key, then 2 held keys
+    r = torch.randn(6, generator=g, dtype=torch.float64)
+    cfg = EditConfig(sequential_lambda=2.0, sequential_keep=3.0, ridge=0.0)
+    a = sequential_row(C, Kp.T @ Kp, K, cfg)
+    # naive: minimise ||dW K^T - [r, 0, 0]||^2 + 3 ||dW Kp^T||^2 + 2 tr(dW C dW^T)
+    R = torch.stack([r, torch.zeros(6, dtype=r.dtype), torch.zeros(6, dtype=r.dtype)], 1)  # (out, 3)
+    want = torch.linalg.solve(2.0 * C + 3.0 * Kp.T @ Kp + K.T @ K, K.T @ R.T).T  # (out, in)
+    torch.testing.assert_close(r[:, None] * a[None], want)
+    # AlphaEdit: with a projector P the update is zero on everything P removes
+    P = null_projector(C, 1e-2)
+    assert 0 < int(torch.linalg.matrix_rank(P)) < 10
+    a = sequential_row(C, Kp.T @ Kp, K, cfg, P)
+    torch.testing.assert_close(a @ (torch.eye(10, dtype=P.dtype) - P), torch.zeros(10, dtype=P.dtype))
+    S = (3.0 * Kp.T @ Kp + K.T @ K) @ P + torch.eye(10, dtype=P.dtype)
+    torch.testing.assert_close(a, (K[:1] @ P @ torch.linalg.inv(S))[0])
+
+
+def test_compose_is_exact_and_depends_on_the_prefix_only():
+    g = torch.Generator().manual_seed(1)
+    steps = []
+    for _ in range(7):
+        d = WeightDelta()
+        d.add("m", torch.randn(3, 1, generator=g), torch.randn(1, 5, generator=g))
+        steps.append(d)
+    low = compose(steps[:2], False)  # rank 2 <= min(3, 5): the factors themselves
+    assert low.factors["m"][0][0].shape == (3, 2)
+    full = compose(steps, False)  # rank 7 > 3: the float64 sum, stored at rank 3
+    b, a = full.factors["m"][0]
+    assert torch.equal(b, torch.eye(3)) and torch.equal(b @ a, a)
+    want = sum(st.dense("m").double() for st in steps)
+    torch.testing.assert_close(a.double(), want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(compose(steps[:5], False).dense("m"), compose(steps[:5], False).dense("m"))
+
+
+def test_held_prompts_ask_earlier_subjects_never_an_edited_pair():
+    st = SequenceState(subjects=[("{} was born in", "A"), ("{} plays", "B"), ("{} was born in", "C")])
+    req = EditRequest("{} plays", "D", "chess")
+    held = held_for(req, st, 5, seed=0, index=3)
+    assert sorted(h.subject for h in held) == ["A", "C"]  # B already has "{} plays" edited
+    assert all(h.template == "{} plays" for h in held)
+    assert held_for(req, SequenceState(), 1, 0, 0) == []
+
+
+def _requests(world, n, start=300):
+    out = []
+    rels = list(world.relations)
+    for i in range(n):
+        e, rid = world.entities[start + i], rels[i % len(rels)]
+        rel = world.relations[rid]
+        new = next(a for a in rel.attributes if a != e.facts[rid])
+        out.append(EditRequest(rel.templates[0], e.name, new, e.facts[rid]))
+    return out
+
+
+def _folder_state(folder):
+    return ((folder / "adapter_model.safetensors").read_bytes(), (folder / "adapter_config.json").read_bytes(),
+            load_file(folder / "merged" / "model.safetensors"))
+
+
+def test_undo_restores_the_sequence_bit_for_bit(demo, tmp_path):
+    model, tok, world = demo
+    reqs = _requests(world, 5)
+    cfg = EditConfig(**FAST)
+    out = tmp_path / "seq"
+    edit(reqs[:3], model=model, tokenizer=tok, config=cfg, mode="sequential", out=out, merge=True, progress=False)
+    before = _folder_state(out)
+    seq = load_sequence(out)
+    assert len(seq.steps) == 3 and all(st.modules() for st in seq.steps)
+    # a normal PEFT adapter: peft loads it and gives the merged checkpoint's logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = tok(reqs[0].filled_prompt, return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(model.name_or_path)
+    peft_logits = PeftModel.from_pretrained(base, str(out))(input_ids=ids).logits
+    merged_logits = AutoModelForCausalLM.from_pretrained(out / "merged")(input_ids=ids).logits
+    torch.testing.assert_close(peft_logits, merged_logits, atol=1e-4, rtol=1e-4)
+    # continue the sequence, then undo what was added: the folder's model comes back bit for bit
+    edit(reqs[3:], model=model, tokenizer=tok, config=cfg, out=out, merge=True, progress=False, append=True)
+    grown = load_sequence(out)
+    assert len(grown.steps) == 5 and [r["subject"] for r in grown.manifest["requests"]] == [r.subject for r in reqs]
+    for i in range(3):  # the first steps are kept as they were
+        for name in seq.steps[i].modules():
+            assert torch.equal(seq.steps[i].dense(name), grown.steps[i].dense(name))
+    # the continued edits kept the earlier ones' keys: the state holds every step's keys
+    assert all(grown.state().counts[s] == 5 * 2 - 1 for s in grown.state().counts)  # 5 edits + 4 held prompts
+    assert _folder_state(out)[0] != before[0]
+    undo(out, 2, model, tok)
+    after = _folder_state(out)
+    assert after[0] == before[0] and after[1] == before[1]
+    assert after[2].keys() == before[2].keys()
+    assert all(torch.equal(after[2][k], before[2][k]) for k in before[2])
+    assert len(load_sequence(out).manifest["requests"]) == 3
+    # undoing every edit, or more, is refused (the base model is unchanged): nothing is written
+    with pytest.raises(SequenceError, match="undo 1 to 2"):
+        undo(out, 3, model, tok)
+    assert _folder_state(out)[0] == before[0]
+
+
+def test_undo_and_append_refuse_a_folder_that_is_not_a_sequence(demo, tmp_path):
+    model, tok, world = demo
+    out = tmp_path / "single"
+    edit(_requests(world, 1)[0], model=model, tokenizer=tok, config=EditConfig(**FAST), out=out, progress=False)
+    with pytest.raises(SequenceError, match="does not hold a sequence"):
+        undo(out, 1)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with pytest.raises(SequenceError, match="does not hold a sequence"):
+        edit(_requests(world, 2)[1], model=model, tokenizer=tok, config=EditConfig(**FAST), out=copy,
+             append=True, progress=False)
