@@ -29,6 +29,7 @@ from factedit.analysis.hooks import as_btd, capture, upcast
 from factedit.analysis.knockout import window_layers
 from factedit.analysis.rerun import CleanRun, clean_run, rerun
 from factedit.analysis.spans import TokenizedPrompt
+from factedit.analysis.vocab import max_token_prob, token_prob
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
 
@@ -104,9 +105,10 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
     else:
         raise FactEditError(f"sublayer knockout method must be 'fast' or 'naive', not {method!r}")
     probs = upcast(logits).softmax(-1)[:, token]  # (B,)
-    # the naive reference projects every layer of every row; the fast path skips what is clean
+    # the naive reference projects every layer of every row in full; the fast path skips what is
+    # clean and what an upper bound rules out
     starts = [w.start for w in windows] if method == "fast" else [0] * len(windows)
-    extraction = _extraction(adapter, attn_last, starts, token, final_norm)  # (B,)
+    extraction = _extraction(adapter, attn_last, starts, token, final_norm, prune=method == "fast")  # (B,)
 
     rates = None
     if related is not None:
@@ -129,22 +131,26 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
 
 
 def _extraction(adapter: ModelAdapter, attn_last: torch.Tensor, starts: list[int], token: int,
-                final_norm: bool) -> torch.Tensor:
+                final_norm: bool, prune: bool = True) -> torch.Tensor:
     """(B,) the largest p(token) over layers in the projection of the MHSA output at the last
     position, ``attn_last`` (B, L, d), row 0 clean. A row's MHSA outputs below its window's
     first layer read only states the knockout has not reached, so they are the clean row's:
-    only layers from the window's first one up are projected (the unembedding is most of the
-    cost: B x L x V)."""
-    vecs = torch.cat([attn_last[0]] + [attn_last[r, lo:] for r, lo in enumerate(starts, start=1)])  # (N, d)
-    p = upcast(adapter.logit_lens(vecs, final_norm)).softmax(-1)[:, token]  # (N,)
-    L = attn_last.shape[1]
-    clean_p, at = p[:L], L
-    out = [clean_p.max()]
-    for lo in starts:
-        row = p[at: at + L - lo].max()
-        out.append(torch.maximum(row, clean_p[:lo].max()) if lo else row)
-        at += L - lo
-    return torch.stack(out)
+    only layers from the window's first one up are candidates. With ``prune``, a candidate is
+    projected in full only when an exact upper bound of its p(token) could beat its row's best
+    (:func:`factedit.analysis.vocab.max_token_prob`); the result is the same maximum."""
+    B, L, _ = attn_last.shape
+    clean_logits = upcast(adapter.logit_lens(attn_last[0], final_norm))  # (L, V)
+    clean_p = clean_logits.softmax(-1)[:, token].double()  # (L,)
+    floor = torch.stack([clean_p.max()] + [clean_p[:lo].max() if lo else clean_p.new_tensor(float("-inf"))
+                                           for lo in starts])  # (B,)
+    device = attn_last.device
+    vecs = torch.cat([attn_last[r, lo:] for r, lo in enumerate(starts, start=1)])  # (N, d)
+    layer = torch.cat([torch.arange(lo, L, device=device) for lo in starts])  # (N,)
+    group = torch.cat([torch.full((L - lo,), r, device=device) for r, lo in enumerate(starts, start=1)])
+    if not prune:
+        p = token_prob(adapter, vecs, token, final_norm).double()
+        return torch.maximum(floor, floor.new_full((B,), float("-inf")).scatter_reduce(0, group, p, reduce="amax"))
+    return max_token_prob(adapter, clean_logits, vecs, layer, group, floor, token, final_norm)
 
 
 def _fast(adapter, tp, rows, windows, read_layer, clean):
