@@ -46,7 +46,12 @@ def keep_mask(tok, vocab: int) -> torch.Tensor:
 def top_tokens(adapter: ModelAdapter, tok, vecs: torch.Tensor, k: int, final_norm: bool = True) -> torch.Tensor:
     """(..., k) the k highest-scoring token ids of each (..., d) vector's projection among those
     that pass ``keep_token``."""
-    logits = upcast(adapter.logit_lens(vecs, final_norm=final_norm))  # (..., V)
+    return top_kept(tok, upcast(adapter.logit_lens(vecs, final_norm=final_norm)), k)
+
+
+def top_kept(tok, logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) the k highest-scoring token ids that pass ``keep_token``, of projections already
+    made (..., V)."""
     mask = keep_mask(tok, logits.shape[-1]).to(logits.device)
     return logits.masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
 
@@ -56,7 +61,11 @@ def attribute_rate(adapter: ModelAdapter, tok, stream: torch.Tensor, related: se
                    final_norm: bool = True) -> list[float]:
     """Per vector of ``stream`` ((N, d), e.g. the layers with the embeddings first): the share of
     the top-k kept tokens that are in ``related``."""
-    top = top_tokens(adapter, tok, stream, k, final_norm)  # (N, k)
+    return rate_of(top_tokens(adapter, tok, stream, k, final_norm), related, k)
+
+
+def rate_of(top: torch.Tensor, related: set[int], k: int) -> list[float]:
+    """Per row of ``top`` (N, k): the share of its tokens that are in ``related``."""
     rel = torch.tensor(sorted(related), dtype=top.dtype, device=top.device)
     return (torch.isin(top, rel).sum(-1).double() / k).tolist()
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from factedit.analysis.attribute_rate import attribute_rate, related_tokens
+from factedit.analysis.attribute_rate import rate_of, related_tokens, top_kept
 from factedit.analysis.circuit import EnrichmentMLP, ExtractionHead, LocateConfig, RecallCircuit
 from factedit.analysis.heads import head_scores, ov_rank, top_heads
 from factedit.analysis.hooks import upcast
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
-from factedit.analysis.projection import components, rank_and_prob
+from factedit.analysis.projection import Components, components, rank_and_prob_of
 from factedit.analysis.rerun import CleanRun, clean_run
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import sublayer_knockout
@@ -79,10 +79,34 @@ def config_for_model(model) -> LocateConfig:
     return from_dict(LocateConfig, section, where=where)
 
 
+def attribute_rates_by_position(adapter: ModelAdapter, tok, tp: TokenizedPrompt, comp: Components,
+                                resid_last_logits: torch.Tensor, related: set[int], k: int,
+                                final_norm: bool) -> dict[str, list[float]]:
+    """Attribute rate per stream layer (L+1, embeddings first) at the first subject token, the
+    last subject token and the last position, and averaged over the positions between the
+    subject and the last token. Every position's stream goes through the unembedding once, in
+    one batch; the last position's layers reuse ``resid_last_logits`` (L, V)."""
+    L = adapter.n_layers
+    stream = comp.stream()  # (L+1, T, d)
+    later = list(range(tp.subject_span[1], tp.last))  # between the subject and the last token
+    positions = list(dict.fromkeys([tp.subject_span[0], tp.last_subject, *later]))
+    vecs = torch.cat([stream[:, positions].transpose(0, 1).reshape(-1, stream.shape[-1]), stream[:1, tp.last]])
+    logits = upcast(adapter.logit_lens(vecs, final_norm))  # (P*(L+1) + 1, V)
+    top = rate_of(top_kept(tok, torch.cat([logits, resid_last_logits]), k), related, k)
+    at = {pos: top[i * (L + 1): (i + 1) * (L + 1)] for i, pos in enumerate(positions)}
+    at[tp.last] = top[len(positions) * (L + 1):]  # embeddings, then the reused layers
+    by_pos = {name: at[pos] for name, pos in (("first_subject", tp.subject_span[0]),
+                                              ("last_subject", tp.last_subject), ("last", tp.last))}
+    if later:
+        by_pos["after_subject"] = [sum(col) / len(col) for col in zip(*(at[p] for p in later))]
+    return by_pos
+
+
 @torch.no_grad()
 def locate(prompt: str, subject: str, target: str | None = None, *, model=None, tokenizer=None,
            related: str | list[str] | set[int] | None = None, config: LocateConfig | None = None,
-           fingerprint: str | None = None, clean: CleanRun | None = None) -> RecallCircuit:
+           fingerprint: str | None = None, clean: CleanRun | None = None,
+           extraction: bool = True) -> RecallCircuit:
     """Locate the recall circuit of the fact ``prompt`` (a template with ``{}`` or a full
     prompt containing ``subject``).
 
@@ -91,7 +115,8 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     the model's own prediction. ``related`` is the subject's related-token set for the
     attribute rate: a text, a list of strings, or token ids; for a world model it defaults to
     the subject's attributes. ``clean`` is the prompt's clean run when the caller already made
-    it (the audit does, to check that the model knows the fact).
+    it (the audit does, to check that the model knows the fact). ``extraction=False`` skips the
+    sublayer knockout's extraction curves (left None; the audit does not keep them).
     """
     if model is None or isinstance(model, (str, Path)):
         from factedit.models.loading import load_model
@@ -118,11 +143,13 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     ko = attention_knockout(adapter, tp, cfg.knockout_window, target=target_id if target is not None else None,
                             clean=clean, block_bos=cfg.knockout_bos)
 
-    # vocabulary projection at the last position
+    # vocabulary projection at the last position: the residual, MHSA and MLP outputs of every
+    # layer in one batch through the unembedding (the residual's also serves the attribute rate)
+    lens = upcast(adapter.logit_lens(torch.cat([comp.resid[:, tp.last], comp.attn, comp.mlp]), fn))  # (3L, V)
+    lens = dict(zip(("resid", "attn", "mlp"), lens.split(L)))
     proj: dict[str, list] = {}
-    resid_last = comp.resid[:, tp.last]
-    for name, vecs in (("resid", resid_last), ("attn", comp.attn), ("mlp", comp.mlp)):
-        r, p = rank_and_prob(adapter, vecs, token, fn)
+    for name, logits in lens.items():
+        r, p = rank_and_prob_of(logits, token)
         proj[f"{name}_rank"] = r.tolist()
         proj[f"{name}_prob"] = p.tolist()
     events = {k: [la for la in range(L) if proj[f"{k}_rank"][la] == 1] for k in ("attn", "mlp")}
@@ -145,18 +172,11 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         rel_ids, source = related_tokens(tok, related), "user text"
     rates = by_pos = None
     if rel_ids is not None:
-        stream = comp.stream()  # (L+1, T, d)
-        by_pos = {name: attribute_rate(adapter, tok, stream[:, pos], rel_ids, cfg.attribute_top_k, fn)
-                  for name, pos in (("first_subject", tp.subject_span[0]),
-                                    ("last_subject", tp.last_subject), ("last", tp.last))}
-        later = list(range(tp.subject_span[1], tp.last))  # between the subject and the last token
-        if later:
-            per = [attribute_rate(adapter, tok, stream[:, pos], rel_ids, cfg.attribute_top_k, fn) for pos in later]
-            by_pos["after_subject"] = [sum(col) / len(col) for col in zip(*per)]
+        by_pos = attribute_rates_by_position(adapter, tok, tp, comp, lens["resid"], rel_ids, cfg.attribute_top_k, fn)
         rates = by_pos["last_subject"]
 
     sk = sublayer_knockout(adapter, tok, tp, cfg.sublayer_window, token, rel_ids, cfg.read_layer,
-                           cfg.attribute_top_k, fn, clean=clean)
+                           cfg.attribute_top_k, fn, clean=clean, extraction=extraction, clean_attn_logits=lens["attn"])
     if sk.attribute_rate is not None:
         metric = f"drop of the attribute rate at stream layer {sk.read_layer}"
         scores = [sk.base_attribute_rate - r for r in sk.attribute_rate["mlp"]]
@@ -203,7 +223,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         sublayer_knockout={
             "window": sk.window, "read_layer": sk.read_layer, "base_prob": sk.base_prob,
             "base_attribute_rate": sk.base_attribute_rate, "base_extraction": sk.base_extraction,
-            **{k: {"prob_change": sk.prob_change[k], "extraction": sk.extraction[k],
+            **{k: {"prob_change": sk.prob_change[k], "extraction": None if sk.extraction is None else sk.extraction[k],
                    "attribute_rate": None if sk.attribute_rate is None else sk.attribute_rate[k]}
                for k in ("mlp", "attn")},
         },

@@ -76,7 +76,11 @@ def components(adapter: ModelAdapter, input_ids: list[int], clean: CleanRun | No
 def rank_and_prob(adapter: ModelAdapter, vecs: torch.Tensor, token: int,
                   final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank (1 = top) and probability of ``token`` in the projection of each (..., d) vector."""
-    logits = upcast(adapter.logit_lens(vecs, final_norm=final_norm))  # (..., V)
+    return rank_and_prob_of(upcast(adapter.logit_lens(vecs, final_norm=final_norm)), token)
+
+
+def rank_and_prob_of(logits: torch.Tensor, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (1 = top) and probability of ``token`` in projections already made, (..., V)."""
     tgt = logits[..., token : token + 1]
     rank = (logits > tgt).sum(-1) + 1
     prob = logits.softmax(-1)[..., token]

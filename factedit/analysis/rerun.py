@@ -143,7 +143,7 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
     model = adapter.model
     try:
         out = model(input_ids=torch.tensor([input_ids], device=device), use_cache=True,
-                    **with_cache(model, new_cache([])))
+                    **with_cache(model, new_cache([])), **last_logits_only(model))
     finally:
         for h in handles:
             h.remove()

@@ -43,10 +43,10 @@ class SublayerKnockoutResult:
     token: int  # the token whose probability and extraction are measured
     base_prob: float
     base_attribute_rate: float | None
-    base_extraction: float
+    base_extraction: float | None  # None when not asked for
     prob_change: dict[str, list[float]]  # sublayer -> per centre layer, relative change in %
     attribute_rate: dict[str, list[float]] | None  # sublayer -> per centre layer, rate at read_layer
-    extraction: dict[str, list[float]]  # sublayer -> per centre layer, max MHSA p(token) at last
+    extraction: dict[str, list[float]] | None  # sublayer -> per centre layer, max MHSA p(token) at last
 
 
 @contextmanager
@@ -87,10 +87,14 @@ def sublayer_rows(n_layers: int) -> list[tuple[str, int]]:
 def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: int, token: int,
                       related: set[int] | None = None, read_layer: int | None = None, top_k: int = 50,
                       final_norm: bool = True, method: str = "fast",
-                      clean: CleanRun | None = None) -> SublayerKnockoutResult:
+                      clean: CleanRun | None = None, extraction: bool = True,
+                      clean_attn_logits: torch.Tensor | None = None) -> SublayerKnockoutResult:
     """``method="fast"`` reruns positions from the subject's first token on, each row from its
     window's first layer, on the clean run's keys and values; ``"naive"`` runs one full forward
-    pass per intervention (the reference)."""
+    pass per intervention (the reference). Without ``related`` the attribute rate is not
+    measured, and with ``extraction=False`` neither is the extraction (nothing of either is
+    computed). ``clean_attn_logits`` (L, V), the clean MHSA outputs' projection at the last
+    position, is reused when the caller has it."""
     L = adapter.n_layers
     if read_layer is None:
         read_layer = default_read_layer(L)
@@ -99,7 +103,8 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
     rows = sublayer_rows(L)
     windows = [window_layers(c, window, L) for _k, c in rows]
     if method == "fast":
-        logits, subj_rep, attn_last = _fast(adapter, tp, rows, windows, read_layer, clean)
+        logits, subj_rep, attn_last = _fast(adapter, tp, rows, windows, read_layer, clean,
+                                            keep_subject=related is not None, keep_attn=extraction)
     elif method == "naive":
         logits, subj_rep, attn_last = _naive(adapter, tp, rows, windows, read_layer)
     else:
@@ -108,7 +113,10 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
     # the naive reference projects every layer of every row in full; the fast path skips what is
     # clean and what an upper bound rules out
     starts = [w.start for w in windows] if method == "fast" else [0] * len(windows)
-    extraction = _extraction(adapter, attn_last, starts, token, final_norm, prune=method == "fast")  # (B,)
+    ext = None
+    if extraction:
+        ext = _extraction(adapter, attn_last, starts, token, final_norm, prune=method == "fast",
+                          clean_logits=clean_attn_logits)  # (B,)
 
     rates = None
     if related is not None:
@@ -119,19 +127,21 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
     out_ext: dict[str, list[float]] = {k: [] for k in SUBLAYERS}
     for r, (kind, _c) in enumerate(rows, start=1):
         out_prob[kind].append((float(probs[r]) - p0) / p0 * 100.0)
-        out_ext[kind].append(float(extraction[r]))
+        if ext is not None:
+            out_ext[kind].append(float(ext[r]))
         if rates is not None:
             out_rate[kind].append(rates[r])
     return SublayerKnockoutResult(
         window=window, read_layer=read_layer, token=token, base_prob=p0,
         base_attribute_rate=None if rates is None else rates[0],
-        base_extraction=float(extraction[0]),
-        prob_change=out_prob, attribute_rate=None if rates is None else out_rate, extraction=out_ext,
+        base_extraction=None if ext is None else float(ext[0]),
+        prob_change=out_prob, attribute_rate=None if rates is None else out_rate,
+        extraction=None if ext is None else out_ext,
     )
 
 
 def _extraction(adapter: ModelAdapter, attn_last: torch.Tensor, starts: list[int], token: int,
-                final_norm: bool, prune: bool = True) -> torch.Tensor:
+                final_norm: bool, prune: bool = True, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the largest p(token) over layers in the projection of the MHSA output at the last
     position, ``attn_last`` (B, L, d), row 0 clean. A row's MHSA outputs below its window's
     first layer read only states the knockout has not reached, so they are the clean row's:
@@ -139,7 +149,8 @@ def _extraction(adapter: ModelAdapter, attn_last: torch.Tensor, starts: list[int
     projected in full only when an exact upper bound of its p(token) could beat its row's best
     (:func:`factedit.analysis.vocab.max_token_prob`); the result is the same maximum."""
     B, L, _ = attn_last.shape
-    clean_logits = upcast(adapter.logit_lens(attn_last[0], final_norm))  # (L, V)
+    if clean_logits is None:
+        clean_logits = upcast(adapter.logit_lens(attn_last[0], final_norm))  # (L, V)
     clean_p = clean_logits.softmax(-1)[:, token].double()  # (L,)
     floor = torch.stack([clean_p.max()] + [clean_p[:lo].max() if lo else clean_p.new_tensor(float("-inf"))
                                            for lo in starts])  # (B,)
@@ -153,9 +164,10 @@ def _extraction(adapter: ModelAdapter, attn_last: torch.Tensor, starts: list[int
     return max_token_prob(adapter, clean_logits, vecs, layer, group, floor, token, final_norm)
 
 
-def _fast(adapter, tp, rows, windows, read_layer, clean):
+def _fast(adapter, tp, rows, windows, read_layer, clean, keep_subject: bool = True, keep_attn: bool = True):
     """Returns logits (B, V) at the last position, the last subject token's residual at
-    ``read_layer`` (B, d) and the MHSA outputs at the last position (B, L, d); row 0 clean."""
+    ``read_layer`` (B, d) and the MHSA outputs at the last position (B, L, d); row 0 clean.
+    The last two are None unless kept."""
     s0, s_last = tp.subject_span[0], tp.last_subject
     clean = clean or clean_run(adapter, tp.input_ids)
     subject_rel = list(range(0, tp.subject_span[1] - s0))  # subject positions, counted from s0
@@ -169,11 +181,15 @@ def _fast(adapter, tp, rows, windows, read_layer, clean):
         return out
 
     res = rerun(adapter, clean, s0, [w.start for w in windows], hooks=hooks,
-                keep_stream=[(read_layer, s_last)], keep_attn_last=True)
-    clean_attn = torch.stack([a[-1] for a in clean.attn])  # (L, d)
+                keep_stream=[(read_layer, s_last)] if keep_subject else [], keep_attn_last=keep_attn)
     logits = torch.cat([clean.logits[None], res.logits])
-    subj_rep = torch.cat([clean.block_in[read_layer][s_last][None], res.stream[(read_layer, s_last)]])
-    return logits, subj_rep, torch.cat([clean_attn[None], res.attn_last])
+    subj_rep = attn_last = None
+    if keep_subject:
+        subj_rep = torch.cat([clean.block_in[read_layer][s_last][None], res.stream[(read_layer, s_last)]])
+    if keep_attn:
+        clean_attn = torch.stack([a[-1] for a in clean.attn])  # (L, d)
+        attn_last = torch.cat([clean_attn[None], res.attn_last])
+    return logits, subj_rep, attn_last
 
 
 def _naive(adapter, tp, rows, windows, read_layer):
