@@ -1,11 +1,24 @@
 """Edit quality on a real model, CounterFact-style requests built from its known facts
 (factedit/studies/known_edits.py), every method run by the same code on the same requests.
 
-    python benchmarks/real_edit_quality.py --model smollm2-135m [--n 30] [--seed 0]
-        [--methods circuit,mlp] [--mode single|batch] [--stats-corpus sampled|pydoc|FILES]
+    python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0]
+        [--methods circuit,rome,heads,lora] [--batch 0] [--batch-methods circuit,memit]
+        [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
 
-Prints one row per method: ES, PS, NS, S (CounterFact's probability comparison), top-1
-efficacy, and seconds per edit; the unedited model's row first.
+Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
+- ``circuit``: factedit's edit of the fact's located circuit (MLP at the subject + extraction heads);
+- ``rome``: ROME as its authors set it up: one rank-one MLP update at the layer causal tracing
+  selects on average (the recipe's ``mlp_layers``), ROME's value-fitting settings;
+- ``heads``: the extraction heads' value update alone;
+- ``lora``: plain LoRA fine-tuning of the prompt (peft);
+- ``ft-l``-style constrained fine-tuning is not included (see the README).
+With ``--batch N`` one batch of N requests per batch method: ``circuit`` (the circuit's
+positions, MEMIT's spread) and ``memit`` (method mlp over the recipe's ``batch_layers``).
+
+Each fact's circuit is located once (recipe analysis settings) and shared by the methods that
+read it; its time is reported separately. Prints one row per method (ES, PS, NS, S by
+CounterFact's probability comparison, top-1 efficacy, fluency, SF: the subject's other facts
+kept, seconds per edit), the unedited model's row first, then a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,66 +31,100 @@ import time
 
 import torch
 
+from factedit.analysis.locate import config_for_model, locate
 from factedit.editing.api import edit_config_for_model
 from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit
 from factedit.editing.weights import applied
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
-from factedit.studies.known_edits import build_requests, known_facts, score_requests
+from factedit.studies.known_edits import build_requests, harmonic_s, known_facts, score_requests, subject_facts
+
+SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp"}, "heads": {"method": "heads"},
+          "lora": {"method": "lora"}}
+BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp"}, "lora": {"method": "lora"}}
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "PS", "NS", "top1", "fluency")}
+    sf = [(r["SF"], r["n_SF"]) for r in rows if r.get("n_SF")]
+    n_sf = sum(n for _, n in sf)
+    out["SF"] = sum(s * n for s, n in sf) / n_sf if n_sf else None
+    out["n_SF"] = n_sf
+    out["S"] = harmonic_s(out)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--n", type=int, default=100, help="single edits per method (0: none)")
+    ap.add_argument("--batch", type=int, default=0, help="requests in the one batch per batch method (0: none)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", default="circuit,mlp")
-    ap.add_argument("--mode", default="single", choices=("single", "batch"))
+    ap.add_argument("--methods", default="circuit,rome,lora")
+    ap.add_argument("--batch-methods", default="circuit,memit")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override an edit setting for every method, e.g. --set 'mlp_layers=[4]'")
     ap.add_argument("--stats-corpus", nargs="*", default=["sampled"])
-    ap.add_argument("--stats-samples", type=int, default=None, help="override the recipe's stats_samples")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model, tok = load_model(args.model)
     base = edit_config_for_model(model)
-    if args.stats_samples:
-        base = dataclasses.replace(base, stats_samples=args.stats_samples)
+    for kv in args.set:
+        key, _, val = kv.partition("=")
+        base = dataclasses.replace(base, **{key: json.loads(val)})
     facts = known_facts(model, tok)
-    requests = build_requests(facts, tok, args.n, seed=args.seed)
-    corpus = resolve_corpus(model, tok, None, args.stats_corpus, model_fingerprint(model), base.stats_samples,
-                            log=print)
-    print(f"{args.model}: {len(facts)} known facts, {len(requests)} requests (seed {args.seed}), corpus {corpus.name}",
-          flush=True)
-    rows = [{"method": "none (unedited)", **score_requests(model, tok, requests), "s_per_edit": 0.0}]
+    requests = build_requests(facts, tok, max(args.n, args.batch), seed=args.seed)
+    others = subject_facts(facts, requests)
+    fp = model_fingerprint(model)
+    corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
+    print(f"{args.model}: {len(facts)} known facts, {len(requests)} requests (seed {args.seed}), corpus "
+          f"{corpus.name}, settings {args.set or 'recipe'}", flush=True)
+    single = requests[: args.n]
+    lc = config_for_model(model)
+    lc.trace = lc.trace or base.mlp_site == "trace"
+    t0 = time.perf_counter()
+    circuits = [locate(r.prompt, r.subject, model=model, tokenizer=tok, config=lc, fingerprint=fp)
+                for r in requests]
+    locate_s = (time.perf_counter() - t0) / max(1, len(requests))
+    print(f"located {len(circuits)} circuits, {locate_s:.1f} s each", flush=True)
+    rows = [{"method": "none (unedited)", "n": len(single),
+             **score_requests(model, tok, single, fluency=True, others=others), "s_per_edit": 0.0}]
     print(rows[-1], flush=True)
-    for method in args.methods.split(","):
-        cfg = dataclasses.replace(base, method=method)
-        t0 = time.perf_counter()
-        if args.mode == "batch":
-            res = compute_edit(requests, model, tok, corpus, cfg=cfg, mode="batch", progress=False)
+    for name in [m for m in args.methods.split(",") if m and args.n]:
+        cfg = dataclasses.replace(base, **SINGLE[name])
+        per, seconds, sites = [], 0.0, []
+        for r, c in zip(single, circuits):
+            res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False)
+            seconds += res.seconds
+            sites.append(res.plans[0].why)
             with applied(model, res.delta):
-                m = score_requests(model, tok, requests)
-        else:
-            acc: dict[str, float] = {}
-            for r in requests:
-                res = compute_edit([r], model, tok, corpus, cfg=cfg, progress=False)
-                with applied(model, res.delta):
-                    for k, v in score_requests(model, tok, [r]).items():
-                        acc[k] = acc.get(k, 0.0) + v / len(requests)
-            m = acc
-            m["S"] = 3 / sum(1 / max(m[k], 1e-9) for k in ("ES", "PS", "NS"))
-        rows.append({"method": f"{method} ({args.mode})", **m,
-                     "s_per_edit": round((time.perf_counter() - t0) / len(requests), 2)})
-        print(rows[-1], flush=True)
+                per.append(score_requests(model, tok, [r], fluency=True, others=others))
+        rows.append({"method": f"{name} (single)", "n": len(single), **_mean_rows(per),
+                     "s_per_edit": round(seconds / len(single), 2), "sites": sites})
+        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+    batch = requests[: args.batch]
+    for name in [m for m in args.batch_methods.split(",") if m and args.batch]:
+        cfg = dataclasses.replace(base, **BATCH[name])
+        res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
+                           progress=False)
+        with applied(model, res.delta):
+            m = score_requests(model, tok, batch, fluency=True, others=others)
+        rows.append({"method": f"{name} (batch of {len(batch)})", "n": len(batch), **m,
+                     "s_per_edit": round(res.seconds / len(batch), 2), "sites": [res.plans[0].why]})
+        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"model {args.model}; corpus {corpus.name}")
-    print("| method | n | ES | PS | NS | S | top-1 | s / edit |\n|---|---|---|---|---|---|---|---|")
+          f"model {args.model}; corpus {corpus.name}; locate {locate_s:.1f} s per fact (not in s / edit)")
+    print("| method | n | ES | PS | NS | S | top-1 | fluency | SF (n) | s / edit |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {len(requests)} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {r['S']:.1f} | "
-              f"{r['top1']:.1f} | {r['s_per_edit']} |")
+        sf = "—" if r.get("SF") is None else f"{r['SF']:.0f} ({r['n_SF']})"
+        print(f"| {r['method']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {r['S']:.1f} | "
+              f"{r['top1']:.1f} | {r['fluency']:.2f} | {sf} | {r['s_per_edit']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"model": args.model, "seed": args.seed, "settings": args.set, "corpus": corpus.name,
+                       "locate_s": locate_s, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ Built the way CounterFact was, from ROME's known_1000 (bundled):
 
 Scores, CounterFact's probability comparison (mean per-token NLL under teacher forcing):
 ES (edit prompt: new beats true), PS (paraphrases), NS (neighbours: true still beats new),
-S their harmonic mean; plus top-1 efficacy (the new attribute's first token is the argmax).
+S their harmonic mean; plus top-1 efficacy (the new attribute's first token is the argmax),
+fluency (ROME's n-gram entropy of a greedy 40-token generation from the edit prompt) and, where
+known_1000 holds other known facts of the edited subject, SF: the share of them whose attribute
+is still the top-1 prediction.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from factedit.audit.dataset import bundled
 from factedit.editing.requests import EditRequest
-from factedit.verify.metrics import compare, score
+from factedit.verify.metrics import compare, generate, ngram_entropy, score
 
 
 @dataclass
@@ -40,13 +43,24 @@ def first_token(tok, text: str) -> int:
 
 
 @torch.no_grad()
-def known_facts(model, tok, limit: int | None = None) -> list[KnownFact]:
-    """The known_1000 facts whose attribute the model predicts first, in file order."""
-    out = []
+def known_facts(model, tok, limit: int | None = None, batch: int = 64) -> list[KnownFact]:
+    """The known_1000 facts whose attribute the model predicts first, in file order. Prompts of
+    the same token length run together (no padding, so each row is its own unbatched pass)."""
+    records = json.loads(bundled("known_1000").read_text())
     device = next(model.parameters()).device
-    for rec in json.loads(bundled("known_1000").read_text()):
-        ids = torch.tensor([tok(rec["prompt"])["input_ids"]], device=device)
-        if int(model(input_ids=ids).logits[0, -1].argmax()) == first_token(tok, rec["attribute"]):
+    ids = [tok(rec["prompt"])["input_ids"] for rec in records]
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, row in enumerate(ids):
+        by_len[len(row)].append(i)
+    top: dict[int, int] = {}
+    for idx in by_len.values():
+        for s in range(0, len(idx), batch):
+            chunk = idx[s : s + batch]
+            logits = model(input_ids=torch.tensor([ids[i] for i in chunk], device=device)).logits  # (b, T, V)
+            top.update(zip(chunk, logits[:, -1].argmax(-1).tolist()))
+    out = []
+    for i, rec in enumerate(records):
+        if top[i] == first_token(tok, rec["attribute"]):
             out.append(KnownFact(rec["prompt"], rec["template"], rec["subject"], rec["attribute"],
                                  rec["relation_id"]))
             if limit is not None and len(out) >= limit:
@@ -88,21 +102,47 @@ def build_requests(facts: list[KnownFact], tok, n: int, seed: int = 0, max_neigh
     return out
 
 
-def score_requests(model, tok, requests: list[EditRequest]) -> dict[str, float]:
-    """ES, PS, NS, S and top-1 efficacy, in %, of the model as it is now (apply the edit first)."""
-    es, ps, ns, top1 = [], [], [], []
+def subject_facts(facts: list[KnownFact], requests: list[EditRequest]) -> dict[int | str | None, list[KnownFact]]:
+    """Per request (by case id): the other known facts of its subject (other relations)."""
+    out: dict[int | str | None, list[KnownFact]] = {}
+    for r in requests:
+        rel = next(f.relation for f in facts if f.subject == r.subject and f.template == r.prompt)
+        out[r.case_id] = [f for f in facts if f.subject == r.subject and f.relation != rel]
+    return out
+
+
+def score_requests(model, tok, requests: list[EditRequest], *, fluency: bool = False,
+                   others: dict[int | str | None, list[KnownFact]] | None = None) -> dict[str, float]:
+    """ES, PS, NS, S and top-1 efficacy, in %, of the model as it is now (apply the edit first);
+    with ``fluency``, the mean generation entropy ("fluency", bits); with ``others`` (see
+    :func:`subject_facts`), SF in % over ``n_SF`` facts (None where there are none)."""
+    es, ps, ns, top1, flu, sf = [], [], [], [], [], []
     for r in requests:
         c = compare(model, tok, [r.filled_prompt], r.target_new, r.target_true)
         es.append(score(c)[0])
-        top1.append(_first_is_argmax(model, tok, r))
+        top1.append(_first_is(model, tok, r.filled_prompt, r.target_new))
         ps.append(score(compare(model, tok, r.paraphrase_prompts, r.target_new, r.target_true))[0])
         ns.append(score(compare(model, tok, r.neighborhood_prompts, r.target_new, r.target_true), reverse=True)[0])
-    m = {k: 100 * sum(v) / len(v) for k, v in (("ES", es), ("PS", ps), ("NS", ns), ("top1", top1))}
-    m["S"] = 3 / sum(1 / max(m[k], 1e-9) for k in ("ES", "PS", "NS"))
+        if fluency:
+            flu.append(ngram_entropy(generate(model, tok, [r.filled_prompt])[0]))
+        sf += [_first_is(model, tok, f.prompt, f.attribute) for f in (others or {}).get(r.case_id, [])]
+    m: dict[str, float] = {k: 100 * sum(v) / len(v) for k, v in (("ES", es), ("PS", ps), ("NS", ns),
+                                                                 ("top1", top1))}
+    m["S"] = harmonic_s(m)
+    if fluency:
+        m["fluency"] = sum(flu) / len(flu)
+    if others is not None:
+        m["SF"] = 100 * sum(sf) / len(sf) if sf else None
+        m["n_SF"] = len(sf)
     return m
 
 
+def harmonic_s(m: dict[str, float]) -> float:
+    """CounterFact's S: the harmonic mean of ES, PS and NS."""
+    return 3 / sum(1 / max(m[k], 1e-9) for k in ("ES", "PS", "NS"))
+
+
 @torch.no_grad()
-def _first_is_argmax(model, tok, r: EditRequest) -> bool:
-    ids = torch.tensor([tok(r.filled_prompt)["input_ids"]], device=next(model.parameters()).device)
-    return int(model(input_ids=ids).logits[0, -1].argmax()) == first_token(tok, r.target_new)
+def _first_is(model, tok, prompt: str, target: str) -> bool:
+    ids = torch.tensor([tok(prompt)["input_ids"]], device=next(model.parameters()).device)
+    return int(model(input_ids=ids).logits[0, -1].argmax()) == first_token(tok, target)
