@@ -1,71 +1,210 @@
-"""Throughput of factedit on a real model, in one process: loading, locate (facts/s), the key
-statistics (tokens/s, against plain forward passes over the same windows) and sampling the
-default statistics corpus.
+"""Analysis cost and throughput of factedit on a real model, in one process.
 
-    python benchmarks/real_models.py --model smollm2-135m [--facts 10] [--threads 2]
+Per known fact (known_1000 facts the model predicts, in file order), interleaved so that a
+busy machine slows every figure alike:
+- one plain forward pass of the prompt (``model(input_ids)``, median of 5);
+- factedit's attention-knockout sweep (its clean pass included);
+- factedit's whole ``locate`` (the circuit: knockout, projections, heads, OV checks, sublayer
+  knockout with its extraction curves; no related text, as the audit of known_1000 runs it);
+- a reference written here with plain transformers hooks: the paper's procedure, one full
+  forward pass per intervention (1 + 3L passes), on the first ``--reference-facts`` facts, with
+  the largest difference of its curves from factedit's.
+Then: the audit's throughput (``run_audit`` over the first ``--audit`` known_1000 records, known
+and unknown, one process), the key statistics of every MLP layer against a plain forward pass
+over the same windows, loading, and sampling the default statistics corpus.
+
+    OMP_NUM_THREADS=1 python benchmarks/real_models.py --model smollm2-135m --threads 1
+
+The last line gives the ratios: each figure over one plain forward pass of the same prompt.
+Only APIs that predate issue 21 are used, so the same script measures the code before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
+import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
+from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, source_positions, window_layers
 from factedit.analysis.locate import config_for_model, locate
-from factedit.editing.corpora import pydoc_corpus, sample_texts
-from factedit.editing.stats import _batches, _chunks, second_moments
+from factedit.analysis.spans import tokenize_with_subject
 from factedit.models.adapter import ModelAdapter
 from factedit.models.loading import load_model
-from factedit.studies.known_edits import known_facts
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--facts", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=4096)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    load_s = time.perf_counter() - t0
+def timed(fn: Callable) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+@torch.no_grad()
+def hooks_reference(model, input_ids: list[int], sources: dict[str, list[int]], window: int) -> dict[str, list[float]]:
+    """The paper's attention knockout with plain transformers hooks: for each source set and
+    centre layer, one full forward pass in which the attention modules of the window get the
+    dtype's minimum added to the logits of the edges last -> sources. Relative change (%) of
+    p(clean top-1 token) at the last position."""
+    layers = model.model.layers
+    L, T, q = len(layers), len(input_ids), len(input_ids) - 1
+    ids = torch.tensor([input_ids], device=model.device)
+    p_clean = model(input_ids=ids).logits[0, -1].float().softmax(-1)
+    pred = int(p_clean.argmax())
+    p0 = float(p_clean[pred])
+    curves: dict[str, list[float]] = {s: [] for s in SOURCE_SETS}
+    for s in SOURCE_SETS:
+        for c in range(L):
+            def block(module, args, kwargs, src=sources[s]):
+                m = kwargs.get("attention_mask")
+                if m is None:  # no mask given: causal
+                    m = torch.full((1, 1, T, T), torch.finfo(torch.float32).min, device=ids.device).triu(1)
+                m = m.clone()
+                m[..., q, src] = torch.finfo(m.dtype).min
+                kwargs["attention_mask"] = m
+                return args, kwargs
+
+            handles = [layers[la].self_attn.register_forward_pre_hook(block, with_kwargs=True)
+                       for la in window_layers(c, window, L)] if sources[s] else []
+            p = float(model(input_ids=ids).logits[0, -1].float().softmax(-1)[pred])
+            for h in handles:
+                h.remove()
+            curves[s].append((p - p0) / p0 * 100.0)
+    return curves
+
+
+def known(model, tok, limit: int) -> list[dict]:
+    import json
+
+    from factedit.audit.dataset import bundled
+
+    out = []
+    for rec in json.loads(bundled("known_1000").read_text()):
+        ids = tok(rec["prompt"])["input_ids"]
+        with torch.no_grad():
+            pred = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if pred == tok(" " + rec["attribute"].strip(), add_special_tokens=False)["input_ids"][0]:
+            out.append(rec)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
     adapter = ModelAdapter(model)
-    cfg = config_for_model(model)
-    facts = known_facts(model, tok, limit=args.facts)
-    locate(facts[0].prompt, facts[0].subject, model=model, tokenizer=tok, config=cfg)  # warm-up
-    t0 = time.perf_counter()
-    for f in facts:
-        locate(f.prompt, f.subject, model=model, tokenizer=tok, config=cfg)
-    locate_fps = len(facts) / (time.perf_counter() - t0)
+    rcfg = cfg.resolved(adapter.n_layers)
+    rows: dict[str, list[float]] = {"forward": [], "sweep": [], "locate": [], "reference": [], "tokens": []}
+    diffs = []
+    f0 = facts[0]
+    locate(f0["prompt"], f0["subject"], model=model, tokenizer=tok, config=cfg)  # warm-up
+    for i, f in enumerate(facts):
+        tp = tokenize_with_subject(tok, f["prompt"], f["subject"])
+        ids = torch.tensor([tp.input_ids])
+        with torch.no_grad():
+            model(input_ids=ids)
+            fwd = statistics.median(timed(lambda ids=ids: model(input_ids=ids))[0] for _ in range(5))
+        t_sweep, sweep = timed(lambda tp=tp: attention_knockout(adapter, tp, rcfg.knockout_window,
+                                                                block_bos=rcfg.knockout_bos))
+        t_loc, _ = timed(lambda f=f: locate(f["prompt"], f["subject"], model=model, tokenizer=tok, config=cfg))
+        rows["forward"].append(fwd)
+        rows["tokens"].append(len(tp.input_ids))
+        rows["sweep"].append(t_sweep / fwd)
+        rows["locate"].append(t_loc / fwd)
+        if i < n_reference:
+            t_ref, ref = timed(lambda tp=tp: hooks_reference(model, tp.input_ids,
+                                                             source_positions(tp, rcfg.knockout_bos),
+                                                             rcfg.knockout_window))
+            rows["reference"].append(t_ref / fwd)
+            diffs.append(max(abs(a - b) for s in SOURCE_SETS for a, b in zip(ref[s], sweep.curves[s], strict=True)))
+    med = {k: statistics.median(v) for k, v in rows.items() if v}
+    med["max_diff"] = max(diffs) if diffs else float("nan")
+    med["n"] = len(facts)
+    return med
 
+
+def bench_audit(model, tok, cfg, n: int) -> tuple[float, int]:
+    from factedit.audit.dataset import load_facts
+    from factedit.audit.run import run_audit
+
+    facts = load_facts("known_1000")[:n]
+    with tempfile.TemporaryDirectory() as out:
+        t, s = timed(lambda: run_audit(facts, model=model, tokenizer=tok, out=out, config=cfg,
+                                       dataset_name="known_1000", progress=False, log=lambda m: None))
+    return n / t, s["known"]
+
+
+def bench_stats(model, tok, tokens: int) -> tuple[float, dict[str, float]]:
+    from factedit.editing.corpora import pydoc_corpus
+    from factedit.editing.stats import _batches, _chunks, second_moments
+
+    adapter = ModelAdapter(model)
     corpus = pydoc_corpus()
-    windows = [w for b in _batches(_chunks(tok, corpus.texts, 128), args.tokens, 8) for w in b]
-    t0 = time.perf_counter()
+    windows = [w for b in _batches(_chunks(tok, corpus.texts, 128), tokens, 8) for w in b]
     with torch.no_grad():
-        for b in _batches(iter(windows), args.tokens, 8):
-            model(input_ids=torch.tensor(b))
-    fwd_tps = args.tokens / (time.perf_counter() - t0)
+        t, _ = timed(lambda: [model(input_ids=torch.tensor(b)) for b in _batches(iter(windows), tokens, 8)])
+    fwd_tps = tokens / t
     rates = {}
     for name, sites in (("1 MLP layer", [("mlp", 0)]),
                         (f"all {adapter.n_layers} MLP layers", [("mlp", la) for la in range(adapter.n_layers)])):
-        t0 = time.perf_counter()
-        second_moments(adapter, tok, corpus, sites, "bench", samples=args.tokens, use_cache=False, progress=False)
-        rates[name] = args.tokens / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    texts = sample_texts(model, tok, 16, 64)
-    sample_tps = sum(len(tok(t)["input_ids"]) for t in texts) / (time.perf_counter() - t0)
+        t, _ = timed(lambda s=sites: second_moments(adapter, tok, corpus, s, "bench", samples=tokens,
+                                                    use_cache=False, progress=False))
+        rates[name] = tokens / t
+    return fwd_tps, rates
 
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--facts", type=int, default=10, help="known facts timed through locate")
+    ap.add_argument("--reference-facts", type=int, default=2, help="of those, how many also through the reference")
+    ap.add_argument("--audit", type=int, default=60, help="known_1000 records audited (0: skip)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens of the statistics corpus (0: skip)")
+    ap.add_argument("--sample", action="store_true", help="also time sampling the default statistics corpus")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_load, (model, tok) = timed(lambda: load_model(args.model))
+    cfg = config_for_model(model)
+    L = ModelAdapter(model).n_layers
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} thread(s), "
+          f"torch {torch.__version__}, {next(model.parameters()).dtype}")
     print(f"| {args.model} | figure |\n|---|---|")
-    print(f"| load (cached folder) | {load_s:.1f} s |")
-    print(f"| locate, whole circuit | {locate_fps:.2f} facts/s ({len(facts)} known facts) |")
-    print(f"| plain forward, {args.tokens} tokens in windows of 128 | {fwd_tps:.0f} tokens/s |")
-    for name, r in rates.items():
-        print(f"| key statistics, {name} | {r:.0f} tokens/s ({fwd_tps / r:.2f}x a plain forward) |")
-    print(f"| sampling the default statistics corpus (16 texts at a time) | {sample_tps:.0f} tokens/s |")
+    print(f"| load (cached folder) | {t_load:.1f} s |")
+
+    facts = known(model, tok, args.facts)
+    m = bench_locate(model, tok, cfg, facts, args.reference_facts)
+    print(f"| one plain forward pass (median over {m['n']} known facts, {m['tokens']:.0f} tokens) | "
+          f"{m['forward'] * 1e3:.0f} ms |")
+    print(f"| knockout sweep, factedit (3 x {L} rows + clean pass) | {m['sweep']:.1f} forward passes |")
+    print(f"| `locate`, whole circuit | {m['locate']:.1f} forward passes |")
+    if "reference" in m:
+        print(f"| knockout sweep, one pass per intervention (plain transformers hooks, {1 + 3 * L} passes) | "
+              f"{m['reference']:.1f} forward passes (max diff from factedit's curves {m['max_diff']:.1e} points) |")
+    audit_fps = known_n = None
+    if args.audit:
+        audit_fps, known_n = bench_audit(model, tok, cfg, args.audit)
+        print(f"| audit, first {args.audit} known_1000 records ({known_n} known) | {audit_fps:.2f} records/s |")
+    stats_ratio = None
+    if args.tokens:
+        fwd_tps, rates = bench_stats(model, tok, args.tokens)
+        print(f"| plain forward, {args.tokens} tokens in windows of 128, batches of 8 | {fwd_tps:.0f} tokens/s |")
+        for name, r in rates.items():
+            print(f"| key statistics, {name} | {r:.0f} tokens/s ({fwd_tps / r:.2f}x a plain forward) |")
+        stats_ratio = fwd_tps / list(rates.values())[-1]
+    if args.sample:
+        from factedit.editing.corpora import sample_texts
+
+        t, texts = timed(lambda: sample_texts(model, tok, 16, 64))
+        print(f"| sampling the default statistics corpus (16 texts at a time) | "
+              f"{sum(len(tok(x)['input_ids']) for x in texts) / t:.0f} tokens/s |")
+    ref = f"{m['reference']:.1f}" if "reference" in m else "n/a"
+    print(f"ratios ({args.model}, {args.threads} thread(s)), in forward passes: knockout sweep {m['sweep']:.1f}, "
+          f"locate {m['locate']:.1f}, one-pass-per-intervention reference {ref}; "
+          f"audit {audit_fps if audit_fps is None else round(audit_fps, 2)} records/s; "
+          f"statistics {stats_ratio if stats_ratio is None else round(stats_ratio, 2)}x a plain forward")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,22 @@ def _cfg():
     return LocateConfig(knockout_window=3, sublayer_window=1, attribute_top_k=10)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as an audit process runs (one process per core): the facts share clean passes
+    by prompt length, and with one thread a row's numbers do not depend on the batch, so a
+    resumed audit gives the records byte for byte (several threads split BLAS work by batch size,
+    and then the last digit of a value may move)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def reference(demo, tmp_path_factory):
+def reference(one_thread, demo, tmp_path_factory):
     """An uninterrupted one-process audit of the first LIMIT world facts."""
     model, tok, world = demo
     out = tmp_path_factory.mktemp("audit") / "ref"

@@ -92,9 +92,34 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
     vocabulary projections need (sublayer updates of the residual, the heads' inputs to the
     output projection and the frozen post-norm gains, the attention modules' inputs and the
     last position's attention weights)."""
-    L = adapter.n_layers
+    return clean_runs(adapter, [input_ids])[0]
+
+
+# Logits are taken at the last LOGIT_ROWS positions of every prompt (the last one kept), so that
+# the unembedding's matrix product has at least 4 rows whatever the batch size: BLAS takes
+# another path below that, and a prompt's logits would then depend on its batch.
+LOGIT_ROWS = 4
+
+
+@torch.no_grad()
+def clean_runs(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanRun]:
+    """:func:`clean_run` of many prompts, those of the same length in one batch (so no padding:
+    each row's numbers are the ones its own pass gives, bit for bit; tested)."""
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_len.setdefault(len(ids), []).append(i)
+    out: list = [None] * len(prompts)
+    for idx in by_len.values():
+        for i, run in zip(idx, _clean_batch(adapter, [prompts[i] for i in idx]), strict=True):
+            out[i] = run
+    return out
+
+
+def _clean_batch(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanRun]:
+    """The clean runs of prompts of one length, in one forward pass of (B, T)."""
+    L, B = adapter.n_layers, len(prompts)
     device = next(adapter.model.parameters()).device
-    block_in: list = [None] * (L + 1)
+    block_in: list = [None] * (L + 1)  # (B, T, d) each
     got: dict[str, list] = {k: [None] * L for k in ("attn", "mlp", "z", "attn_in", "pattern", "gain")}
     handles = []
 
@@ -103,31 +128,32 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
 
     def keep_in(layer):
         def hook(m, args, kwargs):
-            block_in[layer] = (args[0] if args else kwargs["hidden_states"])[0]
+            block_in[layer] = args[0] if args else kwargs["hidden_states"]
         return hook
 
     def keep_last_out(m, args, out):
-        block_in[L] = first(out)[0]
+        block_in[L] = first(out)
 
     def keep_out(name, layer):
         def hook(m, args, out):
-            got[name][layer] = as_btd(first(out), 1)[0]
+            got[name][layer] = as_btd(first(out), B)
         return hook
 
     def keep_pattern(layer):
         def hook(m, args, out):
             w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            got["pattern"][layer] = w[0, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
+            got["pattern"][layer] = w[:, :, -1] if isinstance(w, torch.Tensor) and w.dim() == 4 else None
         return hook
 
     def keep_input(name, layer):
         def hook(m, args, kwargs):
-            got[name][layer] = as_btd(args[0] if args else kwargs["hidden_states"], 1)[0]
+            got[name][layer] = as_btd(args[0] if args else kwargs["hidden_states"], B)
         return hook
 
     def keep_gain(layer):
         def hook(m, args, kwargs):
-            got["gain"][layer] = adapter.post_gain("attn", layer, (args[0] if args else kwargs["hidden_states"])[0])
+            a = as_btd(args[0] if args else kwargs["hidden_states"], B)  # (B, T, d)
+            got["gain"][layer] = adapter.post_gain("attn", layer, a)
         return hook
 
     for la in range(L):
@@ -141,19 +167,29 @@ def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
             handles.append(adapter.post_norm("attn", la).register_forward_pre_hook(keep_gain(la), with_kwargs=True))
     handles.append(adapter.block(L - 1).register_forward_hook(keep_last_out))
     model = adapter.model
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": min(LOGIT_ROWS, len(prompts[0]))} if "logits_to_keep" in params else {}
     try:
-        out = model(input_ids=torch.tensor([input_ids], device=device), use_cache=True,
-                    **with_cache(model, new_cache([])), **last_logits_only(model))
+        out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True,
+                    **with_cache(model, new_cache([])), **keep)
     finally:
         for h in handles:
             h.remove()
-    kv = [layer_kv(output_cache(out), la) for la in range(L)]
+    kv = [layer_kv(output_cache(out), la) for la in range(L)]  # (B, kv_heads, T, head_dim) each
     patterns = got["pattern"]
-    gains = got["gain"] if all(g is not None for g in got["gain"]) else None
-    return CleanRun(list(input_ids), block_in, [k for k, _ in kv], [v for _, v in kv], got["attn"],
-                    out.logits[0, -1], mlp=got["mlp"], z=got["z"], attn_in=got["attn_in"],
-                    attn_pattern=torch.stack(patterns) if all(p is not None for p in patterns) else None,
-                    attn_gain=gains)
+    has_pattern = all(p is not None for p in patterns)
+    has_gain = all(g is not None for g in got["gain"])
+    runs = []
+    for b, ids in enumerate(prompts):
+        def row(xs, b=b):
+            return [x[b] for x in xs]
+
+        runs.append(CleanRun(
+            list(ids), row(block_in), [k[b : b + 1] for k, _ in kv], [v[b : b + 1] for _, v in kv], row(got["attn"]),
+            out.logits[b, -1], mlp=row(got["mlp"]), z=row(got["z"]), attn_in=row(got["attn_in"]),
+            attn_pattern=torch.stack(row(patterns)) if has_pattern else None,
+            attn_gain=row(got["gain"]) if has_gain else None))
+    return runs
 
 
 def active_rows(row_start: list[int], layer: int) -> list[int]:

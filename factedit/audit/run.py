@@ -18,7 +18,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from factedit.analysis.attribute_rate import related_tokens
 from factedit.analysis.circuit import LocateConfig
 from factedit.analysis.hooks import upcast
 from factedit.analysis.locate import check_length, locate, target_token_ids
-from factedit.analysis.rerun import clean_run
+from factedit.analysis.rerun import clean_runs
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.audit.dataset import AuditFact
 from factedit.audit.store import FACTS, FactStore, merge
@@ -81,37 +81,62 @@ def _rs(xs) -> list | None:
 def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: str,
                related: set[int] | None) -> dict:
     """One fact's record: its recall circuit if the model knows it, else why not."""
-    rec = {"index": fact.index, "id": fact.source_id, "prompt": fact.prompt, "subject": fact.subject,
-           "attribute": fact.attribute, "relation": fact.relation, "group": fact.group}
-    if fact.related is not None:
-        rec["related_sha"] = _sha(fact.related)
-    try:
-        tp = tokenize_with_subject(tok, fact.prompt, fact.subject)
-        check_length(model, tp)
-        want = target_token_ids(tok, tp.prompt, fact.attribute)[0]
-    except FactEditError as exc:
-        return {**rec, "status": "error", "error": str(exc)}
-    clean = clean_run(ModelAdapter(model), tp.input_ids)  # kept: locate reuses it
-    probs = upcast(clean.logits).softmax(-1)
-    pred = int(probs.argmax())
-    rec.update(prediction=tok.decode([pred]), prediction_prob=_r(probs[pred]), attribute_prob=_r(probs[want]))
-    if pred != want:
-        return {**rec, "status": "unknown"}
-    c = locate(tp.prompt, fact.subject, model=model, tokenizer=tok, related=related, config=config,
-               fingerprint=fingerprint, clean=clean)
-    by_pos = c.attribute_rate_by_position
-    return {
-        **rec,
-        "status": "known",
-        "n_tokens": len(tp.input_ids),
-        "subject_span": list(tp.subject_span),
-        "knockout": {s: _rs(c.knockout[s]) for s in ("subject", "non_subject", "last")},
-        "attribute_rate": None if by_pos is None else {k: _rs(v) for k, v in by_pos.items()},
-        "projection_rank": {k: c.projection[f"{k}_rank"] for k in ("resid", "attn", "mlp")},
-        "extraction_heads": [[h.layer, h.head, _r(h.score)] for h in c.extraction_heads],
-        "enrichment_mlps": [[m.layer, _r(m.score)] for m in c.enrichment_mlps],
-        "sublayer_knockout": {k: _rs(c.sublayer_knockout[k]["prob_change"]) for k in ("mlp", "attn")},
-    }
+    return next(audit_facts([fact], model, tok, config, fingerprint, lambda f: related))
+
+
+@torch.no_grad()
+def audit_facts(facts: Sequence[AuditFact], model, tok, config: LocateConfig, fingerprint: str,
+                related_of=None) -> Iterator[dict]:
+    """The facts' records, in order, as they are computed. Their clean passes are shared (one
+    forward pass per prompt length: no padding, so each record is the one the fact gives alone;
+    tested); each fact the model knows is then located on its own clean run."""
+    adapter = ModelAdapter(model)
+    recs, ready = [], []
+    for fact in facts:
+        rec = {"index": fact.index, "id": fact.source_id, "prompt": fact.prompt, "subject": fact.subject,
+               "attribute": fact.attribute, "relation": fact.relation, "group": fact.group}
+        if fact.related is not None:
+            rec["related_sha"] = _sha(fact.related)
+        try:
+            tp = tokenize_with_subject(tok, fact.prompt, fact.subject)
+            check_length(model, tp)
+            want = target_token_ids(tok, tp.prompt, fact.attribute)[0]
+        except FactEditError as exc:
+            recs.append({**rec, "status": "error", "error": str(exc)})
+            continue
+        recs.append(rec)
+        ready.append((len(recs) - 1, tp, want))
+    cleans = dict(zip((i for i, _, _ in ready), clean_runs(adapter, [tp.input_ids for _, tp, _ in ready]),
+                      strict=True))
+    todo = {i: (tp, want) for i, tp, want in ready}
+    for i, (fact, rec) in enumerate(zip(facts, recs, strict=True)):
+        if i not in todo:
+            yield rec
+            continue
+        tp, want = todo[i]
+        clean = cleans.pop(i)  # kept until located: locate reuses it
+        probs = upcast(clean.logits).softmax(-1)
+        pred = int(probs.argmax())
+        rec.update(prediction=tok.decode([pred]), prediction_prob=_r(probs[pred]), attribute_prob=_r(probs[want]))
+        if pred != want:
+            yield {**rec, "status": "unknown"}
+            continue
+        related = related_of(fact) if related_of is not None else None
+        c = locate(tp.prompt, fact.subject, model=model, tokenizer=tok, related=related, config=config,
+                   fingerprint=fingerprint, clean=clean, extraction=False)
+        by_pos = c.attribute_rate_by_position
+        yield {
+            **rec,
+            "status": "known",
+            "n_tokens": len(tp.input_ids),
+            "subject_span": list(tp.subject_span),
+            "knockout": {s: _rs(c.knockout[s]) for s in ("subject", "non_subject", "last")},
+            "attribute_rate": None if by_pos is None else {k: _rs(v) for k, v in by_pos.items()},
+            "projection_rank": {k: c.projection[f"{k}_rank"] for k in ("resid", "attn", "mlp")},
+            "extraction_heads": [[h.layer, h.head, _r(h.score)] for h in c.extraction_heads],
+            "enrichment_mlps": [[m.layer, _r(m.score)] for m in c.enrichment_mlps],
+            "sublayer_knockout": {k: _rs(c.sublayer_knockout[k]["prob_change"]) for k in ("mlp", "attn")},
+        }
 
 
 def _sha(text: str) -> str:
@@ -214,10 +239,11 @@ def select(facts: Sequence[AuditFact], relations: Sequence[str] | None, limit: i
 
 def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, config: LocateConfig,
               dataset_name: str, related_of=None, overwrite: bool = False, shard: Shard | None = None,
-              progress: bool = True, log=print) -> dict | None:
+              progress: bool = True, log=print, batch: int = 32) -> dict | None:
     """Audit ``facts`` into ``out``; returns the summary on the main process (None elsewhere).
 
     ``related_of(fact)`` gives the fact's related-token text or ids for the attribute rate.
+    ``batch`` facts at a time share their clean passes (see :func:`audit_facts`).
     """
     from factedit.audit.report import write_outputs
 
@@ -249,10 +275,10 @@ def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"audit [{shard.rank}]", unit="fact",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for fact in todo:
-        related = related_of(fact) if related_of is not None else None
-        store.append(audit_fact(fact, model, tokenizer, cfg, fp, related))
-        bar.update(1)
+    for at in range(0, len(todo), batch):
+        for rec in audit_facts(todo[at: at + batch], model, tokenizer, cfg, fp, related_of):
+            store.append(rec)
+            bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
     shard.barrier()

@@ -2,7 +2,10 @@
 
 Keys are the inputs of the projection an edit changes: the MLP output projection's input
 ("mlp") or the attention module's (normed) input ("attn", read by the value projection).
-All requested layers are gathered in the same forward passes, several windows per pass. The cache lives in
+All requested layers are gathered in the same forward passes, several windows per pass; a pass
+stops after the highest requested layer (no later block, no unembedding), and each batch's
+products are taken in the keys' precision (float32 at least) and summed across batches in
+float64 on the CPU. The cache lives in
 ``$FACTEDIT_CACHE`` (default ``~/.cache/factedit``)/stats, one safetensors file per
 (model fingerprint, kind, layer, corpus, sample count, length), written atomically.
 """
@@ -136,6 +139,7 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
 
     t0 = time.perf_counter()
     acc: dict[tuple[str, int], torch.Tensor] = {}
+    acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
     getters = {"mlp": adapter.mlp_out, "attn": adapter.attn}
     seen = {"n": 0}
     skip = len(bos_prefix(tok))  # the BOS position is the model's, not the corpus's
@@ -145,15 +149,20 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
 
         def hook(module, args, kwargs, site=site):
             x = (args[0] if args else kwargs["hidden_states"])[:, skip:]  # (b, T - skip, n_in)
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64 if device.type == "cpu" else torch.float32)
-            acc[site] = acc.get(site, 0) + x.T @ x
+            x = x.reshape(-1, x.shape[-1])
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # (b * (T - skip), n_in)
+            acc[site] = acc.get(site, 0) + (x.T @ x).to(acc_dtype)  # (n_in, n_in)
 
         handles.append(getters[kind](layer).register_forward_pre_hook(hook, with_kwargs=True))
+    handles.append(adapter.block(max(layer for _k, layer in todo)).register_forward_hook(_stop))
     bar = tqdm(total=samples, desc=f"key statistics ({len(todo)} sites)", unit="tok", file=sys.stderr,
                disable=not progress)
     try:
         for rows in _batches(_chunks(tok, corpus.texts, max_length), samples, batch):
-            adapter.model(input_ids=torch.tensor(rows, device=device))  # (b, T): one pass, every site
+            try:
+                adapter.model(input_ids=torch.tensor(rows, device=device))  # (b, T): one pass, every site
+            except _Stop:
+                pass
             n = sum(len(r) - skip for r in rows)
             seen["n"] += n
             bar.update(n)
@@ -173,6 +182,14 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     report.seconds = time.perf_counter() - t0
     report.tokens = seen["n"]
     return out, report
+
+
+class _Stop(Exception):
+    """Raised after the highest requested layer: nothing above it is needed."""
+
+
+def _stop(module, args, out):
+    raise _Stop
 
 
 def _batches(chunks: Iterator[list[int]], samples: int, batch: int) -> Iterator[list[list[int]]]:
