@@ -129,8 +129,8 @@ class RecallCircuit:
     # vocabulary projection at the last position, of the followed token
     projection: dict[str, list[float]]  # resid/attn/mlp _rank and _prob, per layer
     extraction_events: dict[str, list[int]]  # {"attn": layers, "mlp": layers} at rank 1
-    head_rank: list[list[int]]  # (L, H)
-    head_prob: list[list[float]]  # (L, H)
+    head_rank: list[list[int]] | None  # (L, H); None when only extraction heads were ranked
+    head_prob: list[list[float]] | None  # (L, H)
     subject_attention: list[list[float]] | None  # (L, H) attention of the last position on the subject
     sublayer_knockout: dict[str, Any]
     enrichment_metric: str

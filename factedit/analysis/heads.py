@@ -7,8 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from factedit.analysis.hooks import upcast
 from factedit.analysis.projection import Components, rank_and_prob
+from factedit.analysis.vocab import softcap, unembed_input
 from factedit.models.adapter import ModelAdapter
+
+# A candidate token counts as beating the token in the screening only by more than this much
+# (relative to the logit's size): room for the rounding of a product taken in another shape.
+SCREEN_MARGIN = 1e-4
 
 
 @dataclass
@@ -22,10 +28,42 @@ def head_scores(adapter: ModelAdapter, comp: Components, token: int, final_norm:
     return HeadScores(rank=rank, prob=prob)
 
 
+@torch.no_grad()
+def extraction_head_scores(adapter: ModelAdapter, comp: Components, token: int, final_norm: bool, max_rank: int,
+                           refs: torch.Tensor, k: int = 64) -> HeadScores:
+    """:func:`head_scores` for the heads that can rank ``token`` within ``max_rank`` (the
+    candidates of :func:`top_heads`); every other head gets rank -1 and probability 0.
+
+    A head is ruled out, exactly, when at least ``max_rank`` tokens beat the token in its own
+    projection. Those tokens are looked for among the top-k of reference projections ``refs``
+    (M, V) (the clean MHSA outputs and the output logits): a head's logits for them cost
+    |S| x d instead of V x d. The heads not ruled out are projected in full."""
+    L, H, d = comp.heads.shape
+    vecs = comp.heads.reshape(L * H, d)  # (L*H, d)
+    unembed = adapter.unembed
+    cand = refs.topk(min(k, refs.shape[-1]), dim=-1).indices.unique()
+    ids = torch.cat([torch.tensor([token], device=cand.device), cand[cand != token]])  # token first
+    u = unembed_input(adapter, vecs, final_norm)
+    logits = upcast(u @ unembed.weight[ids].T.to(u.dtype))  # (L*H, |S|+1)
+    if unembed.bias is not None:
+        logits = logits + upcast(unembed.bias[ids])
+    logits = softcap(adapter, logits)
+    lt = logits[:, :1]
+    beat = (logits[:, 1:] > lt + SCREEN_MARGIN * (lt.abs() + 1)).sum(-1)  # (L*H,)
+    keep = (beat < max_rank).nonzero().squeeze(1)
+    rank = torch.full((L * H,), -1, dtype=torch.long, device=vecs.device)
+    prob = torch.zeros(L * H, dtype=upcast(lt).dtype, device=vecs.device)
+    if len(keep):
+        r, p = rank_and_prob(adapter, vecs[keep], token, final_norm)
+        rank[keep], prob[keep] = r, p.to(prob.dtype)
+    return HeadScores(rank=rank.view(L, H), prob=prob.view(L, H))
+
+
 def top_heads(scores: HeadScores, max_rank: int, limit: int) -> list[tuple[int, int]]:
-    """Heads with rank <= max_rank, highest probability first, at most ``limit``."""
+    """Heads with rank <= max_rank, highest probability first, at most ``limit`` (a rank of -1
+    is a head ruled out, see :func:`extraction_head_scores`)."""
     L, H = scores.rank.shape
-    cand = [(la, h) for la in range(L) for h in range(H) if int(scores.rank[la, h]) <= max_rank]
+    cand = [(la, h) for la in range(L) for h in range(H) if 1 <= int(scores.rank[la, h]) <= max_rank]
     cand.sort(key=lambda lh: -float(scores.prob[lh]))
     return cand[:limit]
 

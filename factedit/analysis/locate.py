@@ -14,7 +14,7 @@ import torch
 
 from factedit.analysis.attribute_rate import rate_of, related_tokens, top_kept
 from factedit.analysis.circuit import EnrichmentMLP, ExtractionHead, LocateConfig, RecallCircuit
-from factedit.analysis.heads import head_scores, ov_rank, top_heads
+from factedit.analysis.heads import extraction_head_scores, head_scores, ov_rank, top_heads
 from factedit.analysis.hooks import upcast
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.projection import Components, components, rank_and_prob_of
@@ -22,6 +22,7 @@ from factedit.analysis.rerun import CleanRun, clean_run
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import sublayer_knockout
 from factedit.analysis.trace import causal_trace, embedding_noise
+from factedit.analysis.vocab import prunable
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
@@ -106,7 +107,7 @@ def attribute_rates_by_position(adapter: ModelAdapter, tok, tp: TokenizedPrompt,
 def locate(prompt: str, subject: str, target: str | None = None, *, model=None, tokenizer=None,
            related: str | list[str] | set[int] | None = None, config: LocateConfig | None = None,
            fingerprint: str | None = None, clean: CleanRun | None = None,
-           extraction: bool = True) -> RecallCircuit:
+           extraction: bool = True, heads: str = "all") -> RecallCircuit:
     """Locate the recall circuit of the fact ``prompt`` (a template with ``{}`` or a full
     prompt containing ``subject``).
 
@@ -117,7 +118,12 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     the subject's attributes. ``clean`` is the prompt's clean run when the caller already made
     it (the audit does, to check that the model knows the fact). ``extraction=False`` skips the
     sublayer knockout's extraction curves (left None; the audit does not keep them).
+    ``heads="extraction"`` ranks only the heads that can be extraction heads (the others are
+    ruled out exactly, without their full projection) and leaves ``head_rank``/``head_prob``
+    None; the default ``"all"`` ranks every head.
     """
+    if heads not in ("all", "extraction"):
+        raise FactEditError(f"locate: heads must be 'all' or 'extraction', not {heads!r}")
     if model is None or isinstance(model, (str, Path)):
         from factedit.models.loading import load_model
 
@@ -154,10 +160,14 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         proj[f"{name}_prob"] = p.tolist()
     events = {k: [la for la in range(L) if proj[f"{k}_rank"][la] == 1] for k in ("attn", "mlp")}
 
-    hs = head_scores(adapter, comp, token, fn)
+    if heads == "all" or not prunable(adapter):
+        hs = head_scores(adapter, comp, token, fn)
+    else:  # only the heads that can be extraction heads, ruled out against the top of these projections
+        hs = extraction_head_scores(adapter, comp, token, fn, cfg.head_max_rank,
+                                    torch.cat([lens["attn"], upcast(comp.logits)[None]]))
     chosen = top_heads(hs, cfg.head_max_rank, cfg.max_heads)
     ov = ov_rank(adapter, comp, tp.last_subject, chosen[: cfg.ov_check_heads], token, fn)
-    heads = [ExtractionHead(la, h, float(hs.prob[la, h]), int(hs.rank[la, h]),
+    found = [ExtractionHead(la, h, float(hs.prob[la, h]), int(hs.rank[la, h]),
                             ov[i] if i < len(ov) else None) for i, (la, h) in enumerate(chosen)]
 
     # attribute rate
@@ -216,8 +226,8 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         related_source=source,
         projection=proj,
         extraction_events=events,
-        head_rank=hs.rank.tolist(),
-        head_prob=hs.prob.tolist(),
+        head_rank=hs.rank.tolist() if heads == "all" else None,
+        head_prob=hs.prob.tolist() if heads == "all" else None,
         subject_attention=(None if comp.attn_pattern is None else
                            comp.attn_pattern[:, :, tp.subject_span[0] : tp.subject_span[1]].sum(-1).tolist()),
         sublayer_knockout={
@@ -229,7 +239,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         },
         enrichment_metric=metric,
         enrichment_mlps=enrich,
-        extraction_heads=heads,
+        extraction_heads=found,
         trace=trace,
     )
 

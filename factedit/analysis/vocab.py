@@ -54,6 +54,12 @@ def _softcap(adapter: ModelAdapter) -> float | None:
     return getattr(adapter.config, attr, None) if attr else None
 
 
+def softcap(adapter: ModelAdapter, logits: torch.Tensor) -> torch.Tensor:
+    """The family's final logit softcapping, as :meth:`ModelAdapter.logit_lens` applies it."""
+    cap = _softcap(adapter)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def prunable(adapter: ModelAdapter) -> bool:
     """Bounds are used in float32 and float64 only: in half precision the exact path's own
     logits are rounded by far more than the margin, and everything is projected in full."""

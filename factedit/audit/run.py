@@ -123,7 +123,7 @@ def audit_facts(facts: Sequence[AuditFact], model, tok, config: LocateConfig, fi
             continue
         related = related_of(fact) if related_of is not None else None
         c = locate(tp.prompt, fact.subject, model=model, tokenizer=tok, related=related, config=config,
-                   fingerprint=fingerprint, clean=clean, extraction=False)
+                   fingerprint=fingerprint, clean=clean, extraction=False, heads="extraction")
         by_pos = c.attribute_rate_by_position
         yield {
             **rec,
