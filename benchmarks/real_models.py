@@ -96,7 +96,8 @@ def known(model, tok, limit: int) -> list[dict]:
 def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
     adapter = ModelAdapter(model)
     rcfg = cfg.resolved(adapter.n_layers)
-    rows: dict[str, list[float]] = {"forward": [], "sweep": [], "locate": [], "reference": [], "tokens": []}
+    rows: dict[str, list[float]] = {"forward": [], "sweep": [], "locate": [], "lean": [], "reference": [],
+                                    "tokens": []}
     diffs = []
     f0 = facts[0]
     locate(f0["prompt"], f0["subject"], model=model, tokenizer=tok, config=cfg)  # warm-up
@@ -109,6 +110,12 @@ def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
         t_sweep, sweep = timed(lambda tp=tp: attention_knockout(adapter, tp, rcfg.knockout_window,
                                                                 block_bos=rcfg.knockout_bos))
         t_loc, _ = timed(lambda f=f: locate(f["prompt"], f["subject"], model=model, tokenizer=tok, config=cfg))
+        try:  # locate as the audit runs it (these options came with issue 21)
+            t_lean, _ = timed(lambda f=f: locate(f["prompt"], f["subject"], model=model, tokenizer=tok, config=cfg,
+                                                 extraction=False, heads="extraction"))
+            rows["lean"].append(t_lean / fwd)
+        except TypeError:
+            pass
         rows["forward"].append(fwd)
         rows["tokens"].append(len(tp.input_ids))
         rows["sweep"].append(t_sweep / fwd)
@@ -180,13 +187,18 @@ def main() -> None:
           f"{m['forward'] * 1e3:.0f} ms |")
     print(f"| knockout sweep, factedit (3 x {L} rows + clean pass) | {m['sweep']:.1f} forward passes |")
     print(f"| `locate`, whole circuit | {m['locate']:.1f} forward passes |")
+    if "lean" in m:
+        print(f"| `locate` as the audit runs it (no sublayer extraction curves, extraction heads only) | "
+              f"{m['lean']:.1f} forward passes |")
     if "reference" in m:
         print(f"| knockout sweep, one pass per intervention (plain transformers hooks, {1 + 3 * L} passes) | "
               f"{m['reference']:.1f} forward passes (max diff from factedit's curves {m['max_diff']:.1e} points) |")
-    audit_fps = known_n = None
+    audit_fps = known_n = audit_passes = None
     if args.audit:
         audit_fps, known_n = bench_audit(model, tok, cfg, args.audit)
-        print(f"| audit, first {args.audit} known_1000 records ({known_n} known) | {audit_fps:.2f} records/s |")
+        audit_passes = 1 / audit_fps / m["forward"]
+        print(f"| audit, first {args.audit} known_1000 records ({known_n} known) | {audit_fps:.2f} records/s "
+              f"({audit_passes:.1f} forward passes per record) |")
     stats_ratio = None
     if args.tokens:
         fwd_tps, rates = bench_stats(model, tok, args.tokens)
@@ -200,11 +212,13 @@ def main() -> None:
         t, texts = timed(lambda: sample_texts(model, tok, 16, 64))
         print(f"| sampling the default statistics corpus (16 texts at a time) | "
               f"{sum(len(tok(x)['input_ids']) for x in texts) / t:.0f} tokens/s |")
-    ref = f"{m['reference']:.1f}" if "reference" in m else "n/a"
+    def fmt(x: float | None, unit: str = "") -> str:
+        return "n/a" if x is None else f"{x:.2f}{unit}"
+
     print(f"ratios ({args.model}, {args.threads} thread(s)), in forward passes: knockout sweep {m['sweep']:.1f}, "
-          f"locate {m['locate']:.1f}, one-pass-per-intervention reference {ref}; "
-          f"audit {audit_fps if audit_fps is None else round(audit_fps, 2)} records/s; "
-          f"statistics {stats_ratio if stats_ratio is None else round(stats_ratio, 2)}x a plain forward")
+          f"locate {m['locate']:.1f} (as the audit runs it: {fmt(m.get('lean'))}), "
+          f"one-pass-per-intervention reference {fmt(m.get('reference'))}; audit {fmt(audit_passes)} per record "
+          f"({fmt(audit_fps)} records/s); statistics of all layers {fmt(stats_ratio, 'x')} a plain forward")
 
 
 if __name__ == "__main__":
