@@ -2,8 +2,11 @@
 plain LoRA fine-tuning, side by side, single edits and one batch.
 
     python benchmarks/edit_quality.py [--single 100] [--batch 1000] [--sequential 0] [--model DIR]
+        [--strategies refit,nullspace,kept]
 
-Prints one table (and writes it as JSON with --json FILE). Runs on CPU in minutes.
+Prints one table (and writes it as JSON with --json FILE). Runs on CPU in minutes. A
+sequential row also gives the seconds per edit over the first and the last tenth of the
+sequence, the memory the kept keys take (constant) and the size of the stored history.
 """
 
 from __future__ import annotations
@@ -12,14 +15,37 @@ import argparse
 import dataclasses
 import json
 import platform
+import resource
+import time
 
 import torch
 
 from factedit.editing.api import edit_config_for_model
+from factedit.editing.edit import compute_edit
+from factedit.editing.history import sequence_bytes
 from factedit.editing.stats import world_corpus
+from factedit.editing.weights import applied
 from factedit.models.loading import load_model
-from factedit.world.edit_quality import run_world_edits, sample_world_edits
+from factedit.world.edit_quality import WorldEdit, run_world_edits, sample_world_edits, score_world_edits
 from factedit.world.generate import World
+
+
+def run_sequential(model, tok, world: World, corpus, edits: list[WorldEdit], cfg) -> dict:
+    """One edit after another on the model edited so far; scored once at the end."""
+    t0 = time.perf_counter()
+    res = compute_edit([w.request for w in edits], model, tok, corpus, cfg=cfg, mode="sequential", progress=False)
+    seconds = time.perf_counter() - t0
+    with applied(model, res.delta):
+        scores = score_world_edits(model, tok, world, edits)
+    ss = res.step_seconds
+    k = max(1, len(ss) // 10)
+    kept = sum(g.numel() * g.element_size() for g in res.sequence.gram.values()) if res.sequence else 0
+    return {"n": len(edits), "mode": f"sequential, {cfg.sequential_strategy}", "method": cfg.method,
+            "seconds": round(seconds, 2), **scores,
+            "s_per_edit_first": round(sum(ss[:k]) / k, 3), "s_per_edit_last": round(sum(ss[-k:]) / k, 3),
+            "kept_keys_mib": round(kept / 2**20, 1),
+            "history_mib": round(len(sequence_bytes(res.steps, res.step_keys)) / 2**20, 1),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 
 
 def main() -> None:
@@ -28,6 +54,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=100)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--sequential", type=int, default=0, help="edits applied one after another (same facts as --batch)")
+    ap.add_argument("--strategies", default=None,
+                    help="sequential strategies to compare (refit, nullspace, kept); default: the recipe's")
     ap.add_argument("--methods", default="circuit,mlp,lora")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -47,19 +75,21 @@ def main() -> None:
             rows.append(run_world_edits(model, tok, world, corpus, sample_world_edits(world, args.batch, seed=2),
                                         cfg, "batch"))
             print(rows[-1], flush=True)
-        if args.sequential:
-            rows.append(run_world_edits(model, tok, world, corpus,
-                                        sample_world_edits(world, args.sequential, seed=2), cfg, "sequential"))
+        for strategy in (args.strategies or cfg.sequential_strategy).split(",") if args.sequential else []:
+            rows.append(run_sequential(model, tok, world, corpus, sample_world_edits(world, args.sequential, seed=2),
+                                       dataclasses.replace(cfg, sequential_strategy=strategy)))
             print(rows[-1], flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     cols = ["efficacy", "paraphrase", "neighbourhood", "other_relations"]
-    print(f"| method | edits | {' | '.join(cols)} | seconds |")
-    print("|---|---|" + "---|" * (len(cols) + 1))
+    print(f"| method | edits | {' | '.join(cols)} | seconds | s / edit, first -> last tenth | kept keys, history |")
+    print("|---|---|" + "---|" * (len(cols) + 3))
     for r in rows:
         label = f"{r['method']} ({r['mode']})"
+        cost = (f"{r['s_per_edit_first']} -> {r['s_per_edit_last']} | {r['kept_keys_mib']} MiB, "
+                f"{r['history_mib']} MiB" if "s_per_edit_first" in r else "| ")
         print(f"| {label} | {r['n']} | " + " | ".join(f"{100 * r.get(c, float('nan')):.1f}" for c in cols)
-              + f" | {r['seconds']} |")
+              + f" | {r['seconds']} | {cost} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -50,7 +50,7 @@ class EditConfig:
     # fits what is still missing and inserts it by least squares against λC + w·(kept keys)) |
     # "nullspace" (the same sweep, the update confined to the null space of C, AlphaEdit)
     sequential_strategy: str = "kept"
-    sequential_layers: list[int] | None = None  # refit/nullspace: the layers swept; None: every layer
+    sequential_layers: list[int] | None = None  # refit/nullspace: the layers swept; None: batch_layers, else all
     sequential_passes: int = 1  # refit/nullspace: sweeps over the layers per edit
     sequential_keep: float = 1.0  # refit/nullspace: weight w of each kept key (earlier edits, held prompts)
     nullspace_threshold: float = 1e-3  # nullspace: eigenvalues of C below this times the largest span the null space

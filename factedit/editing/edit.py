@@ -307,6 +307,7 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
         return torch.stack(done[site]), cfg.sequential_lambda
 
     try:
+        t_step = time.perf_counter()
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
             kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
             sites = ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position)
@@ -343,6 +344,8 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             step.extend(head_step)
             res.steps.append(step)
             res.step_keys.append({})
+            res.step_seconds.append(time.perf_counter() - t_step)
+            t_step = time.perf_counter()
             if len(requests) > 1:
                 log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
                     f"(NLL {fitted.base_nll[0]:.2f} -> {fitted.nll[0]:.2f})")
@@ -354,7 +357,7 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
 def _sequence(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log, state: SequenceState) -> None:
     """Sequential edits by a layer sweep (refit, or AlphaEdit's null space); heads are not
     updated. Each request keeps the position its circuit chose (the last position for a lookup)."""
-    layers = cfg.sequential_layers or list(range(adapter.n_layers))
+    layers = cfg.sequential_layers or cfg.batch_layers or list(range(adapter.n_layers))
     stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
     stats.prepare([("mlp", la) for la in layers])
     positions = [p.mlp_position for p in res.plans]

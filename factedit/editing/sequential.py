@@ -145,7 +145,7 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
     """Apply ``requests`` one after another to ``adapter.model`` (updates stay in place; the
     weights they touch are saved into ``base`` first). Returns, per request, its update, the
     keys it added to the kept sets, its NLLs and the layers it wrote."""
-    layers = cfg.sequential_layers or list(range(adapter.n_layers))
+    layers = cfg.sequential_layers or cfg.batch_layers or list(range(adapter.n_layers))
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     proj: dict[int, torch.Tensor] = {}
     if cfg.sequential_strategy == "nullspace":
