@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=100, help="single edits per method (0: none)")
     ap.add_argument("--batch", type=int, default=0, help="requests in the one batch per batch method (0: none)")
+    ap.add_argument("--sequential", type=int, default=0,
+                    help="requests edited one after another (circuit, the recipe's sequential_strategy; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="circuit,rome,lora")
     ap.add_argument("--batch-methods", default="circuit,memit")
@@ -74,7 +76,7 @@ def main() -> None:
         key, _, val = kv.partition("=")
         base = dataclasses.replace(base, **{key: json.loads(val)})
     facts = known_facts(model, tok)
-    requests = build_requests(facts, tok, max(args.n, args.batch), seed=args.seed)
+    requests = build_requests(facts, tok, max(args.n, args.batch, args.sequential), seed=args.seed)
     others = subject_facts(facts, requests)
     fp = model_fingerprint(model)
     corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
@@ -112,6 +114,15 @@ def main() -> None:
             m = score_requests(model, tok, batch, fluency=True, others=others)
         rows.append({"method": f"{name} (batch of {len(batch)})", "n": len(batch), **m,
                      "s_per_edit": round(res.seconds / len(batch), 2), "sites": [res.plans[0].why]})
+        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+    if args.sequential:  # one after another, scored once at the end
+        seq = requests[: args.sequential]
+        res = compute_edit(seq, model, tok, corpus, cfg=base, circuits=circuits[: len(seq)], mode="sequential",
+                           progress=False)
+        with applied(model, res.delta):
+            m = score_requests(model, tok, seq, fluency=True, others=others)
+        rows.append({"method": f"circuit (sequential, {base.sequential_strategy})", "n": len(seq), **m,
+                     "s_per_edit": round(res.seconds / len(seq), 2), "sites": [p.why for p in res.plans]})
         print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"model {args.model}; corpus {corpus.name}; locate {locate_s:.1f} s per fact (not in s / edit)")
