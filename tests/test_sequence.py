@@ -126,6 +126,16 @@ def test_undo_restores_the_sequence_bit_for_bit(demo, tmp_path):
     with pytest.raises(SequenceError, match="undo 1 to 2"):
         undo(out, 3, model, tok)
     assert _folder_state(out)[0] == before[0]
+    # the command line: `factedit edit --undo K --out DIR` (merged/ rebuilt from the demo model)
+    from click.testing import CliRunner
+
+    from factedit.cli import main
+
+    bad = CliRunner().invoke(main, ["edit", "--undo", "1", "--out", str(out), "--subject", "x"])
+    assert bad.exit_code == 2 and "--undo takes no requests" in bad.output
+    ok = CliRunner().invoke(main, ["edit", "--undo", "1", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert "undid the last 1 of 3 edits" in ok.output and len(load_sequence(out).steps) == 2
 
 
 def test_undo_and_append_refuse_a_folder_that_is_not_a_sequence(demo, tmp_path):
