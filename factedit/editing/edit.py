@@ -365,13 +365,15 @@ def _sequence(adapter, tok, corpus, requests, cfg, res: EditResult, progress, lo
     for p in res.plans:
         p.heads = []
     base: dict[str, torch.Tensor] = {}
+    last = [time.perf_counter()]  # when the previous request ended
+
+    def timed(msg: str) -> None:  # called once per request, as it ends
+        now = time.perf_counter()
+        res.step_seconds.append(now - last[0])
+        last[0] = now
+        log(msg)
+
     try:
-        def timed(msg: str) -> None:
-            now = time.perf_counter()
-            res.step_seconds.append(now - timed.t)
-            timed.t = now
-            log(msg)
-        timed.t = time.perf_counter()
         steps, added, nlls, wrote = sequential_sweep(adapter, tok, corpus, requests, positions, stats.__getitem__,
                                                      cfg, state, base, timed)
     finally:

@@ -27,6 +27,7 @@ import factedit
 from factedit.editing.edit import EditResult
 from factedit.editing.history import SEQUENCE_FILE, compose, sequence_bytes
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
+from factedit.errors import EditFailedError
 from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps_json, staging_dir
 
 EDITS_FORMAT = "factedit.edits/1"
@@ -106,6 +107,9 @@ def write_folder(out: str | Path, delta: WeightDelta, man: dict, model, tok, *, 
     sequence's history), built in a hidden sibling and put in place in one step."""
     out = Path(out)
     delta.check_finite()
+    if not delta.modules():
+        raise EditFailedError("no weight was changed (the model already gives every request's target): nothing "
+                              "was saved")
     staged = staging_dir(out)
     try:
         atomic_write_bytes(staged / "adapter_model.safetensors",
