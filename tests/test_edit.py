@@ -390,6 +390,42 @@ def test_last_token_fit_matches_the_full_prompt_fit(family, monkeypatch):
 
 
 @pytest.mark.usefixtures("fp64_norms")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_suffix_fit_matches_the_full_prompt_fit(family, monkeypatch):
+    """Fitting subject-site values (an MLP and a head's value) on each row's suffix from the
+    subject's last token (the earlier tokens cached, right-padded to one length) gives the
+    full-prompt fit. Subjects end at different positions and rows differ in length, so the
+    padding, the position ids and the shifted target positions are all exercised. float64,
+    but transformers computes rotary tables in float32, and their cos/sin differ by an ulp
+    (~1e-7 relative) with the length of the position tensor (vectorised paths): tolerance 1e-5.
+    Families with a sliding window shorter than the rows fall back to the full prompt."""
+    import factedit.editing.values as values
+
+    from .test_locate import word_tokenizer
+
+    model = tiny_model(family).double()
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    reqs = [EditRequest("the capital of {} is", "beats music", "apple music"),
+            EditRequest("{} is owned by", "france", "paris"),
+            EditRequest("beats music is owned by the capital of {} is", "apple", "music")]
+    prefixes = ["", "the capital is paris."]
+    cfg = EditConfig(steps=4, n_prefixes=0, kl_prompt="{} is")
+    adapter = ModelAdapter(model)
+    sites = values.ValueSites(1, [(2, adapter.kv_head(1))], "subject")
+    rows = values.build_rows(tok, reqs, prefixes, cfg.kl_prompt)
+    assert len({r.s_last for r in rows}) > 2 and len({len(r.ids) for r in rows}) > 2
+    assert values._SuffixRun.usable(adapter, rows) == (family not in ("gemma2", "gemma3_text"))
+    fast = values.fit_values(adapter, tok, reqs, prefixes, sites, cfg)
+    monkeypatch.setattr(values._SuffixRun, "usable", staticmethod(lambda adapter, rows: False))
+    full = values.fit_values(adapter, tok, reqs, prefixes, sites, cfg)
+    torch.testing.assert_close(torch.tensor(fast.base_nll), torch.tensor(full.base_nll), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.mlp, full.mlp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.heads, full.heads, atol=1e-5, rtol=1e-5)
+    assert float(fast.mlp.norm()) > 0 and float(fast.heads.norm()) > 0
+
+
+@pytest.mark.usefixtures("fp64_norms")
 def test_spread_conversions_under_a_post_mlp_norm():
     """MEMIT's spread works in residual space; under a post-MLP norm (Gemma) the residual
     receives norm(m) for the MLP output m. `mlp_to_residual` is norm(m + delta) - norm(m), and

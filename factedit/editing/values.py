@@ -237,6 +237,47 @@ class _LastTokenRun:
         return out.logits[:, -1]
 
 
+class _SuffixRun:
+    """Each row from its subject's last token on, on the cached keys and values of the tokens
+    before it.
+
+    Every delta is added at the subject's last token or later, so the tokens before it are the
+    same in every fitting step: they run once (no gradient), and each step runs (and back-
+    propagates through) the suffix only. Measured on SmolLM2-135M with ROME's 20 prefixes: about
+    half of each row's tokens. The cached prefixes are right-padded to one length, their padding
+    masked; each suffix token has its own position. Not used with sliding-window layers shorter
+    than a row (their masks count cache slots, not positions)."""
+
+    def __init__(self, adapter: ModelAdapter, rows: list[Row], pad: int, device):
+        from factedit.analysis.rerun import layer_kv, new_cache, output_cache, with_cache
+
+        self.model, cut = adapter.model, [r.s_last for r in rows]
+        prefix, pmask = pad_right([r.ids[:c] for r, c in zip(rows, cut)], pad, device)  # (B, P)
+        self.ids, smask = pad_right([r.ids[c:] for r, c in zip(rows, cut)], pad, device)  # (B, S)
+        self.mask = torch.cat([pmask, smask], 1)  # (B, P + S)
+        self.pos = torch.tensor(cut, device=device)[:, None] + torch.arange(self.ids.shape[1], device=device)
+        with torch.no_grad():  # a cache of every position (the model's own would cut sliding layers)
+            out = self.model(input_ids=prefix, attention_mask=pmask, use_cache=True,
+                             **with_cache(self.model, new_cache([])))
+        # padded slots are masked below; zeroed, so that a row with no prefix at all (its
+        # subject's last token first: no slot to attend to) cannot bring a non-finite value
+        keep = pmask.bool()[:, None, :, None]  # (B, 1, P, 1)
+        self.kv = [tuple(x.masked_fill(~keep, 0) for x in layer_kv(output_cache(out), la))
+                   for la in range(adapter.n_layers)]
+        self._cache = lambda: with_cache(self.model, new_cache(self.kv))
+
+    @staticmethod
+    def usable(adapter: ModelAdapter, rows: list[Row]) -> bool:
+        windows = [w for la in range(adapter.n_layers) if (w := adapter.attn_window(la)) is not None]
+        longest = max(len(r.ids) for r in rows)
+        return max(r.s_last for r in rows) >= 1 and (not windows or longest <= min(windows))
+
+    def __call__(self) -> torch.Tensor:
+        """(B, S, V) logits of the suffix tokens."""
+        return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                          **self._cache()).logits
+
+
 def last_token_only(rows: list[Row], sites: ValueSites) -> bool:
     """Whether the fit can run on the last tokens alone: an MLP site at the last position, no
     head sites, every row scored (or KL-compared) at its last token only."""
@@ -257,6 +298,12 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
 
         def forward() -> torch.Tensor:
             return run()[:, None]  # (B, 1, V): the last token sits at position 0
+    elif _SuffixRun.usable(adapter, rows):
+        suffix = _SuffixRun(adapter, rows, pad, device)
+        # positions in the suffix run: the subject's last token is its first token
+        hook_rows = [dataclasses.replace(r, s_last=0, last=r.last - r.s_last,
+                                         targets=[(p - r.s_last, t) for p, t in r.targets]) for r in rows]
+        forward = suffix
     else:
         hook_rows = rows
         ids, mask = pad_right([r.ids for r in rows], pad, device)
