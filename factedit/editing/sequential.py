@@ -42,7 +42,7 @@ from factedit.editing.config import EditConfig
 from factedit.editing.insert import _solve, regularised
 from factedit.editing.requests import EditRequest
 from factedit.editing.values import ValueSites, context_prefixes, fit_values, pad_right
-from factedit.editing.weights import WeightDelta, apply, restore
+from factedit.editing.weights import WeightDelta, apply
 from factedit.models.adapter import ModelAdapter
 
 Site = tuple[str, int, str]  # ("mlp", layer, position)
@@ -189,7 +189,3 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
         log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
             f"(NLL {first:.2f} -> {last:.2f}; layers {used})")
     return steps, added, nlls, wrote
-
-
-def restore_all(adapter: ModelAdapter, base: dict[str, torch.Tensor]) -> None:
-    restore(adapter.model, base)
