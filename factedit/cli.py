@@ -199,8 +199,7 @@ def _load(model_path, dtype, device, allow_pickle, trust_remote_code):
 
 def _check_one_token(tok, prompt: str, subject: str, target: str) -> None:
     """locate follows one token: refuse a target of several rather than silently cut it."""
-    from factedit.analysis.locate import target_token_ids
-    from factedit.analysis.spans import fill_prompt
+    from factedit.analysis.spans import fill_prompt, target_token_ids
 
     ids = target_token_ids(tok, fill_prompt(prompt, subject)[0], target)
     if len(ids) > 1:

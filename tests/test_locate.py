@@ -13,9 +13,9 @@ from transformers import PreTrainedTokenizerFast
 from factedit.analysis.attribute_rate import keep_token, related_tokens
 from factedit.analysis.circuit import CircuitError, LocateConfig, RecallCircuit
 from factedit.analysis.knockout import attention_knockout, source_positions, window_layers
-from factedit.analysis.locate import PromptError, locate, target_token_ids
+from factedit.analysis.locate import locate
 from factedit.analysis.projection import components
-from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
+from factedit.analysis.spans import PromptError, TokenizedPrompt, target_token_ids, tokenize_with_subject
 from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
 from factedit.editing.config import EditConfig
 from factedit.editing.values import context_prefixes

@@ -71,6 +71,17 @@ def padded_window_mask(attention_mask: torch.Tensor, window: int, dtype: torch.d
     return m
 
 
+def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids padded on the right, and the attention mask."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, x in enumerate(seqs):
+        ids[b, : len(x)] = torch.tensor(x)
+        mask[b, : len(x)] = 1
+    return ids.to(device), mask.to(device)
+
+
 @contextmanager
 def padding_safe(adapter: ModelAdapter, attention_mask: torch.Tensor) -> Iterator[None]:
     """For a right-padded batch: give the sliding-window layers :func:`padded_window_mask`

@@ -19,37 +19,17 @@ from factedit.analysis.hooks import upcast
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.projection import Components, components, rank_and_prob_of
 from factedit.analysis.rerun import CleanRun, clean_run
-from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
+from factedit.analysis.spans import PromptError, TokenizedPrompt, target_token_ids, tokenize_with_subject
 from factedit.analysis.sublayer import sublayer_knockout
 from factedit.analysis.trace import causal_trace, embedding_noise
 from factedit.analysis.vocab import prunable
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelAdapter, context_length
 from factedit.models.fingerprint import model_fingerprint
 
 
-class PromptError(FactEditError):
-    pass
-
-
-def target_token_ids(tok, prompt_text: str, target: str) -> list[int]:
-    """The tokens ``target`` adds after ``prompt_text`` (a space is put in between unless the
-    target starts with whitespace). Tokenising the concatenation keeps the tokenizer's own
-    word-boundary handling (byte-level BPE and SentencePiece alike)."""
-    if not target.strip():
-        raise PromptError("the target is empty: give the new attribute's text, e.g. 'Paris'")
-    sep = "" if target[:1].isspace() else " "
-    base = tok(prompt_text)["input_ids"]
-    full = tok(prompt_text + sep + target)["input_ids"]
-    ids = full[len(base):] if full[: len(base)] == base else tok.encode(sep + target, add_special_tokens=False)
-    if not ids:
-        raise PromptError(f"the target {target!r} tokenizes to nothing: give a non-empty word")
-    return list(ids)
-
-
 def check_length(model, tp: TokenizedPrompt) -> None:
-    cfg = model.config
-    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    limit = context_length(model)
     if limit is not None and len(tp.input_ids) > limit:
         raise PromptError(
             f"the prompt is {len(tp.input_ids)} tokens long, more than the model's context of {limit}: "

@@ -12,6 +12,25 @@ class SubjectNotFoundError(FactEditError):
     pass
 
 
+class PromptError(FactEditError):
+    pass
+
+
+def target_token_ids(tok, prompt_text: str, target: str) -> list[int]:
+    """The tokens ``target`` adds after ``prompt_text`` (a space is put in between unless the
+    target starts with whitespace). Tokenising the concatenation keeps the tokenizer's own
+    word-boundary handling (byte-level BPE and SentencePiece alike)."""
+    if not target.strip():
+        raise PromptError("the target is empty: give the new attribute's text, e.g. 'Paris'")
+    sep = "" if target[:1].isspace() else " "
+    base = tok(prompt_text)["input_ids"]
+    full = tok(prompt_text + sep + target)["input_ids"]
+    ids = full[len(base):] if full[: len(base)] == base else tok.encode(sep + target, add_special_tokens=False)
+    if not ids:
+        raise PromptError(f"the target {target!r} tokenizes to nothing: give a non-empty word")
+    return list(ids)
+
+
 @dataclass(frozen=True)
 class TokenizedPrompt:
     prompt: str

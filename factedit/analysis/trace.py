@@ -194,8 +194,7 @@ def trace(prompt: str, subject: str, target: str | None = None, *, model=None, t
     """The full trace of a fact (every position, each of ``kinds``), following ``target``'s
     first token or the model's prediction. ``model``: loaded (with ``tokenizer``), a path, a
     named model, or None for the demo model."""
-    from factedit.analysis.locate import target_token_ids
-    from factedit.analysis.spans import tokenize_with_subject
+    from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 
     if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
         from factedit.models.loading import load_model

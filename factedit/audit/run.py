@@ -28,9 +28,9 @@ from tqdm import tqdm
 from factedit.analysis.attribute_rate import related_tokens
 from factedit.analysis.circuit import LocateConfig
 from factedit.analysis.hooks import upcast
-from factedit.analysis.locate import check_length, locate, target_token_ids
+from factedit.analysis.locate import check_length, locate
 from factedit.analysis.rerun import clean_runs
-from factedit.analysis.spans import tokenize_with_subject
+from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.audit.dataset import AuditFact
 from factedit.audit.store import FACTS, FactStore, merge
 from factedit.errors import FactEditError, OutputDirError, shown

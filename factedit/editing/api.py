@@ -146,7 +146,8 @@ def check_moved(result: EditResult) -> None:
 def check_target_true(requests: list[EditRequest], model, tok, log: Callable[[str], None]) -> None:
     """Warn when a request's ``target_true`` is not what the model predicts (its first token is
     not the model's top next token): the edit then changes a fact the model does not hold."""
-    from factedit.analysis.locate import target_token_ids
+    from factedit.analysis.spans import target_token_ids
+    from factedit.models.adapter import context_length
 
     device = next(model.parameters()).device
     for i, req in enumerate(requests):
@@ -158,7 +159,7 @@ def check_target_true(requests: list[EditRequest], model, tok, log: Callable[[st
         except FactEditError:
             continue
         ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
-        limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        limit = context_length(model)
         if limit is not None and ids.shape[1] > limit:
             continue  # refused later, with the fix
         top = int(model(input_ids=ids).logits[0, -1].argmax())

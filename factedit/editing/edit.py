@@ -35,7 +35,7 @@ from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelAdapter, context_length
 from factedit.models.fingerprint import model_fingerprint
 
 
@@ -86,7 +86,6 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     mlp, position, why = None, "subject", []
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
     if cfg.method == "circuit" and mech == "lookup":
-        # the MLP at the last position where the prediction first appears (an MLP extraction event)
         # the MLP at the last position in the first block of the window where blocking the
         # subject's edges hurts most: the first MLP after the attention that reads the subject.
         # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
@@ -217,11 +216,6 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
 
 def _where(i: int, req: EditRequest) -> str:
     return f"request {i}" + ("" if req.case_id in (None, i) else f" (case_id {req.case_id!r})")
-
-
-def context_length(model) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
 def check_requests(requests: list[EditRequest], model, tok, prefixes: list[str], kl_prompt: str) -> list[list[int]]:
@@ -388,7 +382,9 @@ def _sequence(adapter, tok, corpus, requests, cfg, res: EditResult, progress, lo
     res.stats = [asdict(r) for r in stats.reports]
 
 
-def batch_layers(circuits: list[RecallCircuit | None], cfg: EditConfig, plans: list[EditPlan]) -> list[int]:
+def batch_layers(cfg: EditConfig, plans: list[EditPlan]) -> list[int]:
+    """The MLP layers a batch spreads over: the recipe's, else ``batch_span`` layers ending at
+    the most common planned layer."""
     if cfg.batch_layers:
         return sorted(cfg.batch_layers)
     located = [p.mlp_layer for p in plans if p.mlp_layer is not None]
@@ -397,7 +393,7 @@ def batch_layers(circuits: list[RecallCircuit | None], cfg: EditConfig, plans: l
 
 
 def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log) -> None:
-    layers = batch_layers(circuits, cfg, res.plans)
+    layers = batch_layers(cfg, res.plans)
     position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
     how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
            else f"MEMIT-style spread, residual fitted at L{layers[-1]}")

@@ -18,10 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from factedit.analysis.hooks import as_btd, attention_masks, causal_mask, padding_safe
+from factedit.analysis.hooks import as_btd, attention_masks, causal_mask, pad_right, padding_safe
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
-from factedit.editing.values import pad_right
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from factedit.analysis.hooks import padding_safe
+from factedit.analysis.hooks import pad_right, padding_safe
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest
 from factedit.editing.stats import Corpus
-from factedit.editing.values import build_rows, context_prefixes, pad_right
+from factedit.editing.values import build_rows, context_prefixes
 from factedit.editing.weights import WeightDelta
 from factedit.models.adapter import ModelAdapter
 

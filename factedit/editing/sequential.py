@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from factedit.analysis.hooks import pad_right
 from factedit.editing.config import EditConfig
 from factedit.editing.insert import _solve, regularised
 from factedit.editing.requests import EditRequest
-from factedit.editing.values import ValueSites, context_prefixes, fit_values, pad_right
+from factedit.editing.values import ValueSites, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply
 from factedit.models.adapter import ModelAdapter
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_bytes
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelAdapter, context_length
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,7 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
                    progress: bool = True, batch: int = 8) -> tuple[dict[tuple[str, int], torch.Tensor], StatsReport]:
     """C for each (kind, layer) in ``sites``: (n_in, n_in) float32 on the model's device."""
     device = next(adapter.model.parameters()).device
-    cfg = adapter.model.config
-    context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    context = context_length(adapter.model)
     if context:
         max_length = min(max_length, int(context))
     out: dict[tuple[str, int], torch.Tensor] = {}

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from factedit.analysis.hooks import as_btd, padding_safe
-from factedit.analysis.locate import target_token_ids
-from factedit.analysis.spans import tokenize_with_subject
+from factedit.analysis.hooks import as_btd, pad_right, padding_safe
+from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest
 from factedit.models.adapter import ModelAdapter
@@ -92,17 +91,6 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt:
             tp = tokenize_with_subject(tok, kl_prompt, r.subject)
             rows.append(Row(tp.input_ids, tp.last_subject, tp.last, i, [], kl=True))
     return rows
-
-
-def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) token ids padded on the right, and the attention mask."""
-    T = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, x in enumerate(seqs):
-        ids[b, : len(x)] = torch.tensor(x)
-        mask[b, : len(x)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @contextmanager

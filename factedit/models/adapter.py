@@ -28,7 +28,6 @@ class FamilySpec:
     attn: str  # attention module, relative to a block (its forward gets `attention_mask`)
     attn_out: str  # attention output projection, relative to a block
     mlp: str  # MLP module, relative to a block
-    mlp_in: str  # MLP input (up) projection, relative to a block
     mlp_out: str  # MLP output (down) projection, relative to a block
     final_norm: str  # from the model root
     unembed: str  # from the model root
@@ -86,6 +85,12 @@ def family_for(model_type: str) -> FamilySpec:
     return _REGISTRY[model_type]
 
 
+def context_length(model) -> int | None:
+    """The model's context (its position limit), where its config states one."""
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
@@ -131,9 +136,6 @@ class ModelAdapter:
 
     def mlp(self, layer: int) -> nn.Module:
         return _get(self.blocks[layer], self.spec.mlp)
-
-    def mlp_in(self, layer: int) -> nn.Module:
-        return _get(self.blocks[layer], self.spec.mlp_in)
 
     def mlp_out(self, layer: int) -> nn.Module:
         return _get(self.blocks[layer], self.spec.mlp_out)

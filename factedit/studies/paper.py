@@ -44,10 +44,10 @@ import torch
 from factedit.analysis.attribute_rate import attribute_rate, keep_token, related_tokens
 from factedit.analysis.circuit import LocateConfig
 from factedit.analysis.knockout import window_layers
-from factedit.analysis.locate import check_length, locate, target_token_ids
+from factedit.analysis.locate import check_length, locate
 from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.rerun import clean_run
-from factedit.analysis.spans import tokenize_with_subject
+from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.audit.dataset import AuditFact, relation_templates, template_of
 from factedit.audit.summary import _mean_band, robustness
 from factedit.errors import FactEditError

@@ -26,7 +26,7 @@ from collections import Counter
 import torch
 
 from factedit.analysis.hooks import padding_safe
-from factedit.analysis.locate import target_token_ids
+from factedit.analysis.spans import target_token_ids
 from factedit.models.adapter import ModelAdapter
 
 

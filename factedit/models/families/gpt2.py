@@ -8,7 +8,6 @@ SPEC = register(FamilySpec(
     attn="attn",
     attn_out="attn.c_proj",
     mlp="mlp",
-    mlp_in="mlp.c_fc",
     mlp_out="mlp.c_proj",
     v_proj="attn.c_attn",
     qkv="gpt2_fused",

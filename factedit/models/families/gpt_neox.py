@@ -8,7 +8,6 @@ SPEC = register(FamilySpec(
     attn="attention",
     attn_out="attention.dense",
     mlp="mlp",
-    mlp_in="mlp.dense_h_to_4h",
     mlp_out="mlp.dense_4h_to_h",
     v_proj="attention.query_key_value",
     qkv="neox_fused",

@@ -8,7 +8,6 @@ SPEC = register(FamilySpec(
     attn="attn",
     attn_out="attn.out_proj",
     mlp="mlp",
-    mlp_in="mlp.fc_in",
     mlp_out="mlp.fc_out",
     v_proj="attn.v_proj",
     final_norm="transformer.ln_f",

@@ -8,7 +8,6 @@ SPEC = register(FamilySpec(
     attn="self_attn",
     attn_out="self_attn.o_proj",
     mlp="mlp",
-    mlp_in="mlp.up_proj",
     mlp_out="mlp.down_proj",
     v_proj="self_attn.v_proj",
     final_norm="model.norm",

@@ -8,7 +8,6 @@ SPEC = register(FamilySpec(
     attn="self_attn",
     attn_out="self_attn.out_proj",
     mlp="fc2",
-    mlp_in="fc1",
     mlp_out="fc2",
     v_proj="self_attn.v_proj",
     unembed_pre="model.decoder.project_out",

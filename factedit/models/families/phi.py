@@ -8,7 +8,6 @@ SPEC = register(FamilySpec(
     attn="self_attn",
     attn_out="self_attn.dense",
     mlp="mlp",
-    mlp_in="mlp.fc1",
     mlp_out="mlp.fc2",
     v_proj="self_attn.v_proj",
     final_norm="model.final_layernorm",
