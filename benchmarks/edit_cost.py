@@ -24,7 +24,7 @@ from factedit.editing.stats import second_moments, world_corpus
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
-from factedit.world.edit_quality import sample_world_edits
+from factedit.studies.world_edits import sample_world_edits
 from factedit.world.generate import World
 
 PHASES = {

@@ -26,7 +26,7 @@ from factedit.editing.history import sequence_bytes
 from factedit.editing.stats import world_corpus
 from factedit.editing.weights import applied
 from factedit.models.loading import load_model
-from factedit.world.edit_quality import WorldEdit, run_world_edits, sample_world_edits, score_world_edits
+from factedit.studies.world_edits import WorldEdit, run_world_edits, sample_world_edits, score_world_edits
 from factedit.world.generate import World
 
 

@@ -1,5 +1,6 @@
 """factedit: locate, edit and verify facts through their recall circuits."""
 
+from factedit._version import __version__
 from factedit.analysis.circuit import LocateConfig, RecallCircuit
 from factedit.analysis.locate import locate
 from factedit.editing.api import edit
@@ -7,6 +8,5 @@ from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest, load_requests
 from factedit.models.loading import load_model
 
-__version__ = "0.1.0"
 __all__ = ["EditConfig", "EditRequest", "LocateConfig", "RecallCircuit", "edit", "load_model", "load_requests",
            "locate", "__version__"]

@@ -154,8 +154,8 @@ def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as
     """Measure the recall mechanism: knockout, attribute rate, extraction heads."""
 
     from factedit.models.loading import load_model
+    from factedit.studies.world_mechanism import measure_mechanism
     from factedit.world.generate import World
-    from factedit.world.mechanism import measure_mechanism
 
     if n_facts < 1:
         raise FactEditError(f"--facts must be at least 1, got {n_facts}")
@@ -236,7 +236,8 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
     from factedit.analysis.locate import config_for_model
     from factedit.analysis.locate import locate as run_locate
     from factedit.errors import FactEditError
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir
 
     if related is not None and related_file is not None:
         raise FactEditError("give --related or --related-file, not both")
@@ -296,7 +297,8 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
     from factedit.analysis.trace import KINDS, trace
     from factedit.errors import FactEditError
     from factedit.io import atomic_write_text
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir
 
     chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
     bad = [k for k in chosen if k not in KINDS]
@@ -380,7 +382,8 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     from factedit.editing.config import load_edit_config
     from factedit.editing.requests import EditRequest, load_requests
     from factedit.errors import FactEditError
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir
 
     single = [prompt, subject, target_new]
     if undo is not None:
@@ -453,7 +456,8 @@ def _undo(k, out, model_path, dtype, device, allow_pickle, trust_remote_code, wi
 def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_dir, edited_dir, requests_path, out,
            overwrite, no_fail, no_fluency) -> None:
     """Check edits: metrics and the flow re-analysis on the edited model, with a verdict each."""
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir
     from factedit.verify.checks import VerifyOptions
     from factedit.verify.run import verify as run_verify
     from factedit.verify.run import write_report
@@ -518,14 +522,14 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
     """Map where a model retrieves its knowledge across a dataset (resumable; data-parallel
     under `accelerate launch -m factedit audit ...`)."""
     import dataclasses
-    from pathlib import Path
 
     from factedit.analysis.circuit import load_locate_config
     from factedit.analysis.locate import config_for_model
     from factedit.audit.dataset import bundled, load_facts, with_paraphrases, world_facts
     from factedit.audit.run import current_shard, run_audit, select, text_related, world_related
     from factedit.models.loading import load_model
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir, world_file
     from factedit.world.generate import World
 
     if limit is not None and limit < 1:
@@ -539,9 +543,9 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
         device = str(shard.state.device)
     model, tok = load_model(model_path, dtype=dtype, device=device, device_map=device_map,
                             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    world_json = Path(str(model.name_or_path)) / "world.json"
+    world_json = world_file(model)
     if facts is None:
-        if not world_json.is_file():
+        if world_json is None:
             raise FactEditError(f"{model.name_or_path} has no world.json: give --dataset (e.g. known_1000.json)")
         world = World.load(world_json)
         facts, related_of, name = world_facts(world, heldout), world_related(world, tok), f"world:{world_json}"
@@ -598,7 +602,8 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
     from factedit.analysis.circuit import load_locate_config
     from factedit.analysis.locate import config_for_model
     from factedit.audit.dataset import bundled, load_facts, world_facts
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir, world_file
     from factedit.studies.paper import StudyOptions, format_table, run_study
     from factedit.world.generate import World
 
@@ -613,8 +618,8 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
     check_output_dir(out, overwrite, model_dir(model_path))
     facts = load_facts(dataset) if dataset else None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    world_json = Path(str(model.name_or_path)) / "world.json"
-    world = World.load(world_json) if world_json.is_file() else None
+    world_json = world_file(model)
+    world = World.load(world_json) if world_json is not None else None
     if facts is None:
         if world is not None:
             facts, name = world_facts(world), f"world:{world_json}"

@@ -11,15 +11,16 @@ import torch
 from factedit.io import atomic_write_text, dumps_json
 from factedit.models.loading import load_model
 from factedit.plots import attribute_rate_figure, head_heatmap, knockout_figure
+from factedit.studies.world_mechanism import measure_mechanism
 from factedit.world.evaluate import evaluate_recall
 from factedit.world.generate import World
-from factedit.world.mechanism import measure_mechanism
 
 
 @torch.no_grad()
 def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
              echo: Callable[[str], None] = print, real_model: str | None = "smollm2-135m") -> dict:
-    from factedit.paths import check_output_dir, model_dir
+    from factedit.models.zoo import model_dir
+    from factedit.paths import check_output_dir
 
     # before any work: never the model's folder, never a file; the demo rewrites its own files in OUT
     check_output_dir(out, True, model_dir(model_path))

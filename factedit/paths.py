@@ -95,12 +95,9 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def model_dir(name_or_path: str | Path | None) -> Path | None:
-    """The local folder a model is loaded from (None: a hub id). A named real model or a GGUF
-    file is its cached folder (provisioned on first use)."""
-    from factedit.models import zoo
-
-    if name_or_path is None:
-        return demo_checkpoint()
-    p = Path(zoo.resolve(str(name_or_path)))
-    return p if p.is_dir() else None
+def world_file(model) -> Path | None:
+    """A world model's ``world.json`` (the synthetic world it was trained on), or None: the
+    one place that knows where a loaded model (or its folder) keeps its world."""
+    folder = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", "")
+    path = Path(str(folder or "")) / "world.json"
+    return path if folder and path.is_file() else None

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from factedit.errors import FactEditError, shown
+from factedit.paths import world_file
 
 T = TypeVar("T")
 
@@ -159,8 +160,8 @@ def model_recipe_section(model, section: str) -> tuple[dict, str]:
     import json
 
     folder = Path(str(getattr(model, "name_or_path", "") or ""))
-    world = folder / "world.json"
-    if world.is_file():
+    world = world_file(model)
+    if world is not None:
         return json.loads(world.read_text()).get("meta", {}).get("recipe", {}).get(section, {}), \
             f"{world} meta.recipe.{section}"
     manifest = folder / "factedit-model.json"

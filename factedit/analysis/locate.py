@@ -41,11 +41,11 @@ def world_related(model, tok, subject: str) -> set[int] | None:
     """For a model trained on a synthetic world: the subject's attributes' tokens."""
     from factedit.world.generate import World
 
-    path = Path(str(getattr(model, "name_or_path", "") or "")) / "world.json"
-    if not path.is_file():
+    world = World.of(model)
+    if world is None:
         return None
     try:
-        ent = World.load(path).entity(subject)
+        ent = world.entity(subject)
     except KeyError:
         return None
     return related_tokens(tok, list(ent.facts.values()))

@@ -15,18 +15,12 @@ from factedit.editing.edit import EditResult, compute_edit
 from factedit.editing.requests import EditRequest, check_conflicts, load_requests
 from factedit.errors import EditFailedError, FactEditError, shown
 from factedit.models.fingerprint import model_fingerprint
-
-
-def _world(model):
-    from factedit.world.generate import World
-
-    path = Path(str(getattr(model, "name_or_path", "") or "")) / "world.json"
-    return World.load(path) if path.is_file() else None
+from factedit.world.generate import World
 
 
 def base_model_dir(model) -> Path | None:
     """The local folder of a model given as None (the demo model), a path, or a loaded model."""
-    from factedit.paths import model_dir
+    from factedit.models.zoo import model_dir
 
     if model is None or isinstance(model, (str, Path)):
         return model_dir(model)
@@ -81,7 +75,7 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
         raise FactEditError("edit: pass the tokenizer together with a loaded model")
     cfg = config or edit_config_for_model(model)
     check_target_true(requests, model, tokenizer, log)
-    corpus = resolve_corpus(model, tokenizer, _world(model), stats_corpus, model_fingerprint(model),
+    corpus = resolve_corpus(model, tokenizer, World.of(model), stats_corpus, model_fingerprint(model),
                             cfg.stats_samples, log=log)
     if prior is not None:
         return _append(prior, requests, model, tokenizer, corpus, cfg, circuits, out, merge, progress, log)

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-import factedit
+from factedit._version import __version__
 from factedit.editing.edit import EditResult
 from factedit.editing.history import SEQUENCE_FILE, compose, sequence_bytes
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
 from factedit.errors import EditFailedError
 from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps_json, staging_dir
+from factedit.paths import world_file
 
 EDITS_FORMAT = "factedit.edits/1"
 
@@ -59,7 +60,7 @@ def adapter_config(delta: WeightDelta, base_model: str) -> dict:
 def manifest(result: EditResult, circuits: list | None) -> dict:
     return {
         "format": EDITS_FORMAT,
-        "factedit_version": factedit.__version__,
+        "factedit_version": __version__,
         "base_model": result.base_model,
         "base_fingerprint": result.base_fingerprint,
         "method": result.config.method,
@@ -153,6 +154,6 @@ def _write_merged(delta: WeightDelta, dest: Path, model, tok) -> None:
                                          "wider --dtype, or save the adapter without --merge")
         model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
-    world = Path(str(getattr(model, "name_or_path", ""))) / "world.json"
-    if world.is_file():  # a world model keeps its world (the base facts) for the world tools
+    world = world_file(model)
+    if world is not None:  # a world model keeps its world (the base facts) for the world tools
         shutil.copyfile(world, dest / "world.json")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from factedit.errors import ModelLoadError
 from factedit.io import atomic_write_text, commit_dir, dumps_json, staging_dir
+from factedit.paths import demo_checkpoint
 
 MANIFEST = "factedit-model.json"
 
@@ -252,3 +253,12 @@ def listing() -> list[dict]:
                      "folder": str(folder), "packages": list(m.packages), "licence": m.licence,
                      "recipe": f"recipes/{m.recipe}.yaml"})
     return rows
+
+
+def model_dir(name_or_path: str | Path | None) -> Path | None:
+    """The local folder a model is loaded from (None for a hub id). None is the demo model; a
+    named real model or a GGUF file is its cached folder (provisioned on first use)."""
+    if name_or_path is None:
+        return demo_checkpoint()
+    p = Path(resolve(str(name_or_path)))
+    return p if p.is_dir() else None

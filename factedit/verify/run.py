@@ -20,6 +20,7 @@ from factedit.io import atomic_write_text, dumps_json, read_json
 from factedit.models.adapter import ModelAdapter
 from factedit.models.fingerprint import model_fingerprint
 from factedit.verify.checks import EditReport, Neighbour, VerifyOptions, verify_edit, world_prompts
+from factedit.world.generate import World
 
 
 class AdapterMismatchError(FactEditError):
@@ -226,7 +227,7 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
         def ctx():
             return nullcontext(edited_model)
 
-    world = _world(model)
+    world = World.of(model)
     lc = config_for_model(model)
     reports: list[EditReport] = []
     for i, (req, plan, circuit) in enumerate(zip(requests, plans, circuits)):
@@ -247,13 +248,6 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
     return {"format": "factedit.verify/1", "base_model": str(getattr(model, "name_or_path", "")),
             "base_fingerprint": fp, "edit": str(folder), "options": asdict(opts), "summary": summary,
             "edits": [asdict(r) for r in reports]}
-
-
-def _world(model):
-    from factedit.world.generate import World
-
-    p = Path(str(getattr(model, "name_or_path", "") or "")) / "world.json"
-    return World.load(p) if p.is_file() else None
 
 
 def write_report(report: dict, out: str | Path) -> list[Path]:

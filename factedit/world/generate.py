@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from factedit.io import atomic_write_text, dumps_json
+from factedit.paths import world_file
 from factedit.world import vocab
 
 
@@ -103,6 +104,12 @@ class World:
         if not path.is_file():
             raise FileNotFoundError(f"no world file at {path}: pass a world.json or its folder")
         return cls.from_json(json.loads(path.read_text()))
+
+    @classmethod
+    def of(cls, model) -> World | None:
+        """The world a world model (loaded, or its folder) was trained on; None for other models."""
+        path = world_file(model)
+        return cls.load(path) if path is not None else None
 
 
 def _name_parts(rng: random.Random, syllables: list[str], endings: list[str], n: int) -> list[str]:

@@ -1,0 +1,68 @@
+"""The package layout is the data flow: no module imports from a layer above its own.
+
+Layers, bottom to top (README, "Layout"): shared utilities; model families; the demo world's
+data; the three stages (analysis, editing, verify); audit; studies; the entry points. Imports
+inside functions count too: a lazy import is still a dependency.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "factedit"
+
+LAYERS = [
+    {"errors", "_version", "io", "paths", "recipes", "plots"},
+    {"models"},
+    {"world"},
+    {"analysis"},
+    {"editing"},
+    {"verify"},
+    {"audit"},
+    {"studies"},
+    {"demo", "demo_real", "cli", "__init__", "__main__"},
+]
+RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _unit(module: str) -> str:
+    """factedit.analysis.locate -> analysis; factedit.io -> io; factedit -> __init__."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if node.module != "factedit" else [f"factedit.{a.name}" for a in node.names]
+            out += [(node.lineno, n) for n in names if n.split(".")[0] == "factedit"]
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "factedit"]
+    return out
+
+
+MODULES = sorted(PKG.rglob("*.py"))
+
+
+def test_every_unit_has_a_layer():
+    units = {p.relative_to(PKG).parts[0].removesuffix(".py") for p in MODULES}
+    assert units <= set(RANK), f"place {sorted(units - set(RANK))} in LAYERS (and in the README's layout)"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_reaches_up(path):
+    own = _unit("factedit." + ".".join(path.relative_to(PKG).with_suffix("").parts))
+    upward = [f"line {line}: {mod} (layer {RANK[_unit(mod)]} > {RANK[own]})"
+              for line, mod in _imports(path) if RANK.get(_unit(mod), -1) > RANK[own]]
+    assert not upward, f"{path.relative_to(ROOT)} ({own}, layer {RANK[own]}) imports from above: {upward}"
+
+
+def test_version_matches_pyproject():
+    import factedit
+
+    (version,) = re.findall(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert factedit.__version__ == version
