@@ -359,6 +359,32 @@ def test_edit_runs_on_every_family(family):
         res.delta.check_finite()
 
 
+def _fit_two_ways(family: str, reqs: list[EditRequest], prefixes: list[str], sites_of, fast_path: str,
+                  monkeypatch):
+    """The value fit of ``reqs`` on a float64 tiny model of ``family``, with the fast path
+    ``fast_path`` ("last_token_only" or "_SuffixRun") and with it turned off (the full prompt).
+    Returns (rows, used: whether the fast path applies to them, fast, full)."""
+    import factedit.editing.values as values
+
+    from .test_locate import word_tokenizer
+
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    adapter = ModelAdapter(tiny_model(family).double())
+    cfg = EditConfig(steps=4, n_prefixes=0, kl_prompt="{} is")
+    sites = sites_of(adapter)
+    rows = values.build_rows(tok, reqs, prefixes, cfg.kl_prompt)
+    last = fast_path == "last_token_only"
+    used = values.last_token_only(rows, sites) if last else values._SuffixRun.usable(adapter, rows)
+    fast = values.fit_values(adapter, tok, reqs, prefixes, sites, cfg)
+    if last:
+        monkeypatch.setattr(values, "last_token_only", lambda rows, sites: False)
+    else:
+        monkeypatch.setattr(values._SuffixRun, "usable", staticmethod(lambda adapter, rows: False))
+    full = values.fit_values(adapter, tok, reqs, prefixes, sites, cfg)
+    return rows, used, fast, full
+
+
 @pytest.mark.usefixtures("fp64_norms")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_token_fit_matches_the_full_prompt_fit(family, monkeypatch):
@@ -368,22 +394,12 @@ def test_last_token_fit_matches_the_full_prompt_fit(family, monkeypatch):
     two orders of summation agree to ~1e-10; Adam's steps then keep the deltas within 1e-6."""
     import factedit.editing.values as values
 
-    from .test_locate import word_tokenizer
-
-    model = tiny_model(family).double()
-    tok = word_tokenizer()
-    tok.pad_token = "[UNK]"
     reqs = [EditRequest("the capital of {} is", "beats music", "apple"),
             EditRequest("{} is owned by", "france", "paris"),
             EditRequest("beats music is owned by the capital of {} is", "apple", "music")]
-    cfg = EditConfig(steps=4, n_prefixes=0, kl_prompt="{} is")
-    sites = values.ValueSites(1, [], "last")
-    adapter = ModelAdapter(model)
-    rows = values.build_rows(tok, reqs, [""], cfg.kl_prompt)
-    assert values.last_token_only(rows, sites) and len({len(r.ids) for r in rows}) > 1
-    fast = values.fit_values(adapter, tok, reqs, [""], sites, cfg)
-    monkeypatch.setattr(values, "last_token_only", lambda rows, sites: False)
-    full = values.fit_values(adapter, tok, reqs, [""], sites, cfg)
+    rows, used, fast, full = _fit_two_ways(family, reqs, [""], lambda a: values.ValueSites(1, [], "last"),
+                                           "last_token_only", monkeypatch)
+    assert used and len({len(r.ids) for r in rows}) > 1
     torch.testing.assert_close(torch.tensor(fast.base_nll), torch.tensor(full.base_nll), atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(fast.mlp, full.mlp, atol=1e-6, rtol=1e-6)
     assert float(fast.mlp.norm()) > 0
@@ -401,24 +417,14 @@ def test_suffix_fit_matches_the_full_prompt_fit(family, monkeypatch):
     Families with a sliding window shorter than the rows fall back to the full prompt."""
     import factedit.editing.values as values
 
-    from .test_locate import word_tokenizer
-
-    model = tiny_model(family).double()
-    tok = word_tokenizer()
-    tok.pad_token = "[UNK]"
     reqs = [EditRequest("the capital of {} is", "beats music", "apple music"),
             EditRequest("{} is owned by", "france", "paris"),
             EditRequest("beats music is owned by the capital of {} is", "apple", "music")]
-    prefixes = ["", "the capital is paris."]
-    cfg = EditConfig(steps=4, n_prefixes=0, kl_prompt="{} is")
-    adapter = ModelAdapter(model)
-    sites = values.ValueSites(1, [(2, adapter.kv_head(1))], "subject")
-    rows = values.build_rows(tok, reqs, prefixes, cfg.kl_prompt)
+    rows, used, fast, full = _fit_two_ways(
+        family, reqs, ["", "the capital is paris."],
+        lambda a: values.ValueSites(1, [(2, a.kv_head(1))], "subject"), "_SuffixRun", monkeypatch)
     assert len({r.s_last for r in rows}) > 2 and len({len(r.ids) for r in rows}) > 2
-    assert values._SuffixRun.usable(adapter, rows) == (family not in ("gemma2", "gemma3_text"))
-    fast = values.fit_values(adapter, tok, reqs, prefixes, sites, cfg)
-    monkeypatch.setattr(values._SuffixRun, "usable", staticmethod(lambda adapter, rows: False))
-    full = values.fit_values(adapter, tok, reqs, prefixes, sites, cfg)
+    assert used == (family not in ("gemma2", "gemma3_text"))  # their sliding windows are shorter than the rows
     torch.testing.assert_close(torch.tensor(fast.base_nll), torch.tensor(full.base_nll), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.mlp, full.mlp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.heads, full.heads, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,6 @@ import torch
 
 from factedit.analysis.hooks import upcast
 from factedit.analysis.projection import Components, rank_and_prob
-from factedit.analysis.vocab import softcap, unembed_input
 from factedit.models.adapter import ModelAdapter
 
 # A candidate token counts as beating the token in the screening only by more than this much
@@ -43,11 +42,11 @@ def extraction_head_scores(adapter: ModelAdapter, comp: Components, token: int, 
     unembed = adapter.unembed
     cand = refs.topk(min(k, refs.shape[-1]), dim=-1).indices.unique()
     ids = torch.cat([torch.tensor([token], device=cand.device), cand[cand != token]])  # token first
-    u = unembed_input(adapter, vecs, final_norm)
+    u = adapter.unembed_input(vecs, final_norm)
     logits = upcast(u @ unembed.weight[ids].T.to(u.dtype))  # (L*H, |S|+1)
     if unembed.bias is not None:
         logits = logits + upcast(unembed.bias[ids])
-    logits = softcap(adapter, logits)
+    logits = adapter.softcap(logits)
     lt = logits[:, :1]
     beat = (logits[:, 1:] > lt + SCREEN_MARGIN * (lt.abs() + 1)).sum(-1)  # (L*H,)
     keep = (beat < max_rank).nonzero().squeeze(1)

@@ -4,10 +4,50 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from factedit.models.adapter import ModelAdapter
+
+
+class Hooks:
+    """Forward hooks that are all removed together: ``with Hooks() as hooks: hooks.pre(...)``.
+    Registered inside the ``with``, none outlives it, also when registering fails half-way."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pre(self, module: torch.nn.Module, fn: Callable) -> None:
+        """``fn(module, args, kwargs)`` before ``module`` runs (may return new (args, kwargs))."""
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def post(self, module: torch.nn.Module, fn: Callable) -> None:
+        """``fn(module, args, output)`` after ``module`` runs (may return a new output)."""
+        self._handles.append(module.register_forward_hook(fn))
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's hidden-state input, passed positionally or as ``hidden_states=``."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """A module's hidden-state output (attention modules return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_output(out: Any, new: torch.Tensor) -> Any:
+    """``out`` with its hidden-state output replaced by ``new``, in the same structure."""
+    return (new, *out[1:]) if isinstance(out, tuple) else new
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -35,23 +75,19 @@ def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor |
     """Replace the ``attention_mask`` each attention module receives by ``masks(layer)``
     (a full additive (B, 1, T, T) mask, causality and the layer's sliding window included,
     see ``ModelAdapter.attn_window``), where it is not None."""
-    handles = []
-    for layer in range(adapter.n_layers):
-        mask = masks(layer)
-        if mask is None:
-            continue
+    with Hooks() as hooks:
+        for layer in range(adapter.n_layers):
+            mask = masks(layer)
+            if mask is None:
+                continue
 
-        def pre(module, args, kwargs, mask=mask):
-            p = next(module.parameters())  # the module's device and dtype (device_map may spread layers)
-            kwargs["attention_mask"] = mask.to(device=p.device, dtype=p.dtype)
-            return args, kwargs
+            def pre(module, args, kwargs, mask=mask):
+                p = next(module.parameters())  # the module's device and dtype (device_map may spread layers)
+                kwargs["attention_mask"] = mask.to(device=p.device, dtype=p.dtype)
+                return args, kwargs
 
-        handles.append(adapter.attn(layer).register_forward_pre_hook(pre, with_kwargs=True))
-    try:
+            hooks.pre(adapter.attn(layer), pre)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def padded_window_mask(attention_mask: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,25 +138,19 @@ def capture(adapter: ModelAdapter, what: dict[str, tuple[Callable[[int], torch.n
     """Record per-layer activations. ``what`` maps a name to (module getter, "in"|"out");
     ``store[name][layer]`` receives the module's first input or its (first) output, as
     (batch, T, d) even where the family flattens tokens (OPT's MLP works on (batch*T, d))."""
-    handles = []
-    for name, (getter, kind) in what.items():
-        store[name] = [None] * adapter.n_layers
-        for layer in range(adapter.n_layers):
-            mod = getter(layer)
-            if kind == "in":
-                def hook(m, args, kwargs, name=name, layer=layer):
-                    x = args[0] if args else kwargs["hidden_states"]
-                    store[name][layer] = as_btd(x, batch)
-                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                def hook(m, args, out, name=name, layer=layer):
-                    store[name][layer] = as_btd(out[0] if isinstance(out, tuple) else out, batch)
-                handles.append(mod.register_forward_hook(hook))
-    try:
+    with Hooks() as hooks:
+        for name, (getter, kind) in what.items():
+            store[name] = [None] * adapter.n_layers
+            for layer in range(adapter.n_layers):
+                if kind == "in":
+                    def keep_in(m, args, kwargs, name=name, layer=layer):
+                        store[name][layer] = as_btd(first_input(args, kwargs), batch)
+                    hooks.pre(getter(layer), keep_in)
+                else:
+                    def keep_out(m, args, out, name=name, layer=layer):
+                        store[name][layer] = as_btd(first_output(out), batch)
+                    hooks.post(getter(layer), keep_out)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,11 @@ import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from factedit.analysis.hooks import as_btd, attention_masks, visible
+from factedit.analysis.hooks import Hooks, as_btd, attention_masks, first_input, first_output, visible
 from factedit.models.adapter import ModelAdapter
 
 
@@ -121,22 +122,18 @@ def _clean_batch(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanR
     device = next(adapter.model.parameters()).device
     block_in: list = [None] * (L + 1)  # (B, T, d) each
     got: dict[str, list] = {k: [None] * L for k in ("attn", "mlp", "z", "attn_in", "pattern", "gain")}
-    handles = []
-
-    def first(x):
-        return x[0] if isinstance(x, tuple) else x
 
     def keep_in(layer):
         def hook(m, args, kwargs):
-            block_in[layer] = args[0] if args else kwargs["hidden_states"]
+            block_in[layer] = first_input(args, kwargs)
         return hook
 
     def keep_last_out(m, args, out):
-        block_in[L] = first(out)
+        block_in[L] = first_output(out)
 
     def keep_out(name, layer):
         def hook(m, args, out):
-            got[name][layer] = as_btd(first(out), B)
+            got[name][layer] = as_btd(first_output(out), B)
         return hook
 
     def keep_pattern(layer):
@@ -147,34 +144,31 @@ def _clean_batch(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanR
 
     def keep_input(name, layer):
         def hook(m, args, kwargs):
-            got[name][layer] = as_btd(args[0] if args else kwargs["hidden_states"], B)
+            got[name][layer] = as_btd(first_input(args, kwargs), B)
         return hook
 
     def keep_gain(layer):
         def hook(m, args, kwargs):
-            a = as_btd(args[0] if args else kwargs["hidden_states"], B)  # (B, T, d)
+            a = as_btd(first_input(args, kwargs), B)  # (B, T, d)
             got["gain"][layer] = adapter.post_gain("attn", layer, a)
         return hook
 
-    for la in range(L):
-        handles.append(adapter.block(la).register_forward_pre_hook(keep_in(la), with_kwargs=True))
-        handles.append(adapter.to_residual("attn", la).register_forward_hook(keep_out("attn", la)))
-        handles.append(adapter.attn(la).register_forward_hook(keep_pattern(la)))
-        handles.append(adapter.to_residual("mlp", la).register_forward_hook(keep_out("mlp", la)))
-        handles.append(adapter.attn_out(la).register_forward_pre_hook(keep_input("z", la), with_kwargs=True))
-        handles.append(adapter.attn(la).register_forward_pre_hook(keep_input("attn_in", la), with_kwargs=True))
-        if adapter.post_norm("attn", la) is not None:
-            handles.append(adapter.post_norm("attn", la).register_forward_pre_hook(keep_gain(la), with_kwargs=True))
-    handles.append(adapter.block(L - 1).register_forward_hook(keep_last_out))
     model = adapter.model
     params = inspect.signature(model.forward).parameters
     keep = {"logits_to_keep": min(LOGIT_ROWS, len(prompts[0]))} if "logits_to_keep" in params else {}
-    try:
+    with Hooks() as hooks:
+        for la in range(L):
+            hooks.pre(adapter.block(la), keep_in(la))
+            hooks.post(adapter.to_residual("attn", la), keep_out("attn", la))
+            hooks.post(adapter.attn(la), keep_pattern(la))
+            hooks.post(adapter.to_residual("mlp", la), keep_out("mlp", la))
+            hooks.pre(adapter.attn_out(la), keep_input("z", la))
+            hooks.pre(adapter.attn(la), keep_input("attn_in", la))
+            if adapter.post_norm("attn", la) is not None:
+                hooks.pre(adapter.post_norm("attn", la), keep_gain(la))
+        hooks.post(adapter.block(L - 1), keep_last_out)
         out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True,
                     **with_cache(model, new_cache([])), **keep)
-    finally:
-        for h in handles:
-            h.remove()
     kv = [layer_kv(output_cache(out), la) for la in range(L)]  # (B, kv_heads, T, head_dim) each
     patterns = got["pattern"]
     has_pattern = all(p is not None for p in patterns)
@@ -290,33 +284,30 @@ def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[in
 
     kept: dict[int, torch.Tensor] = {}  # stream layer -> (B, n, d)
     attn_sub: list = [None] * L
-    handles = []
     wanted = {s for s, _ in keep_stream}
-    for la in range(L):
-        if la + 1 in wanted:
-            def keep(m, args, out, la=la):
-                kept[la + 1] = out[0] if isinstance(out, tuple) else out
-            handles.append(adapter.block(la).register_forward_hook(keep))
-        if keep_attn_last and active[la]:
-            def keep_attn(m, args, out, la=la):
-                attn_sub[la] = as_btd(out[0] if isinstance(out, tuple) else out, len(active[la]))[:, -1]
-            handles.append(adapter.to_residual("attn", la).register_forward_hook(keep_attn))
+
+    def keep(m, args, out, la):
+        kept[la + 1] = first_output(out)
+
+    def keep_attn(m, args, out, la):
+        attn_sub[la] = as_btd(first_output(out), len(active[la]))[:, -1]
 
     ids = torch.tensor([clean.input_ids[start:]] * B, device=device)
     pos = torch.arange(start, T, device=device)[None]
-    try:
-        with ExitStack() as stack:
-            stack.enter_context(_rows_only(adapter, clean, row_start, start))
-            stack.enter_context(attention_masks(adapter, lambda la: mask_by_layer[la]))
-            if hooks is not None:
-                for la in range(L):
-                    for cm in hooks(la, active[la]):
-                        stack.enter_context(cm)
-            logits = adapter.model(input_ids=ids, position_ids=pos, use_cache=cache is not None,
-                                   **with_cache(adapter.model, cache), **last_logits_only(adapter.model)).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as own, ExitStack() as stack:
+        for la in range(L):
+            if la + 1 in wanted:
+                own.post(adapter.block(la), partial(keep, la=la))
+            if keep_attn_last and active[la]:
+                own.post(adapter.to_residual("attn", la), partial(keep_attn, la=la))
+        stack.enter_context(_rows_only(adapter, clean, row_start, start))
+        stack.enter_context(attention_masks(adapter, lambda la: mask_by_layer[la]))
+        if hooks is not None:
+            for la in range(L):
+                for cm in hooks(la, active[la]):
+                    stack.enter_context(cm)
+        logits = adapter.model(input_ids=ids, position_ids=pos, use_cache=cache is not None,
+                               **with_cache(adapter.model, cache), **last_logits_only(adapter.model)).logits[:, -1]
 
     stream = {}
     for s, p in keep_stream:

@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from factedit.analysis.attribute_rate import attribute_rate
-from factedit.analysis.hooks import as_btd, capture, upcast
+from factedit.analysis.hooks import Hooks, as_btd, capture, first_output, upcast, with_output
 from factedit.analysis.knockout import window_layers
 from factedit.analysis.rerun import CleanRun, clean_run, rerun
 from factedit.analysis.spans import TokenizedPrompt
@@ -55,27 +56,21 @@ def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, li
     """Zero what sublayer ``kind`` ("mlp" or "attn") adds to the residual at ``positions`` for
     the batch rows ``rows_by_layer[layer]``. ``batch`` is the number of rows the module sees
     (per layer where it varies)."""
-    handles = []
-    for layer, rows in rows_by_layer.items():
-        if not rows:
-            continue
-        n = batch[layer] if isinstance(batch, dict) else batch
 
-        def hook(module, args, out, rows=rows, n=n):
-            o = out[0] if isinstance(out, tuple) else out
-            shape = o.shape
-            o = as_btd(o.clone(), n)  # OPT's MLP output is (batch*T, d)
-            r = torch.tensor(rows, device=o.device)[:, None]
-            o[r, torch.tensor(positions, device=o.device)[None, :]] = 0
-            o = o.reshape(shape)
-            return (o, *out[1:]) if isinstance(out, tuple) else o
+    def zero(module, args, out, rows, n):
+        o = first_output(out)
+        shape = o.shape
+        o = as_btd(o.clone(), n)  # OPT's MLP output is (batch*T, d)
+        r = torch.tensor(rows, device=o.device)[:, None]
+        o[r, torch.tensor(positions, device=o.device)[None, :]] = 0
+        return with_output(out, o.reshape(shape))
 
-        handles.append(adapter.to_residual(kind, layer).register_forward_hook(hook))
-    try:
+    with Hooks() as hooks:
+        for layer, rows in rows_by_layer.items():
+            if rows:
+                n = batch[layer] if isinstance(batch, dict) else batch
+                hooks.post(adapter.to_residual(kind, layer), partial(zero, rows=rows, n=n))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def sublayer_rows(n_layers: int) -> list[tuple[str, int]]:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from factedit.analysis.hooks import as_btd, upcast
+from factedit.analysis.hooks import Hooks, as_btd, first_output, upcast, with_output
 from factedit.analysis.knockout import window_layers
 from factedit.analysis.rerun import last_logits_only
 from factedit.analysis.spans import TokenizedPrompt
@@ -95,14 +95,6 @@ def noise_from_subjects(adapter: ModelAdapter, tok, subjects: list[str]) -> floa
     return 3.0 * float(upcast(emb(torch.tensor(ids, device=emb.weight.device))).std())
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _with_first(out, x):
-    return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
-
-
 def _site_module(adapter: ModelAdapter, kind: str, layer: int) -> torch.nn.Module:
     return adapter.block(layer) if kind == "hidden" else adapter.to_residual(kind, layer)
 
@@ -131,16 +123,12 @@ def causal_trace(adapter: ModelAdapter, tp: TokenizedPrompt, token: int, kind: s
 
     # clean pass: p(token) and every state a row may restore
     clean: list[torch.Tensor] = [None] * L  # (T, d) per layer
-    hooks = []
-    for la in range(L):
-        def keep(m, a, out, la=la):
-            clean[la] = as_btd(_first(out), 1)[0].clone()
-        hooks.append(_site_module(adapter, kind, la).register_forward_hook(keep))
-    try:
+    with Hooks() as hooks:
+        for la in range(L):
+            def keep(m, a, out, la=la):
+                clean[la] = as_btd(first_output(out), 1)[0].clone()
+            hooks.post(_site_module(adapter, kind, la), keep)
         p_clean = float(torch.softmax(upcast(model(input_ids=ids).logits[0, -1]), -1)[token])
-    finally:
-        for h in hooks:
-            h.remove()
 
     emb = model.get_input_embeddings()
     g = torch.Generator().manual_seed(seed)
@@ -167,19 +155,16 @@ def causal_trace(adapter: ModelAdapter, tp: TokenizedPrompt, token: int, kind: s
             out[:, s0:s1] += batch_eps.to(out.dtype)
             return out
 
-        hooks = [emb.register_forward_hook(corrupt)]
-        for la, where in by_layer.items():
-            def put(m, a, out, la=la, where=where, b=b):
-                x = as_btd(_first(out), b).clone()
-                for i, p in where:
-                    x[i, p] = clean[la][p]
-                return _with_first(out, x.view_as(_first(out)))
-            hooks.append(_site_module(adapter, kind, la).register_forward_hook(put))
-        try:
+        with Hooks() as hooks:
+            hooks.post(emb, corrupt)
+            for la, where in by_layer.items():
+                def put(m, a, out, la=la, where=where, b=b):
+                    x = as_btd(first_output(out), b).clone()
+                    for i, p in where:
+                        x[i, p] = clean[la][p]
+                    return with_output(out, x.view_as(first_output(out)))
+                hooks.post(_site_module(adapter, kind, la), put)
             logits = model(input_ids=ids.expand(b, -1), **last_logits_only(model)).logits[:, -1]  # (b, V)
-        finally:
-            for h in hooks:
-                h.remove()
         probs[start: start + b] = torch.softmax(upcast(logits), -1)[:, token].double().cpu()
 
     by_job = probs.view(1 + len(jobs), samples).mean(1)  # (1 + jobs,)

@@ -35,31 +35,6 @@ def token_prob(adapter: ModelAdapter, vecs: torch.Tensor, token: int, final_norm
     return upcast(adapter.logit_lens(vecs, final_norm)).softmax(-1)[:, token]
 
 
-def unembed_input(adapter: ModelAdapter, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
-    """What :meth:`ModelAdapter.logit_lens` feeds to the unembedding: the final norm (unless
-    told not to) and the family's projection before the unembedding (OPT's project_out)."""
-    from factedit.models.adapter import _get_optional
-
-    if final_norm and adapter.final_norm is not None:
-        x = adapter.final_norm(x)
-    if adapter.spec.unembed_pre is not None:
-        pre = _get_optional(adapter.model, adapter.spec.unembed_pre)
-        if pre is not None:
-            x = pre(x)
-    return x
-
-
-def _softcap(adapter: ModelAdapter) -> float | None:
-    attr = adapter.spec.logit_softcap_attr
-    return getattr(adapter.config, attr, None) if attr else None
-
-
-def softcap(adapter: ModelAdapter, logits: torch.Tensor) -> torch.Tensor:
-    """The family's final logit softcapping, as :meth:`ModelAdapter.logit_lens` applies it."""
-    cap = _softcap(adapter)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
 def prunable(adapter: ModelAdapter) -> bool:
     """Bounds are used in float32 and float64 only: in half precision the exact path's own
     logits are rounded by far more than the margin, and everything is projected in full."""
@@ -77,8 +52,8 @@ def prob_upper_bounds(adapter: ModelAdapter, ref_logits: torch.Tensor, vecs: tor
     b = None if unembed.bias is None else upcast(unembed.bias)  # (V,)
     V = W.shape[0]
     k = min(k, V - 1)
-    cap = _softcap(adapter)
-    u = upcast(unembed_input(adapter, vecs, final_norm))  # (N, d)
+    cap = adapter.logit_softcap
+    u = upcast(adapter.unembed_input(vecs, final_norm))  # (N, d)
     lt = u @ W[token] + (0.0 if b is None else b[token])  # (N,)
     if cap is not None:
         lt = torch.tanh(lt / cap) * cap

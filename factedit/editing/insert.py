@@ -14,11 +14,20 @@ averaged over the context prefixes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
-from factedit.analysis.hooks import as_btd, attention_masks, causal_mask, pad_right, padding_safe
+from factedit.analysis.hooks import (
+    Hooks,
+    as_btd,
+    attention_masks,
+    causal_mask,
+    first_input,
+    first_output,
+    pad_right,
+    padding_safe,
+)
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
@@ -26,56 +35,66 @@ from factedit.models.adapter import ModelAdapter
 
 
 @torch.no_grad()
-def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
-               module: torch.nn.Module, where: str = "in", chunk: int = 256, position: str = "subject",
-               block_subject: list[int] | None = None,
-               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """(n, width): ``module``'s input (or output) at the subject's last token (or the last
-    position) of each request's prompt, averaged over the context prefixes. With
-    ``block_subject`` (layers), the edges last position -> subject are blocked there, as in
-    attention knockout. ``fn(x, req)`` maps the rows read (b, width) of requests ``req`` (b,)
-    before they are averaged."""
+def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+              modules: dict[Hashable, torch.nn.Module], where: str = "in", chunk: int = 256,
+              position: str = "subject", block_subject: list[int] | None = None,
+              fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[Hashable, torch.Tensor]:
+    """{key: (n, width)}: each module's input (or output) at the subject's last token (or the
+    last position) of each request's prompt, averaged over the context prefixes; every module
+    read in the same forward passes. With ``block_subject`` (layers), the edges last position
+    -> subject are blocked there, as in attention knockout. ``fn(x, req)`` maps the rows read
+    (b, width) of requests ``req`` (b,) before they are averaged."""
     device = next(adapter.model.parameters()).device
     texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
              for i, r in enumerate(requests) for p in prefixes]
-    sums: torch.Tensor | None = None
+    sums: dict[Hashable, torch.Tensor] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for c0 in range(0, len(texts), chunk):
         part = texts[c0 : c0 + chunk]
-        tps = [tokenize_with_subject(tok, t, s) for _, t, s in part]
-        ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)
-        T = ids.shape[1]
-        got: dict[str, torch.Tensor] = {}
-        nb = len(tps)
-        if where == "in":
-            def hook(m, args, kwargs, got=got, n=nb):
-                got["x"] = as_btd(args[0] if args else kwargs["hidden_states"], n)
-            h = module.register_forward_pre_hook(hook, with_kwargs=True)
-        else:
-            def hook(m, args, out, got=got, n=nb):
-                got["x"] = as_btd(out[0] if isinstance(out, tuple) else out, n)
-            h = module.register_forward_hook(hook)
-        masks = None
-        if block_subject:
-            masks = {}
-            for la in block_subject:
-                blocked = causal_mask(nb, T, torch.float32, device, adapter.attn_window(la))
-                for b, tp in enumerate(tps):
-                    blocked[b, 0, tp.last, tp.subject_span[0] : tp.subject_span[1]] = torch.finfo(torch.float32).min
-                masks[la] = blocked
-        try:
-            with padding_safe(adapter, mask), attention_masks(adapter, lambda la, masks=masks: (masks or {}).get(la)):
-                adapter.model(input_ids=ids, attention_mask=mask)
-        finally:
-            h.remove()
-        pos = [tp.last_subject if position == "subject" else tp.last for tp in tps]
-        x = got["x"][torch.arange(len(tps)), torch.tensor(pos)].float()  # (b, w)
-        if fn is not None:
-            x = fn(x, torch.tensor([i for i, _, _ in part], device=x.device)).float()
-        if sums is None:
-            sums = torch.zeros(len(requests), x.shape[-1], device=x.device)
-        sums.index_add_(0, torch.tensor([i for i, _, _ in part], device=x.device), x)
-    return sums / len(prefixes)
+        got = _read_chunk(adapter, [tokenize_with_subject(tok, t, s) for _, t, s in part], modules, where,
+                          position, block_subject, pad, device)
+        req = torch.tensor([i for i, _, _ in part], device=device)
+        for key, x in got.items():
+            if fn is not None:
+                x = fn(x, req).float()
+            if key not in sums:
+                sums[key] = torch.zeros(len(requests), x.shape[-1], device=x.device)
+            sums[key].index_add_(0, req, x)
+    return {key: s / len(prefixes) for key, s in sums.items()}
+
+
+def _read_chunk(adapter: ModelAdapter, tps: list, modules: dict[Hashable, torch.nn.Module], where: str,
+                position: str, block_subject: list[int] | None, pad: int, device) -> dict[Hashable, torch.Tensor]:
+    """{key: (b, width)}: one padded batch's reads at each prompt's token (see :func:`at_tokens`)."""
+    ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)  # (b, T)
+    nb, T = ids.shape
+    rows = torch.arange(nb, device=device)
+    pos = torch.tensor([tp.last_subject if position == "subject" else tp.last for tp in tps], device=device)
+    masks = {}
+    for la in block_subject or []:
+        blocked = causal_mask(nb, T, torch.float32, device, adapter.attn_window(la))
+        for b, tp in enumerate(tps):
+            blocked[b, 0, tp.last, tp.subject_span[0] : tp.subject_span[1]] = torch.finfo(torch.float32).min
+        masks[la] = blocked
+    got: dict[Hashable, torch.Tensor] = {}
+
+    def keep(key: Hashable, x: torch.Tensor) -> None:
+        got[key] = as_btd(x, nb)[rows, pos].float()  # (b, width)
+
+    with Hooks() as hooks, padding_safe(adapter, mask), attention_masks(adapter, masks.get):
+        for key, module in modules.items():
+            if where == "in":
+                hooks.pre(module, lambda m, args, kwargs, key=key: keep(key, first_input(args, kwargs)))
+            else:
+                hooks.post(module, lambda m, args, out, key=key: keep(key, first_output(out)))
+        adapter.model(input_ids=ids, attention_mask=mask)
+    return got
+
+
+def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+             module: torch.nn.Module, where: str = "in", **kw) -> torch.Tensor:
+    """(n, width): :func:`at_tokens` of one module."""
+    return at_tokens(adapter, tok, requests, prefixes, {0: module}, where, **kw)[0]
 
 
 def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], kind: str,

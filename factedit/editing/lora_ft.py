@@ -15,6 +15,7 @@ from factedit.analysis.hooks import pad_right, padding_safe
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest
 from factedit.editing.stats import Corpus
+from factedit.editing.targets import ScoredTargets
 from factedit.editing.values import build_rows, context_prefixes
 from factedit.editing.weights import WeightDelta
 from factedit.models.adapter import ModelAdapter
@@ -33,15 +34,8 @@ def lora_finetune(adapter: ModelAdapter, tok, requests: list[EditRequest], corpu
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids, mask = pad_right([r.ids for r in rows], pad, device)
-    tb = torch.tensor([b for b, r in enumerate(rows) for _ in r.targets], device=device)
-    tp = torch.tensor([p for r in rows for p, _ in r.targets], device=device)
-    tt = torch.tensor([t for r in rows for _, t in r.targets], device=device)
-    treq = torch.tensor([r.req for r in rows for _ in r.targets], device=device)
-    counts = torch.zeros(len(requests), device=device).index_add_(0, treq, torch.ones_like(tt, dtype=torch.float))
-
-    def nll_per_request(logits: torch.Tensor) -> torch.Tensor:
-        lp = logits[tb, tp].float().log_softmax(-1).gather(-1, tt[:, None])[:, 0]
-        return -torch.zeros(len(requests), device=device).index_add_(0, treq, lp) / counts
+    targets = ScoredTargets.build(((b, p, t, r.req) for b, r in enumerate(rows) for p, t in r.targets),
+                                  len(requests), device)
 
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     torch.manual_seed(cfg.seed)
@@ -57,14 +51,14 @@ def lora_finetune(adapter: ModelAdapter, tok, requests: list[EditRequest], corpu
                 return peft_model(input_ids=ids, attention_mask=mask).logits
 
         with torch.no_grad():
-            before = nll_per_request(logits())
+            before = targets.mean_nll(logits())
         for _ in range(cfg.lora_steps):
-            loss = nll_per_request(logits()).mean()
+            loss = targets.mean_nll(logits()).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            after = nll_per_request(logits())
+            after = targets.mean_nll(logits())
         for name in names:
             mod = peft_model.base_model.model.get_submodule(name)
             a = mod.lora_A["default"].weight.detach()

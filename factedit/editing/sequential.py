@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from factedit.analysis.hooks import pad_right
 from factedit.editing.config import EditConfig
-from factedit.editing.insert import _solve, regularised
+from factedit.editing.insert import _solve, at_tokens, regularised
 from factedit.editing.requests import EditRequest
 from factedit.editing.values import ValueSites, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply
@@ -83,36 +82,9 @@ def keys_at_layers(adapter: ModelAdapter, tok, requests: list[EditRequest], pref
     """{layer: (n, in)}: the MLP output projection's input at the last position (or the
     subject's last token) of each request's prompt, averaged over the prefixes; every layer
     read in the same forward passes."""
-    from factedit.analysis.hooks import as_btd, padding_safe
-    from factedit.analysis.spans import tokenize_with_subject
-
-    device = next(adapter.model.parameters()).device
-    texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
-             for i, r in enumerate(requests) for p in prefixes]
-    tps = [tokenize_with_subject(tok, t, s) for _, t, s in texts]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)
-    pos = torch.tensor([tp.last_subject if position == "subject" else tp.last for tp in tps], device=device)
-    rows = torch.arange(len(tps), device=device)
-    got: dict[int, torch.Tensor] = {}
-    handles = []
-    for la in layers:
-        def hook(m, args, kwargs, la=la):
-            x = as_btd(args[0] if args else kwargs["hidden_states"], len(tps))
-            got[la] = x[rows, pos].float()  # (B, in)
-        handles.append(adapter.mlp_out(la).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with padding_safe(adapter, mask):
-            adapter.model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
-    req = torch.tensor([i for i, _, _ in texts], device=device)
-    out = {}
-    for la, x in got.items():
-        s = torch.zeros(len(requests), x.shape[1], device=x.device).index_add_(0, req, x)
-        out[la] = (s / len(prefixes)).cpu()
-    return out
+    keys = at_tokens(adapter, tok, requests, prefixes, {la: adapter.mlp_out(la) for la in layers}, "in",
+                     position=position)
+    return {la: x.cpu() for la, x in keys.items()}
 
 
 def null_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
+from factedit.analysis.hooks import Hooks, first_input
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_bytes
 from factedit.models.adapter import ModelAdapter, context_length
@@ -142,23 +144,20 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
     getters = {"mlp": adapter.mlp_out, "attn": adapter.attn}
     seen = {"n": 0}
     skip = len(bos_prefix(tok))  # the BOS position is the model's, not the corpus's
-    handles = []
-    for site in todo:
-        kind, layer = site
 
-        def hook(module, args, kwargs, site=site):
-            x = (args[0] if args else kwargs["hidden_states"])[:, skip:]  # (b, T - skip, n_in)
-            x = x.reshape(-1, x.shape[-1])
-            x = x.to(torch.promote_types(x.dtype, torch.float32))  # (b * (T - skip), n_in)
-            if site not in acc:
-                acc[site] = torch.zeros(x.shape[-1], x.shape[-1], dtype=acc_dtype, device=x.device)
-            add_upper_gram(acc[site], x)
+    def hook(module, args, kwargs, site):
+        x = first_input(args, kwargs)[:, skip:]  # (b, T - skip, n_in)
+        x = x.reshape(-1, x.shape[-1])
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # (b * (T - skip), n_in)
+        if site not in acc:
+            acc[site] = torch.zeros(x.shape[-1], x.shape[-1], dtype=acc_dtype, device=x.device)
+        add_upper_gram(acc[site], x)
 
-        handles.append(getters[kind](layer).register_forward_pre_hook(hook, with_kwargs=True))
-    handles.append(adapter.block(max(layer for _k, layer in todo)).register_forward_hook(_stop))
-    bar = tqdm(total=samples, desc=f"key statistics ({len(todo)} sites)", unit="tok", file=sys.stderr,
-               disable=not progress)
-    try:
+    with tqdm(total=samples, desc=f"key statistics ({len(todo)} sites)", unit="tok", file=sys.stderr,
+              disable=not progress) as bar, Hooks() as hooks:
+        for kind, layer in todo:
+            hooks.pre(getters[kind](layer), partial(hook, site=(kind, layer)))
+        hooks.post(adapter.block(max(layer for _k, layer in todo)), _stop)  # nothing above is needed
         for rows in _batches(_chunks(tok, corpus.texts, max_length), samples, batch):
             try:
                 adapter.model(input_ids=torch.tensor(rows, device=device))  # (b, T): one pass, every site
@@ -167,10 +166,6 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
             n = sum(len(r) - skip for r in rows)
             seen["n"] += n
             bar.update(n)
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
     if seen["n"] == 0:
         raise FactEditError(f"statistics corpus {corpus.name} gave no tokens")
     for site in todo:

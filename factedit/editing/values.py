@@ -23,13 +23,15 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from factedit.analysis.hooks import as_btd, pad_right, padding_safe
+from factedit.analysis.hooks import Hooks, as_btd, first_output, pad_right, padding_safe, with_output
 from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest
+from factedit.editing.targets import ScoredTargets
 from factedit.models.adapter import ModelAdapter
 
 
@@ -104,59 +106,55 @@ def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ml
     s_idx = torch.tensor([r.s_last for r in rows], device=device)
     req = torch.tensor([r.req for r in rows], device=device)
     m_idx = s_idx if sites.mlp_position == "subject" else torch.tensor([r.last for r in rows], device=device)
-    handles = []
-    if sites.mlp_layer is not None and mlp_delta is not None:
-        def mlp_hook(m, a, out):
-            o = out[0] if isinstance(out, tuple) else out
-            shape = o.shape
-            o = as_btd(o, B).clone()
-            o[b_idx, m_idx] = o[b_idx, m_idx] + mlp_delta[req].to(o.dtype)
-            o = o.reshape(shape)
-            return (o, *out[1:]) if isinstance(out, tuple) else o
-        handles.append(adapter.mlp(sites.mlp_layer).register_forward_hook(mlp_hook))
+
+    def mlp_hook(m, a, out):
+        o = first_output(out)
+        shape = o.shape
+        o = as_btd(o, B).clone()
+        o[b_idx, m_idx] = o[b_idx, m_idx] + mlp_delta[req].to(o.dtype)
+        return with_output(out, o.reshape(shape))
+
+    def v_hook(m, a, out, js, layer):
+        o = out.clone()
+        for j in js:
+            cols = torch.tensor(adapter.value_rows(layer, sites.heads[j][1]), device=o.device)
+            sel = o[b_idx, s_idx][:, cols] + head_delta[req, j].to(o.dtype)  # (B, dh)
+            o[b_idx[:, None], s_idx[:, None], cols[None, :]] = sel
+        return o
+
     by_layer: dict[int, list[int]] = {}
     for j, (layer, _h) in enumerate(sites.heads):
         by_layer.setdefault(layer, []).append(j)
-    for layer, js in by_layer.items():
-        def v_hook(m, a, out, js=js, layer=layer):
-            o = out.clone()
-            for j in js:
-                cols = torch.tensor(adapter.value_rows(layer, sites.heads[j][1]), device=o.device)
-                sel = o[b_idx, s_idx][:, cols] + head_delta[req, j].to(o.dtype)  # (B, dh)
-                o[b_idx[:, None], s_idx[:, None], cols[None, :]] = sel
-            return o
+    with Hooks() as hooks:
+        if sites.mlp_layer is not None and mlp_delta is not None:
+            hooks.post(adapter.mlp(sites.mlp_layer), mlp_hook)
         if head_delta is not None:
-            handles.append(adapter.v_proj(layer).register_forward_hook(v_hook))
-    try:
+            for layer, js in by_layer.items():
+                hooks.post(adapter.v_proj(layer), partial(v_hook, js=js, layer=layer))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], forward):
     """The unedited outputs at the subject (per row), and the KL rows' base distributions."""
     store: dict[str, torch.Tensor] = {}
-    handles = []
     B = len(rows)
     device = next(adapter.model.parameters()).device
     b_idx = torch.arange(B, device=device)
     s_idx = torch.tensor([r.s_last for r in rows], device=device)
     m_idx = s_idx if sites.mlp_position == "subject" else torch.tensor([r.last for r in rows], device=device)
-    if sites.mlp_layer is not None:
-        def h1(m, a, out):
-            o = as_btd(out[0] if isinstance(out, tuple) else out, B)
-            store["mlp"] = o[b_idx, m_idx].detach()
-        handles.append(adapter.mlp(sites.mlp_layer).register_forward_hook(h1))
-    for j, (layer, kv) in enumerate(sites.heads):
-        def h2(m, a, out, j=j, layer=layer, kv=kv):
-            store[f"v{j}"] = out[b_idx, s_idx][:, adapter.value_rows(layer, kv)].detach()
-        handles.append(adapter.v_proj(layer).register_forward_hook(h2))
-    try:
+
+    def keep_mlp(m, a, out):
+        store["mlp"] = as_btd(first_output(out), B)[b_idx, m_idx].detach()
+
+    def keep_v(m, a, out, j, layer, kv):
+        store[f"v{j}"] = out[b_idx, s_idx][:, adapter.value_rows(layer, kv)].detach()
+
+    with Hooks() as hooks:
+        if sites.mlp_layer is not None:
+            hooks.post(adapter.mlp(sites.mlp_layer), keep_mlp)
+        for j, (layer, kv) in enumerate(sites.heads):
+            hooks.post(adapter.v_proj(layer), partial(keep_v, j=j, layer=layer, kv=kv))
         logits = forward()
-    finally:
-        for h in handles:
-            h.remove()
     return store, logits.detach()
 
 
@@ -305,15 +303,9 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
     kl_rows = [b for b, r in enumerate(rows) if r.kl]
     kl_last = torch.tensor([h.last for b, h in enumerate(hook_rows) if rows[b].kl], device=device)
     base_kl = base_logits[kl_rows, kl_last].float().log_softmax(-1) if kl_rows else None
-    tb, tp, tt, treq = [], [], [], []
-    for b, (r, h) in enumerate(zip(rows, hook_rows)):
-        for pos, t in r.targets:
-            tb.append(b)
-            tp.append(pos - r.last + h.last)
-            tt.append(t)
-            treq.append(r.req)
-    tb, tp, tt, treq = (torch.tensor(x, device=device) for x in (tb, tp, tt, treq))
-    counts = torch.zeros(n, device=device).index_add_(0, treq, torch.ones_like(treq, dtype=torch.float))
+    # each target at its position in the run (the hook rows' positions)
+    targets = ScoredTargets.build(((b, pos - r.last + h.last, t, r.req) for b, (r, h) in enumerate(zip(rows, hook_rows))
+                                   for pos, t in r.targets), n, device)
 
     def mean_over(idx, vals):  # per-request mean of per-row values
         return torch.zeros(n, device=device, dtype=vals.dtype).index_add_(0, idx, vals)
@@ -339,8 +331,7 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
         for _step in range(cfg.steps + 1):
             with add_at_subject(adapter, sites, hook_rows, dm, dh):
                 logits = forward()
-            lp = logits[tb, tp].float().log_softmax(-1).gather(-1, tt[:, None])[:, 0]
-            nll = -mean_over(treq, lp) / counts  # (n,)
+            nll = targets.mean_nll(logits)  # (n,)
             if base_nll is None:
                 base_nll = nll.detach().clone()
             if _step == cfg.steps or bool((nll < cfg.stop_nll).all()):

@@ -262,14 +262,27 @@ class ModelAdapter:
         """(..., d_model) -> (..., vocab) logits, through the final norm unless told not to, and
         through the family's final logit softcapping where the config sets one (in both cases:
         it belongs to the model's unembedding; it changes probabilities, never ranks)."""
+        return self.softcap(self.unembed(self.unembed_input(x, final_norm)))
+
+    def unembed_input(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """(..., d_model): what :meth:`logit_lens` feeds to the unembedding: the final norm
+        (unless told not to) and the family's projection before it (OPT's project_out)."""
         if final_norm and self.final_norm is not None:
             x = self.final_norm(x)
         if self.spec.unembed_pre is not None:
             pre = _get_optional(self.model, self.spec.unembed_pre)
             if pre is not None:
                 x = pre(x)
-        logits = self.unembed(x)
-        cap = getattr(self.config, self.spec.logit_softcap_attr, None) if self.spec.logit_softcap_attr else None
-        if cap is not None:  # as the model's own head does, so that projected probabilities match it
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return x
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """c of the family's final logit softcapping, logits -> c * tanh(logits / c), or None."""
+        attr = self.spec.logit_softcap_attr
+        return getattr(self.config, attr, None) if attr else None
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final logit softcapping where the config sets one, as the model's own head does
+        (so that projected probabilities match it); logits unchanged otherwise."""
+        cap = self.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -27,6 +27,7 @@ import torch
 
 from factedit.analysis.hooks import padding_safe
 from factedit.analysis.spans import target_token_ids
+from factedit.editing.targets import ScoredTargets
 from factedit.models.adapter import ModelAdapter
 
 
@@ -56,13 +57,16 @@ def teacher_forced(model, tok, prompts: list[str], targets: list[str], batch_siz
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
         with padding_safe(adapter, mask.to(device)):
-            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-        for b, (p, t) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=device)
-            lp = logp[b, pos, torch.tensor(t, device=device)]
-            nll.append(float(-lp.mean()))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+        # target token j of prompt b is predicted at position len(p) - 1 + j
+        targets = ScoredTargets.build(((b, len(p) - 1 + j, tj, b) for b, (p, t) in enumerate(chunk)
+                                       for j, tj in enumerate(t)), len(chunk), device)
+        nll += targets.mean_nll(logits).tolist()
+        top = logits[targets.row, targets.pos].argmax(-1).tolist()  # (K,)
+        for _p, t in chunk:
             tgt_ids.append(list(t))
-            argmax.append(logp[b, pos].argmax(-1).tolist())
+            argmax.append(top[: len(t)])
+            top = top[len(t):]
     return nll, tgt_ids, argmax
 
 
