@@ -8,6 +8,7 @@ import traceback
 
 import click
 
+from factedit.editing.config import METHODS
 from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, FactEditError, shown
 from factedit.io import dumps_json
 
@@ -352,7 +353,7 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
 @click.option("--requests", "requests_path", default=None, type=click.Path(dir_okay=False),
               help="CounterFact records or a flat JSON/JSONL list of {prompt, subject, target_new}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the adapter.")
-@click.option("--method", type=click.Choice(["circuit", "mlp", "heads", "lora"]), default=None,
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
               help="circuit: the located circuit's sites (default); mlp: ROME-style MLP only; heads: heads "
                    "only; lora: plain LoRA fine-tuning baseline.")
 @click.option("--mode", type=click.Choice(["single", "sequential", "batch"]), default=None,

@@ -28,7 +28,7 @@ import torch
 
 from factedit.analysis.hooks import as_btd, pad_right, padding_safe
 from factedit.analysis.spans import target_token_ids, tokenize_with_subject
-from factedit.editing.config import EditConfig
+from factedit.editing.config import EditConfig, MlpPosition
 from factedit.editing.requests import EditRequest
 from factedit.models.adapter import ModelAdapter
 
@@ -47,7 +47,7 @@ class Row:
 class ValueSites:
     mlp_layer: int | None  # add a delta to this layer's MLP output
     heads: list[tuple[int, int]]  # (layer, kv head) value vectors
-    mlp_position: str = "subject"  # where the MLP delta goes: "subject" (last subject token) | "last"
+    mlp_position: MlpPosition = MlpPosition.SUBJECT  # where the MLP delta goes: the last subject token | "last"
 
 
 @dataclass
