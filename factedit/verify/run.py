@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.locate import config_for_model
+from factedit.editing.export import parse_peft_key, peft_key
 from factedit.editing.requests import EditRequest, load_requests, parse_record
 from factedit.editing.weights import WeightDelta, applied
 from factedit.errors import FactEditError, shown
@@ -43,7 +44,6 @@ class AdapterError(FactEditError):
 # reproduce: refused rather than judged wrongly
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
                 "modules_to_save": None, "use_qalora": False, "bias": "none"}
-_PREFIX = "base_model.model."
 
 
 def _bad_adapter(path: Path, problem: str) -> AdapterError:
@@ -107,14 +107,15 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
     delta = WeightDelta(conv1d=adapter.spec.conv1d)
     names = {}
     for k in tensors:
-        if not k.startswith(_PREFIX) or ".lora_" not in k:
+        parsed = parse_peft_key(k)
+        if parsed is None:
             raise _bad_adapter(path, f"the weight {shown(k)} is not a LoRA factor of the base model")
-        name, part = k[len(_PREFIX):].rsplit(".lora_", 1)
-        names.setdefault(name, set()).add(part)
+        names.setdefault(parsed[0], set()).add(parsed[1])
     dropped = []
     for name in sorted(names):
-        if names[name] != {"A.weight", "B.weight"}:
-            raise _bad_adapter(path, f"{name} has the LoRA factor(s) {sorted(names[name])}, not lora_A and lora_B")
+        if names[name] != {"A", "B"}:
+            raise _bad_adapter(path, f"{name} has the LoRA factor(s) {sorted('lora_' + p for p in names[name])}, "
+                                     "not lora_A and lora_B")
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
@@ -123,8 +124,7 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
         if not check_target_module_exists(lcfg, name):
             dropped.append(name)  # peft does not wrap this module: its weights are not loaded
             continue
-        a = tensors[f"{_PREFIX}{name}.lora_A.weight"]
-        b = tensors[f"{_PREFIX}{name}.lora_B.weight"]
+        a, b = tensors[peft_key(name, "A")], tensors[peft_key(name, "B")]
         r = cfg.get("rank_pattern", {}).get(get_pattern_key(list(cfg.get("rank_pattern") or {}), name),
                                             cfg.get("r", 8))
         alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(list(cfg.get("alpha_pattern") or {}), name),
