@@ -465,20 +465,20 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
 
     check_output_dir(out, overwrite, model_dir(model_path))
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    report = run_verify(model=model, tok=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
+    report = run_verify(model=model, tokenizer=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
                         options=VerifyOptions(fluency=not no_fluency), log=lambda m: click.echo(m, err=True))
     write_report(report, out)
-    s = report["summary"]
+    s = report.summary
     click.echo(f"{'#':>3}  {'verdict':7s} {'ES':>5s} {'PS':>5s} {'NS':>5s}  edit")
-    for i, e in enumerate(report["edits"], 1):
-        m, r = e["metrics"], e["request"]
+    for i, e in enumerate(report.edits, 1):
+        m, r = e.metrics, e.request
         f = (lambda v: "  n/a" if v is None else f"{v:5.2f}")  # noqa: E731
-        click.echo(f"{i:3d}  {'pass' if e['passed'] else 'FAIL':7s} {f(m['efficacy_score'])} "
+        click.echo(f"{i:3d}  {'pass' if e.passed else 'FAIL':7s} {f(m['efficacy_score'])} "
                    f"{f(m['paraphrase_score'])} {f(m['neighbourhood_score'])}  "
                    f"{r['prompt'].replace('{}', r['subject'])} -> {r['target_new']}"
-                   + ("" if e["passed"] else f"  [{'; '.join(e['reasons'])}]"))
-    click.echo(f"{s['passed']}/{s['n_edits']} edits pass; wrote {out}/report.json and {out}/report.html")
-    if s["passed"] < s["n_edits"] and not no_fail:
+                   + ("" if e.passed else f"  [{'; '.join(e.reasons)}]"))
+    click.echo(f"{s.passed}/{s.n_edits} edits pass; wrote {out}/report.json and {out}/report.html")
+    if not report.all_passed and not no_fail:
         sys.exit(EXIT_EDIT_FAILED)
 
 

@@ -56,11 +56,12 @@ class EditPlan:
         """A plan as ``edits.json`` holds it (``asdict``); only ``mlp_layer`` and ``heads`` are
         required, the rest take their defaults. A malformed one is a one-line error."""
         if not isinstance(data, dict):
-            raise FactEditError(f"{where}: expected an object, got {shown(data)}")
+            raise FactEditError(f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...]), "
+                                f"not {shown(data)}")
         mlp, heads = data.get("mlp_layer"), data.get("heads", [])
         if not (mlp is None or type(mlp) is int) or not isinstance(heads, list) or not all(
                 isinstance(h, (list, tuple)) and len(h) == 2 and all(type(x) is int for x in h) for h in heads):
-            raise FactEditError(f"{where}: expected 'mlp_layer' (a layer or null) and 'heads' [[layer, head], ...]")
+            raise FactEditError(f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...])")
         return cls(mlp, [(h[0], h[1]) for h in heads], str(data.get("why", "")),
                    MlpPosition.parse(data.get("mlp_position", MlpPosition.SUBJECT), f"{where}.mlp_position"),
                    str(data.get("mechanism", "")), list(data.get("read_layers") or []))
