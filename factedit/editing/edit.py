@@ -55,16 +55,18 @@ class EditPlan:
     def from_dict(cls, data: dict, where: str = "plan") -> EditPlan:
         """A plan as ``edits.json`` holds it (``asdict``); only ``mlp_layer`` and ``heads`` are
         required, the rest take their defaults. A malformed one is a one-line error."""
+        malformed = f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...])"
         if not isinstance(data, dict):
-            raise FactEditError(f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...]), "
-                                f"not {shown(data)}")
-        mlp, heads = data.get("mlp_layer"), data.get("heads", [])
+            raise FactEditError(f"{malformed}, not {shown(data)}")
+        mlp, heads, read = data.get("mlp_layer"), data.get("heads", []), data.get("read_layers") or []
         if not (mlp is None or type(mlp) is int) or not isinstance(heads, list) or not all(
                 isinstance(h, (list, tuple)) and len(h) == 2 and all(type(x) is int for x in h) for h in heads):
-            raise FactEditError(f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...])")
+            raise FactEditError(malformed)
+        if not isinstance(read, list) or not all(type(x) is int for x in read):
+            raise FactEditError(f"{where}.read_layers must be a list of layers, not {shown(read)}")
         return cls(mlp, [(h[0], h[1]) for h in heads], str(data.get("why", "")),
                    MlpPosition.parse(data.get("mlp_position", MlpPosition.SUBJECT), f"{where}.mlp_position"),
-                   str(data.get("mechanism", "")), list(data.get("read_layers") or []))
+                   str(data.get("mechanism", "")), list(read))
 
 
 @dataclass
