@@ -7,6 +7,8 @@ from factedit.editing.api import edit
 from factedit.editing.config import EditConfig
 from factedit.editing.requests import EditRequest, load_requests
 from factedit.models.loading import load_model
+from factedit.verify.checks import VerifyOptions
+from factedit.verify.run import VerifyReport, verify
 
-__all__ = ["EditConfig", "EditRequest", "LocateConfig", "RecallCircuit", "edit", "load_model", "load_requests",
-           "locate", "__version__"]
+__all__ = ["EditConfig", "EditRequest", "LocateConfig", "RecallCircuit", "VerifyOptions", "VerifyReport", "edit",
+           "load_model", "load_requests", "locate", "verify", "__version__"]

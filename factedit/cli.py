@@ -8,6 +8,7 @@ import traceback
 
 import click
 
+from factedit.editing.config import METHODS
 from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, FactEditError, shown
 from factedit.io import dumps_json
 
@@ -352,7 +353,7 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
 @click.option("--requests", "requests_path", default=None, type=click.Path(dir_okay=False),
               help="CounterFact records or a flat JSON/JSONL list of {prompt, subject, target_new}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the adapter.")
-@click.option("--method", type=click.Choice(["circuit", "mlp", "heads", "lora"]), default=None,
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
               help="circuit: the located circuit's sites (default); mlp: ROME-style MLP only; heads: heads "
                    "only; lora: plain LoRA fine-tuning baseline.")
 @click.option("--mode", type=click.Choice(["single", "sequential", "batch"]), default=None,
@@ -464,20 +465,20 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
 
     check_output_dir(out, overwrite, model_dir(model_path))
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    report = run_verify(model=model, tok=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
+    report = run_verify(model=model, tokenizer=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
                         options=VerifyOptions(fluency=not no_fluency), log=lambda m: click.echo(m, err=True))
     write_report(report, out)
-    s = report["summary"]
+    s = report.summary
     click.echo(f"{'#':>3}  {'verdict':7s} {'ES':>5s} {'PS':>5s} {'NS':>5s}  edit")
-    for i, e in enumerate(report["edits"], 1):
-        m, r = e["metrics"], e["request"]
+    for i, e in enumerate(report.edits, 1):
+        m, r = e.metrics, e.request
         f = (lambda v: "  n/a" if v is None else f"{v:5.2f}")  # noqa: E731
-        click.echo(f"{i:3d}  {'pass' if e['passed'] else 'FAIL':7s} {f(m['efficacy_score'])} "
+        click.echo(f"{i:3d}  {'pass' if e.passed else 'FAIL':7s} {f(m['efficacy_score'])} "
                    f"{f(m['paraphrase_score'])} {f(m['neighbourhood_score'])}  "
                    f"{r['prompt'].replace('{}', r['subject'])} -> {r['target_new']}"
-                   + ("" if e["passed"] else f"  [{'; '.join(e['reasons'])}]"))
-    click.echo(f"{s['passed']}/{s['n_edits']} edits pass; wrote {out}/report.json and {out}/report.html")
-    if s["passed"] < s["n_edits"] and not no_fail:
+                   + ("" if e.passed else f"  [{'; '.join(e.reasons)}]"))
+    click.echo(f"{s.passed}/{s.n_edits} edits pass; wrote {out}/report.json and {out}/report.html")
+    if not report.all_passed and not no_fail:
         sys.exit(EXIT_EDIT_FAILED)
 
 

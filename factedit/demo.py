@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -104,15 +105,15 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
     echo(f"\nedit (`factedit edit`): {req.filled_prompt!r}: {ent.facts[rid]} -> {new}")
     res = edit_facts(req, model=model, tokenizer=tok, out=out / "edit", overwrite=True, progress=False)
     echo(f"  {res.plans[0].why}; wrote {out}/edit/ (PEFT adapter + edits.json) in {res.seconds:.1f} s")
-    report = verify(model=model, tok=tok, adapter=out / "edit")
+    report = verify(model=model, tokenizer=tok, adapter=out / "edit")
     write_report(report, out / "verify")
-    e = report["edits"][0]
-    m = e["metrics"]
-    echo(f"verify (`factedit verify`): {'PASS' if e['passed'] else 'FAIL: ' + '; '.join(e['reasons'])}; "
+    e = report.edits[0]
+    m = e.metrics
+    echo(f"verify (`factedit verify`): {'PASS' if e.passed else 'FAIL: ' + '; '.join(e.reasons)}; "
          f"efficacy {m['efficacy_score']:.2f}, paraphrase {m['paraphrase_score']:.2f}, "
          f"neighbourhood {m['neighbourhood_score']:.2f}; new attribute extracted at "
-         f"{e['flow']['b_extraction']['where']}; with the subject hidden, "
-         f"{100 * (e['flow']['c_gain_surviving_knockout'] or 0):.0f}% of the edit's gain remains")
+         f"{e.flow['b_extraction']['where']}; with the subject hidden, "
+         f"{100 * (e.flow['c_gain_surviving_knockout'] or 0):.0f}% of the edit's gain remains")
     echo(f"  after the edit: {req.filled_prompt}{m['generation_after']}")
     echo(f"wrote {out}/verify/report.html")
     # audit a slice of the world: where the model retrieves its knowledge
@@ -129,7 +130,7 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
          f"strongest at layer {a['subject_knockout_strongest_layer']}; most frequent extraction heads {hubs}")
     echo(f"wrote {audit_dir}/report.html, summary.json, facts.jsonl and figures")
     result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict(),
-              "edit": {"request": req.to_dict(), "verify": report["summary"]},
+              "edit": {"request": req.to_dict(), "verify": asdict(report.summary)},
               "audit": {k: a[k] for k in ("facts", "known", "subject_knockout_strongest_layer", "hubs")}}
     if real_model:
         from factedit.demo_real import run_real_demo

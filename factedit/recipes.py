@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,10 +20,39 @@ from factedit.errors import FactEditError, shown
 from factedit.paths import world_file
 
 T = TypeVar("T")
+C = TypeVar("C", bound="Choice")
 
 
 class RecipeError(FactEditError, ValueError):
     """A recipe file or section is malformed."""
+
+
+class Choice(str, Enum):
+    """A recipe field with a fixed set of string values. A member is its string: it compares
+    equal to it, prints as it (also in f-strings, on every Python) and is written as it in JSON,
+    so recipes and manifests hold the same plain strings as before."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str(self), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls: type[C], value: Any, where: str) -> C:
+        """``value`` as a member; anything else is an error naming ``where`` and the allowed values."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where}: expected one of {', '.join(cls.values())}, got {shown(value)}")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -52,6 +82,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if isinstance(tp, type) and issubclass(tp, Choice):
+        return tp.parse(value, where)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {shown(value)}")

@@ -32,6 +32,36 @@ def corpus(demo):
     return world_corpus(demo[2], n=600)
 
 
+def test_choice_fields_are_str_enums_read_and_written_as_plain_strings():
+    """The recipe's fixed-choice fields are enums that read (YAML), write (JSON) and compare as
+    their plain strings; an unknown value names the field and the allowed values."""
+    import dataclasses
+
+    from factedit.editing.config import BatchStrategy, Method, MlpPosition
+    from factedit.editing.edit import EditPlan
+    from factedit.io import dumps_json
+    from factedit.recipes import RecipeError, from_dict
+
+    cfg = from_dict(EditConfig, {"method": "mlp", "batch_strategy": "refit"}, where="r.yaml: edit")
+    assert cfg.method is Method.MLP and cfg.method == "mlp" and f"{cfg.method}" == "mlp" and str(cfg.method) == "mlp"
+    assert EditConfig(batch_strategy="refit").batch_strategy is BatchStrategy.REFIT  # a plain string in code
+    assert json.loads(dumps_json(dataclasses.asdict(cfg)))["method"] == "mlp"
+    with pytest.raises(RecipeError, match=r"r.yaml: edit.method: expected one of circuit, mlp, heads, lora, "
+                                          r"got 'rome'"):
+        from_dict(EditConfig, {"method": "rome"}, where="r.yaml: edit")
+    for name in ("mlp_site", "head_fallback", "sequential_strategy", "batch_strategy"):
+        with pytest.raises(RecipeError, match=f"edit.{name}: expected one of"):
+            EditConfig(**{name: "nope"})
+    cfg.sequential_strategy = "nope"  # set after construction: validate() still catches it
+    with pytest.raises(RecipeError, match="edit.sequential_strategy: expected one of kept, refit, nullspace"):
+        cfg.validate()
+    plan = EditPlan.from_dict({"mlp_layer": 3, "heads": [[4, 1]], "mlp_position": "last"})
+    assert plan.mlp_position is MlpPosition.LAST and plan.heads == [(4, 1)] and plan.why == ""
+    assert json.loads(dumps_json(dataclasses.asdict(plan)))["mlp_position"] == "last"
+    with pytest.raises(RecipeError, match="plan.mlp_position: expected one of subject, last"):
+        EditPlan.from_dict({"mlp_layer": 3, "heads": [], "mlp_position": "first"})
+
+
 def fact(world, i=5, rid="birthplace"):
     e = world.entities[i]
     rel = world.relations[rid]

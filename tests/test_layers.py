@@ -66,3 +66,17 @@ def test_version_matches_pyproject():
 
     (version,) = re.findall(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
     assert factedit.__version__ == version
+
+
+def test_the_public_api_imports_in_a_fresh_interpreter():
+    """``factedit.verify`` is the stage's function beside ``locate`` and ``edit`` (exported in
+    ``__all__``), and importing the package (or any stage first) runs into no import cycle."""
+    import subprocess
+    import sys
+
+    code = ("import factedit.verify.checks, factedit; from factedit.verify import run; "
+            "assert factedit.verify is run.verify and {'locate', 'edit', 'verify'} <= set(factedit.__all__); "
+            "assert all(hasattr(factedit, n) for n in factedit.__all__)")
+    for first in ("import factedit", "import factedit.editing.export", "import factedit.verify.run"):
+        res = subprocess.run([sys.executable, "-c", f"{first}; {code}"], cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]

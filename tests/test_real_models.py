@@ -151,5 +151,5 @@ def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(real, tmp_path,
     assert tok.decode([int(got.argmax())]).strip() == new
     torch.testing.assert_close(merged, got, atol=1e-3, rtol=0)  # float32: B(Ax) against (W + BA)x
     assert _top1(model, tok, prompt) == truth  # the base model in memory is left as it was
-    report = verify(model=model, tok=tok, adapter=tmp_path / "e")
-    assert report["summary"]["passed"] == report["summary"]["n_edits"] == 1, report["edits"][0]["reasons"]
+    report = verify(model=model, tokenizer=tok, adapter=tmp_path / "e")
+    assert report.summary.passed == report.summary.n_edits == 1, report.edits[0].reasons

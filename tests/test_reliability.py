@@ -714,7 +714,7 @@ def _requests_file(A, name: str, **fields) -> str:
 
 
 def _crash(monkeypatch):
-    import factedit.verify.run as verify_run
+    from factedit.verify import run as verify_run  # factedit.verify is the function; the stage is its package
 
     def boom(**kw):
         raise ZeroDivisionError("a bug")

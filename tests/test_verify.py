@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from factedit.cli import main
 from factedit.editing.config import EditConfig
 from factedit.editing.edit import compute_edit
-from factedit.editing.export import save_edit
+from factedit.editing.export import parse_peft_key, peft_key, save_edit
 from factedit.editing.requests import EditRequest
 from factedit.editing.stats import world_corpus
 from factedit.verify import metrics
@@ -34,6 +34,14 @@ def test_teacher_forced_nll_matches_a_hand_computation(demo):
     want = -sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(t_ids)) / len(t_ids)
     assert ids[0] == t_ids and nll[0] == pytest.approx(want, abs=1e-5)
     assert argmax[0] == [int(logp[len(p_ids) - 1 + j].argmax()) for j in range(len(t_ids))]
+
+
+def test_peft_key_round_trips():
+    key = peft_key("transformer.h.3.mlp.c_proj", "B")
+    assert key == "base_model.model.transformer.h.3.mlp.c_proj.lora_B.weight"
+    assert parse_peft_key(key) == ("transformer.h.3.mlp.c_proj", "B")
+    assert parse_peft_key("base_model.model.x.lora_A.bias") == ("x", "A.bias")
+    assert parse_peft_key("transformer.h.3.mlp.c_proj.weight") is None
 
 
 def test_scores_and_entropy_by_hand():
@@ -83,8 +91,8 @@ def edited(demo, tmp_path_factory):
     k = torch.cat(keys).mean(0)
     w = model.lm_head.weight[tok.encode(" " + new)[0]].detach()
     name = f"transformer.h.{la}.mlp.c_proj"
-    blind = {f"base_model.model.{name}.lora_A.weight": (k / k.norm() ** 2)[None].contiguous(),
-             f"base_model.model.{name}.lora_B.weight": (w / w.norm() * 200.0)[:, None].contiguous()}
+    blind = {peft_key(name, "A"): (k / k.norm() ** 2)[None].contiguous(),
+             peft_key(name, "B"): (w / w.norm() * 200.0)[:, None].contiguous()}
     variant("blind", blind)
     cfg = json.loads((root / "good" / "adapter_config.json").read_text())
     cfg.update(target_modules=[name], rank_pattern={name: 1}, alpha_pattern={name: 1}, r=1, lora_alpha=1)

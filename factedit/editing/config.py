@@ -5,27 +5,67 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factedit.recipes import RecipeError, from_dict, load_yaml
+from factedit.recipes import Choice, RecipeError, from_dict, load_yaml
 
-METHODS = ("circuit", "mlp", "heads", "lora")
+
+class Method(Choice):
+    CIRCUIT = "circuit"  # the located MLP and heads
+    MLP = "mlp"  # ROME/MEMIT-style
+    HEADS = "heads"
+    LORA = "lora"  # the fine-tuning baseline
+
+
+class MlpSite(Choice):
+    ENRICHMENT = "enrichment"
+    TRACE = "trace"
+
+
+class HeadFallback(Choice):
+    ATTENTION = "attention"
+    NONE = "none"
+
+
+class SequentialStrategy(Choice):
+    KEPT = "kept"
+    REFIT = "refit"
+    NULLSPACE = "nullspace"
+
+
+class BatchStrategy(Choice):
+    SPREAD = "spread"
+    REFIT = "refit"
+
+
+class MlpPosition(Choice):
+    """Where an MLP update is keyed: the subject's last token (ROME's site) or the last position
+    (a lookup MLP)."""
+    SUBJECT = "subject"
+    LAST = "last"
+
+
+METHODS = Method.values()
+# the EditConfig fields with a fixed set of values, and their types
+CHOICES: dict[str, type[Choice]] = {"method": Method, "mlp_site": MlpSite, "head_fallback": HeadFallback,
+                                    "sequential_strategy": SequentialStrategy, "batch_strategy": BatchStrategy}
 
 
 @dataclass
 class EditConfig:
-    method: str = "circuit"  # circuit (MLPs + heads) | mlp (ROME/MEMIT-style) | heads | lora (baseline)
+    method: Method = Method.CIRCUIT  # circuit (MLPs + heads) | mlp (ROME/MEMIT-style) | heads | lora (baseline)
     # where: candidate layers for the MLP update; the located enrichment MLP is used when it lies
     # among them, else the candidate layer nearest to it (or the first, when none was located)
     mlp_layers: list[int] | None = None  # None: every layer is a candidate
     # how the MLP layer is chosen among mlp_layers: "enrichment" (the located enrichment MLP:
     # the largest drop when its updates at the subject are removed) | "trace" (ROME's evidence:
     # the largest causal-tracing indirect effect of the MLP at the last subject token)
-    mlp_site: str = "enrichment"
+    mlp_site: MlpSite = MlpSite.ENRICHMENT
     batch_layers: list[int] | None = None  # MLP layers a batch edit spreads over (MEMIT); None: around the best
     batch_span: int = 1  # when batch_layers is None: this many layers ending at the most common located layer
     extraction_threshold: float = 20.0  # % drop from upper-half subject knockout that means "extraction"
     subject_conditional: bool = True  # lookup edits: the update must not fire with the subject hidden
     max_heads: int = 2  # extraction heads that get a value update
-    head_fallback: str = "attention"  # no located extraction head: "attention" (heads reading the subject) | "none"
+    # no located extraction head: "attention" (the heads reading the subject) | "none"
+    head_fallback: HeadFallback = HeadFallback.ATTENTION
     # keys: the subject's last token, after random context prefixes
     n_prefixes: int = 10
     prefix_tokens: list[int] = field(default_factory=lambda: [5, 10])
@@ -49,7 +89,7 @@ class EditConfig:
     # site, rank-one against C + K K^T / λ) | "refit" (every layer of sequential_layers in turn
     # fits what is still missing and inserts it by least squares against λC + w·(kept keys)) |
     # "nullspace" (the same sweep, the update confined to the null space of C, AlphaEdit)
-    sequential_strategy: str = "kept"
+    sequential_strategy: SequentialStrategy = SequentialStrategy.KEPT
     sequential_layers: list[int] | None = None  # refit/nullspace: the layers swept; None: batch_layers, else all
     sequential_passes: int = 1  # refit/nullspace: sweeps over the layers per edit
     sequential_keep: float = 1.0  # refit/nullspace: weight w of each kept key (earlier edits, held prompts)
@@ -57,7 +97,7 @@ class EditConfig:
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
     # layer, spread over the layers) | "refit" (each layer in turn fits and inserts what is left)
-    batch_strategy: str = "spread"
+    batch_strategy: BatchStrategy = BatchStrategy.SPREAD
     # batch: held prompts per request (factedit's, not MEMIT's; 0 turns them off): the request's prompt
     # asked about another subject of the batch joins the solve with a zero residual, so that
     # the update tells edited subjects from the rest (see requests.held_requests)
@@ -68,18 +108,17 @@ class EditConfig:
     lora_lr: float = 5e-3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self._parse_choices()
+
+    def _parse_choices(self) -> None:
+        """The choice fields as their enums (a plain string given in code is accepted); an unknown
+        value is an error naming the field and the allowed values."""
+        for name, kind in CHOICES.items():
+            setattr(self, name, kind.parse(getattr(self, name), f"edit.{name}"))
+
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise RecipeError(f"edit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.batch_strategy not in ("spread", "refit"):
-            raise RecipeError(f"edit.batch_strategy must be 'spread' or 'refit', not {self.batch_strategy!r}")
-        if self.sequential_strategy not in ("kept", "refit", "nullspace"):
-            raise RecipeError("edit.sequential_strategy must be 'kept', 'refit' or 'nullspace', not "
-                              f"{self.sequential_strategy!r}")
-        if self.mlp_site not in ("enrichment", "trace"):
-            raise RecipeError(f"edit.mlp_site must be 'enrichment' or 'trace', not {self.mlp_site!r}")
-        if self.head_fallback not in ("attention", "none"):
-            raise RecipeError(f"edit.head_fallback must be 'attention' or 'none', not {self.head_fallback!r}")
+        self._parse_choices()  # again: a field may have been set after construction
         for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span",
                      "sequential_passes"):
             if getattr(self, name) < 0 or (name != "n_prefixes" and getattr(self, name) == 0):

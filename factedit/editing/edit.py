@@ -27,14 +27,14 @@ import torch
 
 from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
-from factedit.editing.config import EditConfig
+from factedit.editing.config import EditConfig, MlpPosition
 from factedit.editing.insert import least_squares, mean_hidden, mean_keys, mlp_to_residual, rank_one, residual_to_mlp
 from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.sequential import SequenceState, sequential_sweep
 from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
-from factedit.errors import FactEditError
+from factedit.errors import FactEditError, shown
 from factedit.models.adapter import ModelAdapter, context_length
 from factedit.models.fingerprint import model_fingerprint
 
@@ -44,9 +44,29 @@ class EditPlan:
     mlp_layer: int | None
     heads: list[tuple[int, int]]  # (layer, query head)
     why: str  # where the sites came from
-    mlp_position: str = "subject"  # "subject" (ROME's site) | "last" (a lookup MLP at the last position)
+    mlp_position: MlpPosition = MlpPosition.SUBJECT  # "subject" (ROME's site) | "last" (a lookup MLP there)
     mechanism: str = ""  # "extraction" | "lookup", as read from the circuit
     read_layers: list[int] = field(default_factory=list)  # where the last position reads the subject
+
+    def __post_init__(self) -> None:
+        self.mlp_position = MlpPosition.parse(self.mlp_position, "plan.mlp_position")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plan") -> EditPlan:
+        """A plan as ``edits.json`` holds it (``asdict``); only ``mlp_layer`` and ``heads`` are
+        required, the rest take their defaults. A malformed one is a one-line error."""
+        malformed = f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...])"
+        if not isinstance(data, dict):
+            raise FactEditError(f"{malformed}, not {shown(data)}")
+        mlp, heads, read = data.get("mlp_layer"), data.get("heads", []), data.get("read_layers") or []
+        if not (mlp is None or type(mlp) is int) or not isinstance(heads, list) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(type(x) is int for x in h) for h in heads):
+            raise FactEditError(malformed)
+        if not isinstance(read, list) or not all(type(x) is int for x in read):
+            raise FactEditError(f"{where}.read_layers must be a list of layers, not {shown(read)}")
+        return cls(mlp, [(h[0], h[1]) for h in heads], str(data.get("why", "")),
+                   MlpPosition.parse(data.get("mlp_position", MlpPosition.SUBJECT), f"{where}.mlp_position"),
+                   str(data.get("mechanism", "")), list(read))
 
 
 @dataclass
@@ -83,14 +103,14 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     """The sites to update for one fact, from its circuit (located on the fact as the model
     recalls it now) and the recipe."""
     cands = cfg.mlp_layers or list(range(n_layers))
-    mlp, position, why = None, "subject", []
+    mlp, position, why = None, MlpPosition.SUBJECT, []
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
     if cfg.method == "circuit" and mech == "lookup":
         # the MLP at the last position in the first block of the window where blocking the
         # subject's edges hurts most: the first MLP after the attention that reads the subject.
         # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
         # when taking the layer of the first MLP extraction event instead.)
-        position = "last"
+        position = MlpPosition.LAST
         ko = circuit.knockout["subject"]
         read_window = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)
         read = read_window[0]
@@ -132,7 +152,7 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
             heads = [lh for lh in sorted(score, key=lambda lh: -score[lh]) if score[lh] > 0][: cfg.max_heads]
             why.append("heads: none extracts alone; the heads reading the subject where subject knockout hurts")
     plan = EditPlan(mlp, heads, "; ".join(why), position, mech)
-    if position == "last":
+    if position == MlpPosition.LAST:
         plan.read_layers = [la for la in read_window if la <= mlp]
     return plan
 

@@ -32,14 +32,31 @@ from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps
 from factedit.paths import world_file
 
 EDITS_FORMAT = "factedit.edits/1"
+PEFT_PREFIX = "base_model.model."  # peft's prefix of the base model's module names in an adapter
+
+
+def peft_key(module: str, part: str) -> str:
+    """The adapter state-dict key of LoRA factor ``part`` ("A" or "B") of ``module``, as peft
+    names it: ``base_model.model.<module>.lora_<part>.weight``."""
+    return f"{PEFT_PREFIX}{module}.lora_{part}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str] | None:
+    """``(module, part)`` of a key that :func:`peft_key` writes; for a LoRA key of another shape
+    (``...lora_A.bias``), part is what follows ``lora_`` (so it is not "A" or "B"); None for a
+    key that is not a LoRA factor of the base model."""
+    if not key.startswith(PEFT_PREFIX) or ".lora_" not in key:
+        return None
+    module, part = key[len(PEFT_PREFIX):].rsplit(".lora_", 1)
+    return module, part.removesuffix(".weight") if part in ("A.weight", "B.weight") else part
 
 
 def adapter_tensors(delta: WeightDelta) -> dict[str, torch.Tensor]:
     out = {}
     for name in sorted(delta.modules()):
         b, a = delta.merged_factors(name)
-        out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        out[peft_key(name, "A")] = a.contiguous()
+        out[peft_key(name, "B")] = b.contiguous()
     return out
 
 

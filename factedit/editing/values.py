@@ -29,7 +29,7 @@ import torch
 
 from factedit.analysis.hooks import Hooks, as_btd, first_output, pad_right, padding_safe, with_output
 from factedit.analysis.spans import target_token_ids, tokenize_with_subject
-from factedit.editing.config import EditConfig
+from factedit.editing.config import EditConfig, MlpPosition
 from factedit.editing.requests import EditRequest
 from factedit.editing.targets import ScoredTargets
 from factedit.models.adapter import ModelAdapter
@@ -49,7 +49,7 @@ class Row:
 class ValueSites:
     mlp_layer: int | None  # add a delta to this layer's MLP output
     heads: list[tuple[int, int]]  # (layer, kv head) value vectors
-    mlp_position: str = "subject"  # where the MLP delta goes: "subject" (last subject token) | "last"
+    mlp_position: MlpPosition = MlpPosition.SUBJECT  # where the MLP delta goes: the last subject token | "last"
 
 
 @dataclass

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 from factedit.analysis.circuit import LocateConfig, RecallCircuit
 from factedit.analysis.locate import locate
+from factedit.editing.config import MlpPosition
+from factedit.editing.edit import EditPlan
 from factedit.editing.requests import EditRequest
 from factedit.verify import metrics
 
@@ -79,83 +81,148 @@ def world_prompts(world, req: EditRequest, n_neighbours: int = 10) -> tuple[list
     return [], []
 
 
-def verify_edit(base_model, tok, edited: Callable[[], AbstractContextManager], req: EditRequest,
-                base_circuit: RecallCircuit | None, plan: dict | None, lc: LocateConfig, opts: VerifyOptions,
+@dataclass
+class _BaseRun:
+    """What the base model does: on the neighbour prompts, and its generation on the edit prompt."""
+    neighbours: dict  # metrics.compare on the neighbour prompts ({} without neighbours)
+    neighbour_top1: list[str]
+    neighbour_circuits: list[RecallCircuit]
+    generation: list[str]  # [] without fluency
+
+
+@dataclass
+class _EditedRun:
+    """What the edited model does on the edit prompt, the paraphrases and the neighbours."""
+    edit: dict  # metrics.compare on the edit prompt
+    paraphrases: dict
+    neighbours: dict
+    neighbour_top1: list[str]
+    neighbour_circuits: list[RecallCircuit]
+    circuit: RecallCircuit  # the edit prompt's circuit, towards the new target
+    paraphrase_circuits: list[RecallCircuit]
+    generation: list[str]
+
+
+def verify_edit(base_model, tokenizer, edited: Callable[[], AbstractContextManager], req: EditRequest,
+                base_circuit: RecallCircuit | None, plan: EditPlan | None, lc: LocateConfig, opts: VerifyOptions,
                 paraphrases: list[str], neighbours: list[Neighbour]) -> EditReport:
-    """``edited()`` is a context manager under which ``base_model`` is the edited model (an
-    applied adapter), or which yields a separate edited model."""
-    reasons: list[str] = []
-    prompt = req.filled_prompt
-    true = req.target_true
+    """Measure the base and the edited model, then run checks (a) to (e) and the floors.
+    ``edited()`` is a context manager under which ``base_model`` is the edited model (an
+    applied adapter), or which yields a separate edited model. ``plan``: the sites the edit
+    updated (from its ``edits.json``), when known."""
     if base_circuit is None:
-        base_circuit = locate(req.prompt, req.subject, model=base_model, tokenizer=tok, config=lc)
-    if true is None:
-        true = base_circuit.prediction.strip()
-    nb_prompts = [n.prompt for n in neighbours]
-    base_nb = metrics.compare(base_model, tok, nb_prompts, req.target_new, true) if neighbours else {}
-    base_nb_top = top1(base_model, tok, nb_prompts)
-    base_nb_circ = _neighbour_circuits(base_model, tok, neighbours, lc, opts)
-    base_gen = metrics.generate(base_model, tok, [prompt]) if opts.fluency else []
+        base_circuit = locate(req.prompt, req.subject, model=base_model, tokenizer=tokenizer, config=lc)
+    true = req.target_true if req.target_true is not None else base_circuit.prediction.strip()
+    base = _run_base(base_model, tokenizer, req, true, neighbours, lc, opts)
     with edited() as em:
-        model = em if em is not None else base_model
-        ed = metrics.compare(model, tok, [prompt], req.target_new, true)
-        pa = metrics.compare(model, tok, paraphrases, req.target_new, true) if paraphrases else {}
-        nb = metrics.compare(model, tok, nb_prompts, req.target_new, true) if neighbours else {}
-        nb_top = top1(model, tok, nb_prompts)
-        nb_circ = _neighbour_circuits(model, tok, neighbours, lc, opts)
-        after = locate(req.prompt, req.subject, req.target_new, model=model, tokenizer=tok, config=lc)
-        para_circuits = [locate(p, req.subject, req.target_new, model=model, tokenizer=tok, config=lc)
-                         for p in paraphrases[: opts.max_flow_prompts]]
-        gen = metrics.generate(model, tok, [prompt]) if opts.fluency else []
-    es, em_ = metrics.score(ed)
-    ps, pm = metrics.score(pa)
-    ns, nm = metrics.score(nb, reverse=True)
+        ed = _run_edited(em if em is not None else base_model, tokenizer, req, true, paraphrases, neighbours, lc,
+                         opts)
+    m = _metrics(base, ed)
+    reasons: list[str] = []
+    new_tok, a = _check_prediction(req, ed, m, reasons)
+    c = _check_subject_dependence(base_model, tokenizer, req, base_circuit, ed.circuit, lc, opts, a["a_ok"], new_tok,
+                                  reasons)
+    e = _check_neighbours(base, ed, neighbours, opts, reasons)
+    _check_floors(m, opts, reasons)
+    flow = {**a, "b_extraction": _extraction(ed.circuit, plan), **c, "d_overlap": _overlap(base_circuit, ed.circuit),
+            "e_neighbours": e}
+    return EditReport(req.to_dict(), not reasons, reasons, m, flow,
+                      {"before": base_circuit.to_dict(), "after": ed.circuit.to_dict()})
+
+
+def _run_base(model, tokenizer, req: EditRequest, true: str, neighbours: list[Neighbour], lc: LocateConfig,
+              opts: VerifyOptions) -> _BaseRun:
+    nb_prompts = [n.prompt for n in neighbours]
+    return _BaseRun(
+        neighbours=metrics.compare(model, tokenizer, nb_prompts, req.target_new, true) if neighbours else {},
+        neighbour_top1=top1(model, tokenizer, nb_prompts),
+        neighbour_circuits=_neighbour_circuits(model, tokenizer, neighbours, lc, opts),
+        generation=metrics.generate(model, tokenizer, [req.filled_prompt]) if opts.fluency else [])
+
+
+def _run_edited(model, tokenizer, req: EditRequest, true: str, paraphrases: list[str], neighbours: list[Neighbour],
+                lc: LocateConfig, opts: VerifyOptions) -> _EditedRun:
+    nb_prompts = [n.prompt for n in neighbours]
+    new = req.target_new
+    return _EditedRun(
+        edit=metrics.compare(model, tokenizer, [req.filled_prompt], new, true),
+        paraphrases=metrics.compare(model, tokenizer, paraphrases, new, true) if paraphrases else {},
+        neighbours=metrics.compare(model, tokenizer, nb_prompts, new, true) if neighbours else {},
+        neighbour_top1=top1(model, tokenizer, nb_prompts),
+        neighbour_circuits=_neighbour_circuits(model, tokenizer, neighbours, lc, opts),
+        circuit=locate(req.prompt, req.subject, new, model=model, tokenizer=tokenizer, config=lc),
+        paraphrase_circuits=[locate(p, req.subject, new, model=model, tokenizer=tokenizer, config=lc)
+                             for p in paraphrases[: opts.max_flow_prompts]],
+        generation=metrics.generate(model, tokenizer, [req.filled_prompt]) if opts.fluency else [])
+
+
+def _metrics(base: _BaseRun, ed: _EditedRun) -> dict:
+    """The report's metrics: CounterFact's scores and magnitudes, accuracies, fluency."""
+    es, em = metrics.score(ed.edit)
+    ps, pm = metrics.score(ed.paraphrases)
+    ns, nm = metrics.score(ed.neighbours, reverse=True)
     locality = None
-    if nb and base_nb:
-        same = [a == b for a, b in zip(nb["argmax_true"], base_nb["argmax_true"])]
+    if ed.neighbours and base.neighbours:
+        same = [a == b for a, b in zip(ed.neighbours["argmax_true"], base.neighbours["argmax_true"])]
         locality = sum(same) / len(same)
-    m = {
-        "efficacy_score": es, "efficacy_magnitude": em_,
+    pa, gen = ed.paraphrases, ed.generation
+    return {
+        "efficacy_score": es, "efficacy_magnitude": em,
         "paraphrase_score": ps, "paraphrase_magnitude": pm,
         "neighbourhood_score": ns, "neighbourhood_magnitude": nm,
-        "reliability_accuracy": sum(ed["accuracy_new"]) / len(ed["accuracy_new"]),
+        "reliability_accuracy": sum(ed.edit["accuracy_new"]) / len(ed.edit["accuracy_new"]),
         "generalisation_accuracy": (sum(pa["accuracy_new"]) / len(pa["accuracy_new"])) if pa else None,
         "locality_accuracy": locality,
-        "fluency_before": metrics.ngram_entropy(base_gen[0]) if base_gen else None,
+        "fluency_before": metrics.ngram_entropy(base.generation[0]) if base.generation else None,
         "fluency_after": metrics.ngram_entropy(gen[0]) if gen else None,
         "generation_after": gen[0] if gen else None,
-        "nll_new": ed["nll_new"][0], "nll_true": ed.get("nll_true", [None])[0],
+        "nll_new": ed.edit["nll_new"][0], "nll_true": ed.edit.get("nll_true", [None])[0],
     }
 
-    # (a) prediction
+
+def _check_prediction(req: EditRequest, ed: _EditedRun, m: dict, reasons: list[str]) -> tuple[str, dict]:
+    """(a): o* is the edited model's top-1 on the edit prompt (and how often on the
+    paraphrases); and the efficacy score. Returns o* as one token, and the flow's (a) entries."""
+    after = ed.circuit
     new_tok = after.target.strip() if after.target else req.target_new
     a_ok = after.prediction.strip() == new_tok
     if not a_ok:
         reasons.append(f"(a) the edited model predicts {after.prediction.strip()!r}, not {new_tok!r}")
-    if es is not None and es < 1.0:
-        reasons.append(f"efficacy: NLL(new) {ed['nll_new'][0]:.2f} is not below NLL(true) {ed['nll_true'][0]:.2f}")
-    para_hits = [c.prediction.strip() == new_tok for c in para_circuits]
-    # (b) extraction of o*
+    if m["efficacy_score"] is not None and m["efficacy_score"] < 1.0:
+        reasons.append(f"efficacy: NLL(new) {ed.edit['nll_new'][0]:.2f} is not below NLL(true) "
+                       f"{ed.edit['nll_true'][0]:.2f}")
+    para_hits = [c.prediction.strip() == new_tok for c in ed.paraphrase_circuits]
+    return new_tok, {"a_prediction": after.prediction, "a_ok": a_ok,
+                     "a_paraphrases_ok": (sum(para_hits) / len(para_hits)) if para_hits else None}
+
+
+def _extraction(after: RecallCircuit, plan: EditPlan | None) -> dict:
+    """(b), reported: where o* reaches rank 1 at the last position, and whether that is in a
+    component the edit targeted."""
     ev = after.extraction_events
     heads_at_1 = {(h.layer, h.head) for h in after.extraction_heads}
     targeted = []
-    if plan and plan.get("mlp_layer") is not None:
-        la = plan["mlp_layer"]
-        targeted.append(f"MLP L{la} ({plan.get('mlp_position', 'subject')})")
-    targeted += [f"head L{la}H{h}" for la, h in (plan or {}).get("heads", [])]
-    in_targeted = bool(plan and plan.get("mlp_position") == "last" and plan.get("mlp_layer") in ev["mlp"]) or bool(
-        plan and {tuple(x) for x in plan.get("heads", [])} & heads_at_1)
-    b = {"attn_layers": ev["attn"], "mlp_layers": ev["mlp"], "heads": sorted(heads_at_1),
-         "targeted": targeted, "in_targeted_components": in_targeted,
-         "where": _where(ev, heads_at_1)}
-    # (c) subject dependence, in the window where the base model reads the subject
+    if plan is not None and plan.mlp_layer is not None:
+        targeted.append(f"MLP L{plan.mlp_layer} ({plan.mlp_position})")
+    targeted += [f"head L{la}H{h}" for la, h in (plan.heads if plan is not None else [])]
+    in_targeted = plan is not None and (
+        (plan.mlp_position == MlpPosition.LAST and plan.mlp_layer in ev["mlp"]) or bool(set(plan.heads) & heads_at_1))
+    return {"attn_layers": ev["attn"], "mlp_layers": ev["mlp"], "heads": sorted(heads_at_1),
+            "targeted": targeted, "in_targeted_components": in_targeted, "where": _where(ev, heads_at_1)}
+
+
+def _check_subject_dependence(base_model, tokenizer, req: EditRequest, base_circuit: RecallCircuit,
+                              after: RecallCircuit, lc: LocateConfig, opts: VerifyOptions, a_ok: bool, new_tok: str,
+                              reasons: list[str]) -> dict:
+    """(c): blocking subject -> last edges, in the window where the base model reads the
+    subject, takes away most of the edit's gain in p(o*) (compared with the base model under
+    the same knockout). Returns the flow's (c) entries."""
     ko_base = base_circuit.knockout["subject"]
     read = min(range(len(ko_base)), key=lambda la: ko_base[la])
-    base_new = locate(req.prompt, req.subject, req.target_new, model=base_model, tokenizer=tok, config=lc)
+    base_new = locate(req.prompt, req.subject, req.target_new, model=base_model, tokenizer=tokenizer, config=lc)
     p_base, p_ed = base_new.target_prob, after.target_prob
     p_base_ko = p_base * (1 + base_new.knockout_target["subject"][read] / 100)
     p_ed_ko = p_ed * (1 + after.knockout_target["subject"][read] / 100)
-    drop = -after.knockout_target["subject"][read]
     gain = p_ed - p_base
     survives = (p_ed_ko - p_base_ko) / gain if gain > 1e-6 else None
     if a_ok and survives is not None and survives > opts.max_gain_without_subject:
@@ -163,41 +230,47 @@ def verify_edit(base_model, tok, edited: Callable[[], AbstractContextManager], r
                        f"{100 * survives:.0f}% of the edit's gain in p({new_tok}) remains (> "
                        f"{100 * opts.max_gain_without_subject:.0f}%): the new attribute is not retrieved from "
                        "the subject")
-    # (d) overlap
-    before_heads = {(h.layer, h.head) for h in base_circuit.extraction_heads}
-    d = {"extraction_heads_jaccard": _jaccard(before_heads, heads_at_1),
-         "enrichment_before": [x.layer for x in base_circuit.enrichment_mlps],
-         "enrichment_after": [x.layer for x in after.enrichment_mlps]}
-    # (e) neighbours
-    e = {}
-    if neighbours:
-        unchanged = [a == b_ for a, b_ in zip(nb_top, base_nb_top)]
-        share = sum(unchanged) / len(unchanged)
-        truths = [(t, n.truth) for t, n in zip(nb_top, neighbours) if n.truth is not None]
-        circ = [{"prompt": b_.prompt, "prediction_before": b_.prediction, "prediction_after": a.prediction,
-                 "extraction_heads_jaccard": _jaccard({(h.layer, h.head) for h in b_.extraction_heads},
-                                                      {(h.layer, h.head) for h in a.extraction_heads}),
-                 "subject_knockout_max_change": max(abs(x - y) for x, y in zip(
-                     a.knockout["subject"], b_.knockout["subject"]))}
-                for a, b_ in zip(nb_circ, base_nb_circ)]
-        e = {"predictions_unchanged": share,
-             "predictions_correct": sum(t.strip() == w for t, w in truths) / len(truths) if truths else None,
-             "circuits": circ}
-        if share < opts.neighbour_unchanged_floor:
-            reasons.append(f"(e) {100 * (1 - share):.0f}% of neighbour prompts changed their prediction")
+    return {"c_read_window_centre": read, "c_drop_percent": -after.knockout_target["subject"][read],
+            "c_gain_surviving_knockout": survives,
+            "c_probabilities": {"base": p_base, "edited": p_ed, "base_knocked_out": p_base_ko,
+                                "edited_knocked_out": p_ed_ko}}
+
+
+def _overlap(before: RecallCircuit, after: RecallCircuit) -> dict:
+    """(d), reported: the circuit before and after the edit."""
+    return {"extraction_heads_jaccard": _jaccard({(h.layer, h.head) for h in before.extraction_heads},
+                                                 {(h.layer, h.head) for h in after.extraction_heads}),
+            "enrichment_before": [x.layer for x in before.enrichment_mlps],
+            "enrichment_after": [x.layer for x in after.enrichment_mlps]}
+
+
+def _check_neighbours(base: _BaseRun, ed: _EditedRun, neighbours: list[Neighbour], opts: VerifyOptions,
+                      reasons: list[str]) -> dict:
+    """(e): the neighbours' predictions unchanged (and their circuits, where re-located)."""
+    if not neighbours:
+        return {}
+    unchanged = [a == b for a, b in zip(ed.neighbour_top1, base.neighbour_top1)]
+    share = sum(unchanged) / len(unchanged)
+    truths = [(t, n.truth) for t, n in zip(ed.neighbour_top1, neighbours) if n.truth is not None]
+    circ = [{"prompt": b.prompt, "prediction_before": b.prediction, "prediction_after": a.prediction,
+             "extraction_heads_jaccard": _jaccard({(h.layer, h.head) for h in b.extraction_heads},
+                                                  {(h.layer, h.head) for h in a.extraction_heads}),
+             "subject_knockout_max_change": max(abs(x - y) for x, y in zip(a.knockout["subject"],
+                                                                           b.knockout["subject"]))}
+            for a, b in zip(ed.neighbour_circuits, base.neighbour_circuits)]
+    if share < opts.neighbour_unchanged_floor:
+        reasons.append(f"(e) {100 * (1 - share):.0f}% of neighbour prompts changed their prediction")
+    return {"predictions_unchanged": share,
+            "predictions_correct": sum(t.strip() == w for t, w in truths) / len(truths) if truths else None,
+            "circuits": circ}
+
+
+def _check_floors(m: dict, opts: VerifyOptions, reasons: list[str]) -> None:
+    ps, ns = m["paraphrase_score"], m["neighbourhood_score"]
     if ps is not None and ps < opts.paraphrase_floor:
         reasons.append(f"paraphrase score {ps:.2f} < {opts.paraphrase_floor}")
     if ns is not None and ns < opts.neighbourhood_floor:
         reasons.append(f"neighbourhood score {ns:.2f} < {opts.neighbourhood_floor}")
-    flow = {"a_prediction": after.prediction, "a_ok": a_ok,
-            "a_paraphrases_ok": (sum(para_hits) / len(para_hits)) if para_hits else None,
-            "b_extraction": b, "c_read_window_centre": read, "c_drop_percent": drop,
-            "c_gain_surviving_knockout": survives,
-            "c_probabilities": {"base": p_base, "edited": p_ed, "base_knocked_out": p_base_ko,
-                                "edited_knocked_out": p_ed_ko},
-            "d_overlap": d, "e_neighbours": e}
-    return EditReport(req.to_dict(), not reasons, reasons, m, flow,
-                      {"before": base_circuit.to_dict(), "after": after.to_dict()})
 
 
 def _where(ev: dict, heads: set) -> str:
@@ -218,18 +291,19 @@ class Neighbour:
     truth: str | None = None
 
 
-def top1(model, tok, prompts: list[str]) -> list[str]:
+def top1(model, tokenizer, prompts: list[str]) -> list[str]:
     import torch
 
     out = []
     device = next(model.parameters()).device
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([tok(p)["input_ids"]], device=device)
-            out.append(tok.decode([int(model(input_ids=ids).logits[0, -1].argmax())]))
+            ids = torch.tensor([tokenizer(p)["input_ids"]], device=device)
+            out.append(tokenizer.decode([int(model(input_ids=ids).logits[0, -1].argmax())]))
     return out
 
 
-def _neighbour_circuits(model, tok, neighbours: list[Neighbour], lc, opts) -> list[RecallCircuit]:
-    return [locate(n.prompt, n.subject, model=model, tokenizer=tok, config=lc)
+def _neighbour_circuits(model, tokenizer, neighbours: list[Neighbour], lc: LocateConfig,
+                        opts: VerifyOptions) -> list[RecallCircuit]:
+    return [locate(n.prompt, n.subject, model=model, tokenizer=tokenizer, config=lc)
             for n in neighbours if n.subject][: opts.max_flow_neighbours]

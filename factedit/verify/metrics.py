@@ -32,20 +32,20 @@ from factedit.models.adapter import ModelAdapter
 
 
 @torch.no_grad()
-def teacher_forced(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64,
+def teacher_forced(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64,
                    ) -> tuple[list[float], list[list[int]], list[list[int]]]:
     """Per (prompt, target): mean per-token NLL, the target's token ids, and the model's argmax
     at each target position. Right-padded batches with an attention mask."""
     device = next(model.parameters()).device
     adapter = ModelAdapter(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll: list[float] = []
     tgt_ids: list[list[int]] = []
     argmax: list[list[int]] = []
     items = []
     for p, t in zip(prompts, targets):
-        pid = tok(p)["input_ids"]
-        tid = target_token_ids(tok, p, t)
+        pid = tokenizer(p)["input_ids"]
+        tid = target_token_ids(tokenizer, p, t)
         items.append((pid, tid))
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
@@ -70,15 +70,15 @@ def teacher_forced(model, tok, prompts: list[str], targets: list[str], batch_siz
     return nll, tgt_ids, argmax
 
 
-def compare(model, tok, prompts: list[str], new: str, true: str | None) -> dict:
+def compare(model, tokenizer, prompts: list[str], new: str, true: str | None) -> dict:
     """NLLs of the new and true targets after each prompt, and the accuracy of the new one."""
     if not prompts:
         return {}
-    n_new, t_new, a_new = teacher_forced(model, tok, prompts, [new] * len(prompts))
+    n_new, t_new, a_new = teacher_forced(model, tokenizer, prompts, [new] * len(prompts))
     out = {"nll_new": n_new,
            "accuracy_new": [sum(x == y for x, y in zip(t, a)) / len(t) for t, a in zip(t_new, a_new)]}
     if true is not None:
-        n_true, _, a_true = teacher_forced(model, tok, prompts, [true] * len(prompts))
+        n_true, _, a_true = teacher_forced(model, tokenizer, prompts, [true] * len(prompts))
         out["nll_true"] = n_true
         out["argmax_true"] = a_true
     return out
@@ -97,14 +97,15 @@ def score(c: dict, reverse: bool = False) -> tuple[float, float] | tuple[None, N
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for p in prompts:
-        ids = torch.tensor([tok(p)["input_ids"]], device=device)
+        ids = torch.tensor([tokenizer(p)["input_ids"]], device=device)
         g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                           do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        out.append(tok.decode(g[0, ids.shape[1]:]))
+                           do_sample=False, pad_token_id=pad)
+        out.append(tokenizer.decode(g[0, ids.shape[1]:]))
     return out
 
 

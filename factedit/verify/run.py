@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.locate import config_for_model
+from factedit.editing.edit import EditPlan
+from factedit.editing.export import parse_peft_key, peft_key
 from factedit.editing.requests import EditRequest, load_requests, parse_record
 from factedit.editing.weights import WeightDelta, applied
 from factedit.errors import FactEditError, shown
@@ -43,7 +45,6 @@ class AdapterError(FactEditError):
 # reproduce: refused rather than judged wrongly
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
                 "modules_to_save": None, "use_qalora": False, "bias": "none"}
-_PREFIX = "base_model.model."
 
 
 def _bad_adapter(path: Path, problem: str) -> AdapterError:
@@ -107,14 +108,15 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
     delta = WeightDelta(conv1d=adapter.spec.conv1d)
     names = {}
     for k in tensors:
-        if not k.startswith(_PREFIX) or ".lora_" not in k:
+        parsed = parse_peft_key(k)
+        if parsed is None:
             raise _bad_adapter(path, f"the weight {shown(k)} is not a LoRA factor of the base model")
-        name, part = k[len(_PREFIX):].rsplit(".lora_", 1)
-        names.setdefault(name, set()).add(part)
+        names.setdefault(parsed[0], set()).add(parsed[1])
     dropped = []
     for name in sorted(names):
-        if names[name] != {"A.weight", "B.weight"}:
-            raise _bad_adapter(path, f"{name} has the LoRA factor(s) {sorted(names[name])}, not lora_A and lora_B")
+        if names[name] != {"A", "B"}:
+            raise _bad_adapter(path, f"{name} has the LoRA factor(s) {sorted('lora_' + p for p in names[name])}, "
+                                     "not lora_A and lora_B")
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
@@ -123,8 +125,7 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
         if not check_target_module_exists(lcfg, name):
             dropped.append(name)  # peft does not wrap this module: its weights are not loaded
             continue
-        a = tensors[f"{_PREFIX}{name}.lora_A.weight"]
-        b = tensors[f"{_PREFIX}{name}.lora_B.weight"]
+        a, b = tensors[peft_key(name, "A")], tensors[peft_key(name, "B")]
         r = cfg.get("rank_pattern", {}).get(get_pattern_key(list(cfg.get("rank_pattern") or {}), name),
                                             cfg.get("r", 8))
         alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(list(cfg.get("alpha_pattern") or {}), name),
@@ -159,13 +160,10 @@ def read_manifest(path: Path) -> dict:
         if v is not None and (not isinstance(v, list) or (v and len(v) != len(reqs))):
             raise FactEditError(f"{path}: '{key}' must be a list of one entry per request ({len(reqs)}): {fix}")
     for i, p in enumerate(m.get("plans") or []):
-        heads = (p or {}).get("heads", []) if isinstance(p, dict) else None
-        if p is not None and (not isinstance(p, dict) or not isinstance(p.get("mlp_layer"), (int, type(None)))
-                              or not isinstance(heads, list)
-                              or not all(isinstance(h, list) and len(h) == 2 and all(type(x) is int for x in h)
-                                         for h in heads)):
-            raise FactEditError(f"{path}: plan {i} is malformed (an object with 'mlp_layer' and 'heads' "
-                                f"[[layer, head], ...]): {fix}")
+        try:
+            manifest_plan(p, f"plan {i}")
+        except FactEditError as exc:
+            raise FactEditError(f"{path}: {exc}: {fix}") from None
     if any(c is not None and not isinstance(c, dict) for c in m.get("circuits") or []):
         raise FactEditError(f"{path}: every entry of 'circuits' must be an object: {fix}")
     if not isinstance(m.get("base_fingerprint", ""), (str, type(None))):
@@ -173,9 +171,64 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
-def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path | None = None,
+def manifest_plan(plan: dict | None, where: str = "plan") -> EditPlan | None:
+    """An entry of ``edits.json``'s ``plans`` as the editing stage's :class:`EditPlan` (None
+    stays None: no plan known)."""
+    return None if plan is None else EditPlan.from_dict(plan, where)
+
+
+REPORT_FORMAT = "factedit.verify/1"
+
+
+@dataclass
+class VerifySummary:
+    """Over all edits: how many pass, and the mean of each metric (None where no edit has it)."""
+    n_edits: int
+    passed: int
+    efficacy_score: float | None = None
+    paraphrase_score: float | None = None
+    neighbourhood_score: float | None = None
+    reliability_accuracy: float | None = None
+    generalisation_accuracy: float | None = None
+    locality_accuracy: float | None = None
+    fluency_before: float | None = None
+    fluency_after: float | None = None
+
+    @classmethod
+    def of(cls, reports: list[EditReport]) -> VerifySummary:
+        means = {}
+        for f in fields(cls)[2:]:
+            vals = [r.metrics[f.name] for r in reports if r.metrics.get(f.name) is not None]
+            means[f.name] = sum(vals) / len(vals) if vals else None
+        return cls(len(reports), sum(r.passed for r in reports), **means)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` finds; :meth:`to_dict` is ``report.json``."""
+    base_model: str
+    base_fingerprint: str
+    edit: str  # the adapter folder or merged checkpoint checked
+    options: VerifyOptions
+    summary: VerifySummary
+    edits: list[EditReport]
+
+    @property
+    def all_passed(self) -> bool:
+        return self.summary.passed == self.summary.n_edits
+
+    def to_dict(self) -> dict:
+        return {"format": REPORT_FORMAT, "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
+                "edit": self.edit, "options": asdict(self.options), "summary": asdict(self.summary),
+                "edits": [asdict(r) for r in self.edits]}
+
+
+def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str | Path | None = None,
            requests: list[EditRequest] | str | Path | None = None, options: VerifyOptions | None = None,
-           log: Callable[[str], None] = lambda m: None) -> dict:
+           log: Callable[[str], None] = lambda m: None) -> VerifyReport:
+    """Check edits on ``model`` (loaded, with its ``tokenizer``): an ``adapter`` folder written
+    by `factedit edit`, or an ``edited`` merged checkpoint. ``requests``: the edits to check
+    (default: the folder's ``edits.json``)."""
     opts = options or VerifyOptions()
     if (adapter is None) == (edited is None):
         raise FactEditError("give exactly one of --adapter DIR and --edited MERGED_DIR")
@@ -191,7 +244,7 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
             f"this model {fp}): pass the base model it was made on with --model")
     if isinstance(requests, (str, Path)):
         requests = load_requests(requests)
-    plans: list[dict | None]
+    plans: list[EditPlan | None]
     circuits: list[RecallCircuit | None]
     if requests is None:
         if manifest is None:
@@ -200,7 +253,7 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
             requests = [parse_record(r, i) for i, r in enumerate(manifest["requests"])]
         except FactEditError as exc:
             raise FactEditError(f"{manifest_path}: {exc}") from None
-        plans = manifest.get("plans") or [None] * len(requests)
+        plans = [manifest_plan(p) for p in manifest.get("plans") or []] or [None] * len(requests)
         circuits = [None if c is None else RecallCircuit.from_dict(c, f"{manifest_path} circuit {i}")
                     for i, c in enumerate(manifest.get("circuits") or [])]
         circuits = circuits or [None] * len(requests)
@@ -235,25 +288,19 @@ def verify(*, model, tok, adapter: str | Path | None = None, edited: str | Path 
         neigh = [Neighbour(p) for p in req.neighborhood_prompts]
         if world is not None and not para and not neigh:
             para, neigh = world_prompts(world, req)
-        rep = verify_edit(model, tok, ctx, req, circuit, plan, lc, opts, para, neigh)
+        rep = verify_edit(model, tokenizer, ctx, req, circuit, plan, lc, opts, para, neigh)
         reports.append(rep)
         log(f"[{i + 1}/{len(requests)}] {'PASS' if rep.passed else 'FAIL'} {req.filled_prompt!r} -> "
             f"{req.target_new!r}" + ("" if rep.passed else ": " + "; ".join(rep.reasons)))
-    keys = ["efficacy_score", "paraphrase_score", "neighbourhood_score", "reliability_accuracy",
-            "generalisation_accuracy", "locality_accuracy", "fluency_before", "fluency_after"]
-    summary = {"n_edits": len(reports), "passed": sum(r.passed for r in reports)}
-    for k in keys:
-        vals = [r.metrics[k] for r in reports if r.metrics.get(k) is not None]
-        summary[k] = sum(vals) / len(vals) if vals else None
-    return {"format": "factedit.verify/1", "base_model": str(getattr(model, "name_or_path", "")),
-            "base_fingerprint": fp, "edit": str(folder), "options": asdict(opts), "summary": summary,
-            "edits": [asdict(r) for r in reports]}
+    return VerifyReport(str(getattr(model, "name_or_path", "")), fp, str(folder), opts, VerifySummary.of(reports),
+                        reports)
 
 
-def write_report(report: dict, out: str | Path) -> list[Path]:
+def write_report(report: VerifyReport, out: str | Path) -> list[Path]:
     from factedit.verify.html import render_html
 
     out = Path(out)
-    atomic_write_text(out / "report.json", dumps_json(report, indent=1))  # strict: NaN -> null
-    atomic_write_text(out / "report.html", render_html(report))
+    data = report.to_dict()
+    atomic_write_text(out / "report.json", dumps_json(data, indent=1))  # strict: NaN -> null
+    atomic_write_text(out / "report.html", render_html(data))
     return [out / "report.json", out / "report.html"]
