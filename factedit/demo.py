@@ -20,6 +20,9 @@ from factedit.world.generate import World
 @torch.no_grad()
 def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
              echo: Callable[[str], None] = print, real_model: str | None = "smollm2-135m") -> dict:
+    """The whole demo into ``out``: examples, recall, the mechanism, one fact's circuit, its edit
+    and verification, an audit slice, then the real model's flow (``real_model``). Returns
+    what it writes to ``out/demo.json``."""
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir
 
@@ -29,13 +32,35 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
         from factedit.models.zoo import pull
 
         pull(real_model, echo=echo)  # an unknown name fails here, before any work
+    out = Path(out)
     model, tok = load_model(model_path)
     world = World.load(model.name_or_path)
     echo(f"model: {model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
          f"parameters, {model.config.n_layer} layers)")
     echo(f"world: {len(world.entities)} entities, {len(world.relations)} relations "
          f"({', '.join(world.relations)})\n")
+    rows = _examples(model, tok, world, n_facts, echo)
+    rec = evaluate_recall(model, tok, world, max_entities=200)
+    echo(f"\nrecall on 200 entities: training templates {rec['recall_train_templates']:.1%}, "
+         f"held-out templates {rec['recall_heldout_templates']:.1%}")
+    mech, window = _mechanism(model, tok, world, out, echo)
+    circuit = _circuit(model, tok, rows[0], out, echo)
+    req, report = _edit_and_verify(model, tok, world, rows[0], out, echo)
+    audit = _audit(model, tok, world, out, echo)
+    result = {"examples": rows, "recall": rec, "mechanism": mech.summary(), "circuit": circuit.to_dict(),
+              "edit": {"request": req.to_dict(), "verify": asdict(report.summary)},
+              "audit": {k: audit[k] for k in ("facts", "known", "subject_knockout_strongest_layer", "hubs")}}
+    if real_model:
+        from factedit.demo_real import run_real_demo
 
+        result["real_model"] = run_real_demo(real_model, out, mech.knockout, window, echo=echo)
+    atomic_write_text(out / "demo.json", dumps_json(result, indent=1))
+    echo(f"\nwrote {out / 'demo.json'}")
+    return result
+
+
+def _examples(model, tok, world: World, n_facts: int, echo: Callable[[str], None]) -> list[dict]:
+    """``n_facts`` random prompts (half on held-out templates) and what the model predicts."""
     rng = random.Random(0)
     rows = []
     echo(f"{'prompt':58s} {'prediction':12s} {'p':>5s}  truth")
@@ -46,8 +71,7 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
             rid = rng.choice(list(world.relations))
             rel = world.relations[rid]
             prompt = rng.choice(rel.heldout_templates if heldout else rel.templates).format(e.name)
-            logits = model(input_ids=torch.tensor([tok.encode(prompt)])).logits[0, -1]
-            p = logits.softmax(-1)
+            p = model(input_ids=torch.tensor([tok.encode(prompt)])).logits[0, -1].softmax(-1)  # (V,)
             top = int(p.argmax())
             pred = tok.decode([top]).strip()
             mark = "ok" if pred == e.facts[rid] else "WRONG"
@@ -55,11 +79,11 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
             echo(f"{prompt + tag:58s} {pred:12s} {float(p[top]):5.2f}  {e.facts[rid]} {mark}")
             rows.append({"prompt": prompt, "subject": e.name, "prediction": pred, "prob": float(p[top]),
                          "truth": e.facts[rid], "heldout_template": heldout})
+    return rows
 
-    rec = evaluate_recall(model, tok, world, max_entities=200)
-    echo(f"\nrecall on 200 entities: training templates {rec['recall_train_templates']:.1%}, "
-         f"held-out templates {rec['recall_heldout_templates']:.1%}")
 
+def _mechanism(model, tok, world: World, out: Path, echo: Callable[[str], None]):
+    """The recall mechanism over 40 known facts, printed and drawn; (its report, the window)."""
     window = int(world.meta.get("recipe", {}).get("analysis", {}).get("knockout_window", 3))
     mech = measure_mechanism(model, tok, world, n_facts=40, window=window)
     s = mech.summary()
@@ -71,7 +95,6 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
          + " ".join(f"{x:.2f}" for x in mech.attribute_rate))
     echo(f"  facts with an extraction head (a head's output alone ranks the attribute first): "
          f"{s['d_extraction_head_share']:.0%}")
-    out = Path(out)
     knockout_figure(mech.knockout, window, out / "knockout.png",
                     title=f"Attention knockout, mean over {s['n_facts']} demo facts")
     attribute_rate_figure({"own attributes": mech.attribute_rate,
@@ -81,27 +104,34 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
                  title="Share of facts where the head alone ranks the attribute first",
                  label="share of facts")
     echo(f"wrote {out}/knockout.png, attribute_rate.png, extraction_heads.png")
+    return mech, window
 
+
+def _circuit(model, tok, example: dict, out: Path, echo: Callable[[str], None]):
+    """One fact's recall circuit (`factedit locate`), saved with its figures."""
     from factedit.analysis.locate import locate
     from factedit.plots import circuit_figures
 
-    ex = rows[0]
-    circuit = locate(ex["prompt"], ex["subject"], model=model, tokenizer=tok)
+    circuit = locate(example["prompt"], example["subject"], model=model, tokenizer=tok)
     echo(f"\nrecall circuit of one fact (`factedit locate`):\n{circuit.summary()}")
     circuit.save(out / "circuit" / "circuit.json")
     circuit_figures(circuit, out / "circuit")
     echo(f"wrote {out}/circuit/: circuit.json and its figures")
-    # edit that fact to another attribute of its relation, then verify the edit
+    return circuit
+
+
+def _edit_and_verify(model, tok, world: World, example: dict, out: Path, echo: Callable[[str], None]):
+    """Edit the example's fact to another attribute of its relation, then verify the edit;
+    (the request, the VerifyReport)."""
     from factedit.editing.api import edit as edit_facts
     from factedit.editing.requests import EditRequest
     from factedit.verify.run import verify, write_report
 
-    ent = world.entity(ex["subject"])
+    ent = world.entity(example["subject"])
     rid = next(r for r, rel in world.relations.items()
-               if any(t.format(ent.name) == ex["prompt"] for t in rel.templates + rel.heldout_templates))
+               if any(t.format(ent.name) == example["prompt"] for t in rel.templates + rel.heldout_templates))
     new = next(a for a in world.relations[rid].attributes if a != ent.facts[rid])
-    template = world.relations[rid].templates[0]
-    req = EditRequest(template, ent.name, new, ent.facts[rid])
+    req = EditRequest(world.relations[rid].templates[0], ent.name, new, ent.facts[rid])
     echo(f"\nedit (`factedit edit`): {req.filled_prompt!r}: {ent.facts[rid]} -> {new}")
     res = edit_facts(req, model=model, tokenizer=tok, out=out / "edit", overwrite=True, progress=False)
     echo(f"  {res.plans[0].why}; wrote {out}/edit/ (PEFT adapter + edits.json) in {res.seconds:.1f} s")
@@ -116,7 +146,11 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
          f"{100 * (e.flow['c_gain_surviving_knockout'] or 0):.0f}% of the edit's gain remains")
     echo(f"  after the edit: {req.filled_prompt}{m['generation_after']}")
     echo(f"wrote {out}/verify/report.html")
-    # audit a slice of the world: where the model retrieves its knowledge
+    return req, report
+
+
+def _audit(model, tok, world: World, out: Path, echo: Callable[[str], None]) -> dict:
+    """Audit a slice of the world (`factedit audit --limit 160`): where the model retrieves its knowledge."""
     from factedit.analysis.locate import config_for_model
     from factedit.audit.dataset import world_facts
     from factedit.audit.run import run_audit, world_related
@@ -129,13 +163,4 @@ def run_demo(model_path: str | None, out: str | Path, n_facts: int = 8,
     echo(f"\naudit (`factedit audit --limit 160`): {a['known']}/{a['facts']} prompts known; subject knockout "
          f"strongest at layer {a['subject_knockout_strongest_layer']}; most frequent extraction heads {hubs}")
     echo(f"wrote {audit_dir}/report.html, summary.json, facts.jsonl and figures")
-    result = {"examples": rows, "recall": rec, "mechanism": s, "circuit": circuit.to_dict(),
-              "edit": {"request": req.to_dict(), "verify": asdict(report.summary)},
-              "audit": {k: a[k] for k in ("facts", "known", "subject_knockout_strongest_layer", "hubs")}}
-    if real_model:
-        from factedit.demo_real import run_real_demo
-
-        result["real_model"] = run_real_demo(real_model, out, mech.knockout, window, echo=echo)
-    atomic_write_text(out / "demo.json", dumps_json(result, indent=1))
-    echo(f"\nwrote {out / 'demo.json'}")
-    return result
+    return a

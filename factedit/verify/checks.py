@@ -305,5 +305,7 @@ def top1(model, tokenizer, prompts: list[str]) -> list[str]:
 
 def _neighbour_circuits(model, tokenizer, neighbours: list[Neighbour], lc: LocateConfig,
                         opts: VerifyOptions) -> list[RecallCircuit]:
-    return [locate(n.prompt, n.subject, model=model, tokenizer=tokenizer, config=lc)
-            for n in neighbours if n.subject][: opts.max_flow_neighbours]
+    """The circuits of the first ``max_flow_neighbours`` neighbours with a known subject (only
+    those are located: each costs a whole ``locate``)."""
+    flow = [n for n in neighbours if n.subject][: opts.max_flow_neighbours]
+    return [locate(n.prompt, n.subject, model=model, tokenizer=tokenizer, config=lc) for n in flow]
