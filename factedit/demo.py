@@ -11,6 +11,7 @@ import torch
 
 from factedit.io import atomic_write_text, dumps_json
 from factedit.models.loading import load_model
+from factedit.paths import world_file
 from factedit.plots import attribute_rate_figure, head_heatmap, knockout_figure
 from factedit.studies.world_mechanism import measure_mechanism
 from factedit.world.evaluate import evaluate_recall
@@ -157,7 +158,7 @@ def _audit(model, tok, world: World, out: Path, echo: Callable[[str], None]) -> 
 
     audit_dir = out / "audit"
     a = run_audit(world_facts(world)[:160], model=model, tokenizer=tok, out=audit_dir, config=config_for_model(model),
-                  dataset_name=f"world:{Path(model.name_or_path) / 'world.json'} (first 160 prompts)",
+                  dataset_name=f"world:{world_file(model)} (first 160 prompts)",
                   related_of=world_related(world, tok), overwrite=True, progress=False, log=lambda m: None)
     hubs = ", ".join(f"L{h['layer']}H{h['head']}" for h in a["hubs"][:3]) or "none"
     echo(f"\naudit (`factedit audit --limit 160`): {a['known']}/{a['facts']} prompts known; subject knockout "
