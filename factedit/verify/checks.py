@@ -149,13 +149,12 @@ def verify_edit(base_model, tok, edited: Callable[[], AbstractContextManager], r
          "targeted": targeted, "in_targeted_components": in_targeted,
          "where": _where(ev, heads_at_1)}
     # (c) subject dependence, in the window where the base model reads the subject
-    ko_base = base_circuit.knockout["subject"]
-    read = min(range(len(ko_base)), key=lambda la: ko_base[la])
+    read = base_circuit.knockout.strongest("subject")
     base_new = locate(req.prompt, req.subject, req.target_new, model=base_model, tokenizer=tok, config=lc)
     p_base, p_ed = base_new.target_prob, after.target_prob
-    p_base_ko = p_base * (1 + base_new.knockout_target["subject"][read] / 100)
-    p_ed_ko = p_ed * (1 + after.knockout_target["subject"][read] / 100)
-    drop = -after.knockout_target["subject"][read]
+    p_base_ko = p_base * (1 + base_new.knockout_target.subject[read] / 100)
+    p_ed_ko = p_ed * (1 + after.knockout_target.subject[read] / 100)
+    drop = -after.knockout_target.subject[read]
     gain = p_ed - p_base
     survives = (p_ed_ko - p_base_ko) / gain if gain > 1e-6 else None
     if a_ok and survives is not None and survives > opts.max_gain_without_subject:
@@ -178,7 +177,7 @@ def verify_edit(base_model, tok, edited: Callable[[], AbstractContextManager], r
                  "extraction_heads_jaccard": _jaccard({(h.layer, h.head) for h in b_.extraction_heads},
                                                       {(h.layer, h.head) for h in a.extraction_heads}),
                  "subject_knockout_max_change": max(abs(x - y) for x, y in zip(
-                     a.knockout["subject"], b_.knockout["subject"]))}
+                     a.knockout.subject, b_.knockout.subject))}
                 for a, b_ in zip(nb_circ, base_nb_circ)]
         e = {"predictions_unchanged": share,
              "predictions_correct": sum(t.strip() == w for t, w in truths) / len(truths) if truths else None,
