@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from factedit.analysis.heads import head_scores
-from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, window_layers
+from factedit.analysis.knockout import SOURCE_SETS, KnockoutCurves, attention_knockout, window_layers
 from factedit.analysis.projection import components
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
@@ -98,8 +98,12 @@ def counted_passes(L: int, T: int, window: int, rows_from: Callable[[int], int],
     return 1 + rerun / (T * L)
 
 
-def max_diff(a, b) -> float:
+def max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
     return max(abs(x - y) for s in a for x, y in zip(a[s], b[s], strict=True))
+
+
+def ko_diff(a: KnockoutCurves, b: KnockoutCurves) -> float:
+    return max_diff({s: a.curve(s) for s in SOURCE_SETS}, {s: b.curve(s) for s in SOURCE_SETS})
 
 
 @torch.no_grad()
@@ -121,7 +125,7 @@ def bench_model(name: str, model, tp: TokenizedPrompt, window: int, device: str,
         with PeakMemory(device) as mem_naive:
             t_naive, slow = timed(lambda: attention_knockout(adapter, tp, window, method="naive"), device)
         row.update(naive_s=t_naive, naive_mem=mem_naive.peak, speedup=t_naive / t_fast,
-                   max_diff=max_diff(fast.curves, slow.curves))
+                   max_diff=ko_diff(fast.curves, slow.curves))
 
     # sublayer knockout sweep (window 1 as in the demo recipe), fast vs naive
     n_sub = T - tp.subject_span[0]
@@ -237,7 +241,7 @@ def main() -> None:
         adapter = ModelAdapter(big.to(getattr(torch, args.parity_dtype)))
         fast = attention_knockout(adapter, tp, args.window)
         slow = attention_knockout(adapter, tp, args.window, method="naive")
-        parity = max_diff(fast.curves, slow.curves)
+        parity = ko_diff(fast.curves, slow.curves)
         print(f"  parity in {args.parity_dtype}: max diff {parity:.1e} (in {args.dtype}: {big_row['max_diff']:.1e}, "
               "rounding of different batch shapes)")
     if "speedup" in big_row:

@@ -125,7 +125,8 @@ def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
                                                              source_positions(tp, rcfg.knockout_bos),
                                                              rcfg.knockout_window))
             rows["reference"].append(t_ref / fwd)
-            diffs.append(max(abs(a - b) for s in SOURCE_SETS for a, b in zip(ref[s], sweep.curves[s], strict=True)))
+            diffs.append(max(abs(a - b) for s in SOURCE_SETS
+                             for a, b in zip(ref[s], sweep.curves.curve(s), strict=True)))
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     med["max_diff"] = max(diffs) if diffs else float("nan")
     med["n"] = len(facts)

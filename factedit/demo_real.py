@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
+from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, strongest_layer
 from factedit.analysis.locate import config_for_model, locate
 from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import tokenize_with_subject
@@ -58,13 +58,13 @@ def run_real_demo(name: str, out: Path, world_knockout: dict[str, list[float]], 
             continue
         ko = attention_knockout(adapter, tp, k, clean=clean)
         for s in SOURCE_SETS:
-            curves[s].append(ko.curves[s])
+            curves[s].append(ko.curves.curve(s))
         first = first or rec
     n = len(curves["subject"])
     mean, band = {}, {}
     for s in SOURCE_SETS:
         mean[s], band[s] = mean_band(curves[s])
-    strongest = {s: min(range(L), key=lambda la: mean[s][la]) for s in SOURCE_SETS}
+    strongest = {s: strongest_layer(mean[s]) for s in SOURCE_SETS}
     echo(f"{n} of the first {scanned} known_1000 facts are known; mean knockout (window {k}):")
     for s in SOURCE_SETS:
         echo(f"  block {s:12s}-> last: strongest at layer {strongest[s]} ({mean[s][strongest[s]]:+.0f}%)")

@@ -115,19 +115,20 @@ def trace_figure(traces: dict, tokens: list[str], subject_span: list[int], path:
     save_figure(fig, path)
 
 
-def sublayer_figure(sub: dict, path: Path, title: str = "") -> None:
-    """Sublayer knockout at the subject positions: change of p(token) at the output, and the
-    attribute rate read higher up, per centre layer of the removed window."""
-    has_rate = sub["mlp"]["attribute_rate"] is not None
+def sublayer_figure(sub, path: Path, title: str = "") -> None:
+    """Sublayer knockout at the subject positions (a ``SublayerKnockoutResult``): change of
+    p(token) at the output, and the attribute rate read higher up, per centre layer of the
+    removed window."""
+    has_rate = sub.attribute_rate is not None
     fig, axes = plt.subplots(1, 2 if has_rate else 1, figsize=(10 if has_rate else 5.5, 3.4), squeeze=False)
     colors = {"mlp": "#d62728", "attn": "#9467bd"}
     names = {"mlp": "MLP updates removed", "attn": "MHSA updates removed"}
     ax = axes[0][0]
     for k in ("mlp", "attn"):
-        ys = sub[k]["prob_change"]
+        ys = sub.prob_change[k]
         ax.plot(range(len(ys)), ys, marker="o", ms=3, color=colors[k], label=names[k])
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel(f"centre layer of the removed window (k={sub['window']})")
+    ax.set_xlabel(f"centre layer of the removed window (k={sub.window})")
     ax.set_ylabel("change of p(token) [%]")
     ax.set_title("Output probability")
     ax.legend(fontsize=8)
@@ -135,11 +136,11 @@ def sublayer_figure(sub: dict, path: Path, title: str = "") -> None:
     if has_rate:
         ax = axes[0][1]
         for k in ("mlp", "attn"):
-            ys = sub[k]["attribute_rate"]
+            ys = sub.attribute_rate[k]
             ax.plot(range(len(ys)), ys, marker="o", ms=3, color=colors[k], label=names[k])
-        ax.axhline(sub["base_attribute_rate"], color="black", ls="--", lw=1, label="no knockout")
-        ax.set_xlabel(f"centre layer of the removed window (k={sub['window']})")
-        ax.set_ylabel(f"attribute rate at layer {sub['read_layer']}")
+        ax.axhline(sub.base_attribute_rate, color="black", ls="--", lw=1, label="no knockout")
+        ax.set_xlabel(f"centre layer of the removed window (k={sub.window})")
+        ax.set_ylabel(f"attribute rate at layer {sub.read_layer}")
         ax.set_title("Subject enrichment")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -171,8 +172,9 @@ def circuit_figures(circuit, out: Path) -> list[Path]:
     fact = f"{circuit.prompt} -> {circuit.prediction.strip()}"
     tok = circuit.target or circuit.prediction
     paths = [out / "knockout.png", out / "projection.png", out / "extraction_heads.png", out / "sublayer_knockout.png"]
-    knockout_figure({s: circuit.knockout[s] for s in ("subject", "non_subject", "last")},
-                    circuit.knockout["window"], paths[0], title=f"Attention knockout: {fact}")
+    ko = circuit.knockout  # a KnockoutCurves
+    knockout_figure({s: ko.curve(s) for s in ("subject", "non_subject", "last")}, ko.window, paths[0],
+                    title=f"Attention knockout: {fact}")
     projection_figure(circuit.projection, paths[1], tok)
     head_heatmap(circuit.head_prob, paths[2], title=f"p({tok.strip()}) in each head's output at the last position",
                  label="probability", marks=[(h.layer, h.head) for h in circuit.extraction_heads])

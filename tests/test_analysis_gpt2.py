@@ -47,10 +47,10 @@ def test_knockout_matches_naive_reference(window):
                 p = naive_gpt2.forward(model, ids, blocked)[-1].softmax(-1)
                 want = (float(p[pred]) - float(p0[pred])) / float(p0[pred]) * 100
                 want_t = (float(p[11]) - float(p0[11])) / float(p0[11]) * 100
-                assert res.curves[s][c] == pytest.approx(want, abs=1e-4)
-                assert res.target_curves[s][c] == pytest.approx(want_t, abs=1e-4)
+                assert res.curves.curve(s)[c] == pytest.approx(want, abs=1e-4)
+                assert res.target_curves.curve(s)[c] == pytest.approx(want_t, abs=1e-4)
     # the intervention must actually change something
-    assert max(abs(v) for v in res.curves["subject"]) > 1e-3
+    assert max(abs(v) for v in res.curves.subject) > 1e-3
 
 
 def test_components_match_naive_and_heads_sum_to_mhsa():
@@ -95,4 +95,4 @@ def test_knockout_on_the_demo_model_matches_naive_reference(demo):
                 blocked = {la: src[s] for la in window_layers(c, 3, adapter.n_layers)}
                 p = naive_gpt2.forward(model, tp.input_ids, blocked)[-1].softmax(-1)
                 want = (float(p[res.prediction]) / float(p0[res.prediction]) - 1) * 100
-                assert res.curves[s][c] == pytest.approx(want, abs=1e-4)
+                assert res.curves.curve(s)[c] == pytest.approx(want, abs=1e-4)

@@ -63,7 +63,7 @@ def test_locate_writes_circuit_and_figures(tmp_path):
     assert res.exit_code == 0, res.output
     assert "enrichment MLPs" in res.stdout and "knockout" in res.stdout
     c = RecallCircuit.load(out / "circuit.json")
-    assert c.target.strip() == "Paris" and c.knockout["window"] == 2
+    assert c.target.strip() == "Paris" and c.knockout.window == 2
     for name in ("knockout", "projection", "extraction_heads", "sublayer_knockout", "attribute_rate"):
         assert (out / f"{name}.png").stat().st_size > 5000
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left

@@ -12,11 +12,18 @@ from transformers import PreTrainedTokenizerFast
 
 from factedit.analysis.attribute_rate import keep_token, related_tokens
 from factedit.analysis.circuit import CircuitError, LocateConfig, RecallCircuit
-from factedit.analysis.knockout import attention_knockout, source_positions, window_layers
+from factedit.analysis.knockout import (
+    KnockoutCurves,
+    attention_knockout,
+    source_positions,
+    strongest_layer,
+    window_layers,
+)
 from factedit.analysis.locate import locate
 from factedit.analysis.projection import components
 from factedit.analysis.spans import PromptError, TokenizedPrompt, target_token_ids, tokenize_with_subject
-from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
+from factedit.analysis.sublayer import SUBLAYERS, SublayerKnockoutResult, sublayer_knockout
+from factedit.analysis.trace import TraceResult
 from factedit.editing.config import EditConfig
 from factedit.editing.values import context_prefixes
 from factedit.errors import FactEditError
@@ -176,7 +183,7 @@ def test_locate_demo_fact(demo64):
     # the knockout curves are the knockout's, and the attribute rate is the naive one
     tp = tokenize_with_subject(tok, template, name)
     ko = attention_knockout(ModelAdapter(model), tp, 3)
-    assert c.knockout["subject"] == ko.curves["subject"]
+    assert c.knockout == ko.curves
     rec: dict = {}
     with torch.no_grad():
         naive_gpt2.forward(model, tp.input_ids, record=rec)
@@ -187,7 +194,7 @@ def test_locate_demo_fact(demo64):
         assert c.attribute_rate[la] == sum(t in related for t in top) / 10
     # enrichment MLPs: the layers whose removal lowers the attribute rate most, best first
     sub = c.sublayer_knockout
-    drops = [sub["base_attribute_rate"] - r for r in sub["mlp"]["attribute_rate"]]
+    drops = [sub.base_attribute_rate - r for r in sub.attribute_rate["mlp"]]
     assert [m.layer for m in c.enrichment_mlps] == sorted(
         [la for la in range(L) if drops[la] > 0], key=lambda la: -drops[la])[:3]
     assert c.enrichment_mlps and c.enrichment_mlps[0].layer <= 1  # this model enriches early
@@ -239,8 +246,8 @@ def test_bos_is_not_a_non_subject_source_by_default():
     cfgs = [LocateConfig(knockout_window=2), LocateConfig(knockout_window=2, knockout_bos=True)]
     off, on = (locate("the capital of {} is", "beats music", model=model, tokenizer=tok, config=c) for c in cfgs)
     assert off.config["knockout_bos"] is False and on.config["knockout_bos"] is True
-    assert off.knockout["subject"] == on.knockout["subject"]
-    assert off.knockout["non_subject"] != on.knockout["non_subject"]
+    assert off.knockout.subject == on.knockout.subject
+    assert off.knockout.non_subject != on.knockout.non_subject
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -251,8 +258,8 @@ def test_locate_runs_on_every_family(family):
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     assert c.subject_span == [3, 5] and c.n_layers == L
     assert len(c.head_prob) == L and len(c.head_prob[0]) == H
-    assert all(len(c.sublayer_knockout[k]["prob_change"]) == L for k in SUBLAYERS)
-    vals = [v for s in ("subject", "non_subject", "last") for v in c.knockout[s]]
+    assert all(len(c.sublayer_knockout.prob_change[k]) == L for k in SUBLAYERS)
+    vals = [v for s in ("subject", "non_subject", "last") for v in c.knockout.curve(s)]
     assert all(v == v for v in vals)  # no NaN
     assert RecallCircuit.from_json(c.to_json()) == c
 
@@ -295,6 +302,41 @@ def test_circuit_from_another_model_is_refused(demo):
         copy.deepcopy(model).to(torch.bfloat16).float())
     with pytest.raises(CircuitError, match="not a factedit recall circuit"):
         RecallCircuit.from_json('{"prompt": "x"}')
+
+
+def test_circuit_json_keeps_its_format():
+    """A circuit.json written before the knockouts and the trace were typed (the demo model's,
+    with a target and a causal trace) loads into the typed records and writes back byte for
+    byte; a malformed record is refused with the file's name."""
+    path = Path(__file__).parent / "data" / "circuit_demo_v1.json"
+    text = path.read_text().strip()
+    c = RecallCircuit.from_json(text)
+    assert isinstance(c.knockout, KnockoutCurves) and isinstance(c.knockout_target, KnockoutCurves)
+    assert isinstance(c.sublayer_knockout, SublayerKnockoutResult) and c.sublayer_knockout.token == c.target_id
+    assert isinstance(c.trace, TraceResult) and c.trace.positions == [c.subject_span[1] - 1]
+    assert c.to_json() == text
+    assert RecallCircuit.from_json(c.to_json()) == c
+    raw = json.loads(text)
+    assert c.knockout.window == raw["knockout"]["window"] and c.knockout.last == raw["knockout"]["last"]
+    assert c.sublayer_knockout.attribute_rate["attn"] == raw["sublayer_knockout"]["attn"]["attribute_rate"]
+    for src in ("subject", "non_subject", "last"):
+        curve = raw["knockout"][src]
+        assert c.knockout.strongest(src) == strongest_layer(curve) == min(range(len(curve)), key=curve.__getitem__)
+    for key, bad in (("knockout", "x"), ("knockout_target", {"window": 3}), ("sublayer_knockout", {"window": 1}),
+                     ("trace", {"kind": "mlp"})):
+        with pytest.raises(CircuitError, match=f"{path.name}: malformed .*{key}"):
+            RecallCircuit.from_json(json.dumps({**raw, key: bad}), where=str(path))
+
+
+def test_sublayer_record_without_extraction_round_trips():
+    """The audit's lean sublayer knockout (no extraction curves) keeps None through circuit.json."""
+    sk = SublayerKnockoutResult(window=1, read_layer=2, token=5, base_prob=0.5, base_attribute_rate=None,
+                                base_extraction=None, prob_change={"mlp": [-1.0, 2.0], "attn": [0.5, 0.0]},
+                                attribute_rate=None, extraction=None)
+    d = sk.to_dict()
+    assert list(d) == ["window", "read_layer", "base_prob", "base_attribute_rate", "base_extraction", "mlp", "attn"]
+    assert d["mlp"] == {"prob_change": [-1.0, 2.0], "extraction": None, "attribute_rate": None}
+    assert SublayerKnockoutResult.from_dict(json.loads(json.dumps(d)), token=5) == sk
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")))

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from factedit.analysis.knockout import attention_knockout
+from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.locate import config_for_model, locate
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.models.adapter import ModelAdapter
@@ -96,8 +96,8 @@ def test_fast_knockout_equals_naive_on_known_facts(real):
         naive = attention_knockout(adapter, tp, window, method="naive")
         assert fast.prediction == naive.prediction
         assert abs(fast.base_prob - naive.base_prob) < 1e-6
-        for s in fast.curves:
-            diff = max(abs(a - b) for a, b in zip(fast.curves[s], naive.curves[s], strict=True))
+        for s in SOURCE_SETS:
+            diff = max(abs(a - b) for a, b in zip(fast.curves.curve(s), naive.curves.curve(s), strict=True))
             assert diff < TOL, (subject, s, diff)
 
 
@@ -110,16 +110,16 @@ def test_subject_edges_matter_in_the_upper_half(real):
     L = model.config.num_hidden_layers
     for prompt, subject, _ in spec["facts"]:
         c = locate(prompt, subject, model=model, tokenizer=tok, config=cfg)
-        subj = c.knockout["subject"]
-        strongest = min(range(L), key=lambda la: subj[la])
+        subj = c.knockout.subject
+        strongest = c.knockout.strongest("subject")
         assert strongest >= L // 2, (subject, strongest)
         assert subj[strongest] < -20, (subject, subj[strongest])
-        rel = c.knockout["non_subject"]
+        rel = c.knockout.non_subject
         # where each curve first reaches half its own depth (Gemma's relation curve is shallower
         # than SmolLM2's: its mean never falls below -50%)
         first = lambda curve: next(la for la in range(L) if curve[la] <= min(curve) / 2)  # noqa: E731
         assert first(rel) < first(subj), (subject, first(rel), first(subj))
-        assert min(range(L), key=lambda la: rel[la]) < strongest, subject
+        assert c.knockout.strongest("non_subject") < strongest, subject
 
 
 def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(real, tmp_path, monkeypatch):

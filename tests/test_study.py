@@ -105,7 +105,7 @@ def test_knockout_records_match_the_paper_procedure(study, demo):
     tp = tokenize_with_subject(tok, r["prompt"], r["subject"])
     naive = attention_knockout(ModelAdapter(model), tp, 3, method="naive")
     for src in ("subject", "non_subject", "last"):
-        for a, b in zip(r["knockout"][src], naive.curves[src]):
+        for a, b in zip(r["knockout"][src], naive.curves.curve(src)):
             assert a == pytest.approx(b, abs=1e-3)
 
 

@@ -132,9 +132,9 @@ def test_trace_cli_and_locate_trace_field(tmp_path):
     assert "causal trace" in res.output
     c = RecallCircuit.load(tmp_path / "c" / "circuit.json")
     last_subject = c.subject_span[1] - 1
-    assert c.trace["positions"] == [last_subject] and c.trace["samples"] == 2
+    assert c.trace.positions == [last_subject] and c.trace.samples == 2
     col = t["positions"].index(last_subject)  # same noise, seed and window: the same numbers
-    assert [row[0] for row in c.trace["effect"]] == pytest.approx([row[col] for row in t["effect"]], abs=1e-6)
+    assert [row[0] for row in c.trace.effect] == pytest.approx([row[col] for row in t["effect"]], abs=1e-6)
     res = CliRunner().invoke(main, ["trace", *fact, "--kinds", "mlp,resid"])
     assert res.exit_code == 2 and "resid" in res.output
 
@@ -150,7 +150,7 @@ def test_edit_chooses_the_traced_mlp_layer(demo):
     model, tok, _ = demo
     c = locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,
                config=LocateConfig(knockout_window=3, trace=True, trace_samples=2))
-    effect = [row[0] for row in c.trace["effect"]]
+    effect = [row[0] for row in c.trace.effect]
     for cands in (None, [1, 2, 5]):
         cfg = EditConfig(method="mlp", mlp_site="trace", mlp_layers=cands)
         plan = plan_for(c, cfg, 8)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factedit.analysis.knockout import SOURCE_SETS, KnockoutCurves
+from factedit.analysis.sublayer import SublayerKnockoutResult
+from factedit.analysis.trace import TraceResult
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_text, dumps_json
 from factedit.recipes import RecipeError
@@ -120,8 +123,8 @@ class RecallCircuit:
     n_heads: int
     config: dict[str, Any]
     # attention knockout: relative change (%) of p(prediction) per centre layer
-    knockout: dict[str, Any]  # {"window": k, "subject": [...], "non_subject": [...], "last": [...]}
-    knockout_target: dict[str, Any] | None  # the same for the given target, if any
+    knockout: KnockoutCurves
+    knockout_target: KnockoutCurves | None  # the same for the given target, if any
     # attribute rate per stream layer (0 = embeddings), at the last subject token
     attribute_rate: list[float] | None
     attribute_rate_by_position: dict[str, list[float]] | None  # first_subject, last_subject, after_subject, last
@@ -132,17 +135,23 @@ class RecallCircuit:
     head_rank: list[list[int]] | None  # (L, H); None when only extraction heads were ranked
     head_prob: list[list[float]] | None  # (L, H)
     subject_attention: list[list[float]] | None  # (L, H) attention of the last position on the subject
-    sublayer_knockout: dict[str, Any]
+    sublayer_knockout: SublayerKnockoutResult  # of p(target_id)
     enrichment_metric: str
     enrichment_mlps: list[EnrichmentMLP] = field(default_factory=list)
     extraction_heads: list[ExtractionHead] = field(default_factory=list)
-    # causal trace of the MLP at the last subject token (analysis.trace): TraceResult.to_dict()
-    trace: dict[str, Any] | None = None
+    # causal trace of the MLP at the last subject token (analysis.trace), None unless asked for
+    trace: TraceResult | None = None
     format: str = FORMAT
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON layout of circuit.json (the typed parts as their own ``to_dict``)."""
+        d = dataclasses.asdict(self)
+        d["knockout"] = self.knockout.to_dict()
+        d["knockout_target"] = None if self.knockout_target is None else self.knockout_target.to_dict()
+        d["sublayer_knockout"] = self.sublayer_knockout.to_dict()
+        d["trace"] = None if self.trace is None else self.trace.to_dict()
+        return d
 
     def to_json(self, indent: int | None = 1) -> str:
         return dumps_json(self.to_dict(), indent=indent)
@@ -164,6 +173,16 @@ class RecallCircuit:
             kw["extraction_heads"] = [ExtractionHead(**h) for h in data.get("extraction_heads", [])]
         except TypeError as exc:
             raise CircuitError(f"{where}: malformed enrichment_mlps/extraction_heads entry: {exc}") from exc
+        try:
+            kw["knockout"] = KnockoutCurves.from_dict(data["knockout"])
+            if data["knockout_target"] is not None:
+                kw["knockout_target"] = KnockoutCurves.from_dict(data["knockout_target"])
+            kw["sublayer_knockout"] = SublayerKnockoutResult.from_dict(data["sublayer_knockout"], data["target_id"])
+            if data.get("trace") is not None:
+                kw["trace"] = TraceResult.from_dict(data["trace"])
+        except (KeyError, TypeError) as exc:
+            raise CircuitError(f"{where}: malformed knockout/knockout_target/sublayer_knockout/trace entry: "
+                               f"{exc!r}") from exc
         return cls(**kw)
 
     @classmethod
@@ -192,7 +211,6 @@ class RecallCircuit:
 
     def summary(self) -> str:
         """A short human summary."""
-        L = self.n_layers
         tok = (self.target or self.prediction).strip()
         s0, s1 = self.subject_span
         lines = [
@@ -200,10 +218,10 @@ class RecallCircuit:
             + (f"; following target {tok!r} (p = {self.target_prob:.3g})" if self.target else ""),
             f"subject:     tokens [{s0}, {s1}) = {self.tokens[s0:s1]}",
         ]
-        k = self.knockout["window"]
-        for src in ("subject", "non_subject", "last"):
-            c = self.knockout[src]
-            la = min(range(L), key=lambda i: c[i])
+        k = self.knockout.window
+        for src in SOURCE_SETS:
+            c = self.knockout.curve(src)
+            la = self.knockout.strongest(src)
             lines.append(f"knockout:    block {src:11s} -> last (window {k}): strongest at layer {la} "
                          f"({c[la]:+.1f}%), top window {c[-1]:+.1f}%")
         if self.attribute_rate is not None:
@@ -221,10 +239,9 @@ class RecallCircuit:
         lines.append(f"extraction heads: {heads}")
         if self.trace is not None:
             t = self.trace
-            eff = [row[0] for row in t["effect"]]
-            top = max(range(L), key=lambda la: eff[la])
-            lines.append(f"causal trace: MLP at the last subject token (window {t['window']}) peaks at layer {top} "
-                         f"(indirect effect {eff[top]:+.3f}; p {t['p_clean']:.3f} clean, {t['p_corrupt']:.3f} "
+            top = t.best_layer(t.positions[0])  # the last subject token, the one traced position
+            lines.append(f"causal trace: MLP at the last subject token (window {t.window}) peaks at layer {top} "
+                         f"(indirect effect {t.effect[top][0]:+.3f}; p {t.p_clean:.3f} clean, {t.p_corrupt:.3f} "
                          "subject corrupted)")
         ev = self.extraction_events
         lines.append(f"extraction events of {tok!r}: MHSA layers {ev['attn'] or 'none'}, "

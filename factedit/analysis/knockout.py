@@ -18,7 +18,9 @@ from its window's first layer up, on the clean run's keys and values, all rows i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,15 +55,53 @@ def source_positions(tp: TokenizedPrompt, block_bos: bool = False) -> dict[str, 
     }
 
 
+def strongest_layer(curve: Sequence[float]) -> int:
+    """The centre layer where a knockout hurts most: the index of the most negative relative
+    change in ``curve`` (one value per centre layer, (L,); the lowest such layer on ties)."""
+    return min(range(len(curve)), key=lambda la: curve[la])
+
+
+@dataclass
+class KnockoutCurves:
+    """The knockout curves of one token: the relative change (%) of its probability, per
+    centre layer, when the edges last position -> each source set are blocked over ``window``
+    layers. ``to_dict`` is the layout circuit.json keeps."""
+
+    window: int
+    subject: list[float]  # (L,)
+    non_subject: list[float]  # (L,)
+    last: list[float]  # (L,)
+
+    def curve(self, source: str) -> list[float]:
+        """The curve of a source set (one of ``SOURCE_SETS``)."""
+        if source not in SOURCE_SETS:
+            raise FactEditError(f"knockout source must be one of {', '.join(SOURCE_SETS)}, not {source!r}")
+        return getattr(self, source)
+
+    def strongest(self, source: str) -> int:
+        """The centre layer where blocking ``source``'s edges lowers the probability most."""
+        return strongest_layer(self.curve(source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window": self.window, **{s: list(self.curve(s)) for s in SOURCE_SETS}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KnockoutCurves:
+        return cls(d["window"], *(d[s] for s in SOURCE_SETS))
+
+
 @dataclass
 class KnockoutResult:
-    window: int
     prediction: int  # clean top-1 token id
     base_prob: float
-    curves: dict[str, list[float]]  # source set -> per centre layer, relative change in %
+    curves: KnockoutCurves  # of p(prediction)
     target: int | None = None
     target_base_prob: float | None = None
-    target_curves: dict[str, list[float]] = field(default_factory=dict)
+    target_curves: KnockoutCurves | None = None  # of p(target), when a target is given
+
+    @property
+    def window(self) -> int:
+        return self.curves.window
 
 
 def knockout_rows(n_layers: int) -> list[tuple[str, int]]:
@@ -89,15 +129,15 @@ def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
         raise FactEditError(f"knockout method must be 'fast' or 'naive', not {method!r}")
     pred = int(probs[0].argmax())
 
-    def curves_for(tok_id: int) -> tuple[float, dict[str, list[float]]]:
+    def curves_for(tok_id: int) -> tuple[float, KnockoutCurves]:
         p0 = float(probs[0, tok_id])
         out: dict[str, list[float]] = {s: [] for s in SOURCE_SETS}
         for r, (s, _c) in enumerate(rows, start=1):
             out[s].append((float(probs[r, tok_id]) - p0) / p0 * 100.0)
-        return p0, out
+        return p0, KnockoutCurves(window, **out)
 
     p0, curves = curves_for(pred)
-    res = KnockoutResult(window, pred, p0, curves)
+    res = KnockoutResult(pred, p0, curves)
     if target is not None:
         res.target = target
         res.target_base_prob, res.target_curves = curves_for(target)

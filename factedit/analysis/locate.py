@@ -14,13 +14,13 @@ import torch
 
 from factedit.analysis.attribute_rate import rate_of, related_tokens, top_kept
 from factedit.analysis.circuit import EnrichmentMLP, ExtractionHead, LocateConfig, RecallCircuit
-from factedit.analysis.heads import extraction_head_scores, head_scores, ov_rank, top_heads
+from factedit.analysis.heads import HeadScores, extraction_head_scores, head_scores, ov_rank, top_heads
 from factedit.analysis.hooks import upcast
-from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
+from factedit.analysis.knockout import attention_knockout
 from factedit.analysis.projection import Components, components, rank_and_prob_of
 from factedit.analysis.rerun import CleanRun, clean_run
 from factedit.analysis.spans import PromptError, TokenizedPrompt, target_token_ids, tokenize_with_subject
-from factedit.analysis.sublayer import sublayer_knockout
+from factedit.analysis.sublayer import SublayerKnockoutResult, sublayer_knockout
 from factedit.analysis.trace import causal_trace, embedding_noise
 from factedit.analysis.vocab import prunable
 from factedit.errors import FactEditError
@@ -83,6 +83,81 @@ def attribute_rates_by_position(adapter: ModelAdapter, tok, tp: TokenizedPrompt,
     return by_pos
 
 
+def _model_and_tokenizer(model, tokenizer, caller: str):
+    """A loaded (model, tokenizer) from ``model``: loaded already, a path or a name, or None
+    for the embedded demo model."""
+    if model is None or isinstance(model, (str, Path)):
+        from factedit.models.loading import load_model
+
+        return load_model(model)
+    if tokenizer is None:
+        raise FactEditError(f"{caller}: pass the tokenizer together with a loaded model")
+    return model, tokenizer
+
+
+def related_ids(model, tok, subject: str,
+                related: str | list[str] | set[int] | None) -> tuple[set[int] | None, str | None]:
+    """The related-token set for the attribute rate, and where it came from: ``related`` as
+    token ids or as text, else (for a world model) the subject's attributes, else none."""
+    if related is None:
+        ids = world_related(model, tok, subject)
+        return ids, "world attributes" if ids is not None else None
+    if isinstance(related, set):
+        return set(related), "token ids"
+    return related_tokens(tok, related), "user text"
+
+
+def vocabulary_projection(adapter: ModelAdapter, comp: Components, last: int, token: int,
+                          final_norm: bool) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[str, list[int]]]:
+    """The residual, MHSA and MLP outputs of every layer at the last position, in one batch
+    through the unembedding: their logits (``{"resid"|"attn"|"mlp": (L, V)}``, reused by the
+    heads, the attribute rate and the sublayer knockout), the rank and probability of ``token``
+    in each (``{"<kind>_rank"|"<kind>_prob": (L,)}``) and the layers where an MHSA or MLP output
+    ranks it first (extraction events)."""
+    L = adapter.n_layers
+    vecs = torch.cat([comp.resid[:, last], comp.attn, comp.mlp])  # (3L, d)
+    lens = dict(zip(("resid", "attn", "mlp"), upcast(adapter.logit_lens(vecs, final_norm)).split(L)))
+    proj: dict[str, list] = {}
+    for name, logits in lens.items():
+        r, p = rank_and_prob_of(logits, token)
+        proj[f"{name}_rank"] = r.tolist()
+        proj[f"{name}_prob"] = p.tolist()
+    events = {k: [la for la in range(L) if proj[f"{k}_rank"][la] == 1] for k in ("attn", "mlp")}
+    return lens, proj, events
+
+
+def rank_heads(adapter: ModelAdapter, comp: Components, tp: TokenizedPrompt, token: int, cfg: LocateConfig,
+               attn_logits: torch.Tensor, heads: str) -> tuple[HeadScores, list[ExtractionHead]]:
+    """Every head's rank and probability of ``token`` at the last position (with ``heads=
+    "extraction"``, only the heads that can be extraction heads, ruled out against
+    ``attn_logits`` (L, V), the MHSA outputs' projection), and the extraction heads, the first
+    ``cfg.ov_check_heads`` of them with the OV parameter check."""
+    fn = cfg.final_norm
+    if heads == "all" or not prunable(adapter):
+        hs = head_scores(adapter, comp, token, fn)
+    else:  # only the heads that can be extraction heads, ruled out against the top of these projections
+        hs = extraction_head_scores(adapter, comp, token, fn, cfg.head_max_rank,
+                                    torch.cat([attn_logits, upcast(comp.logits)[None]]))
+    chosen = top_heads(hs, cfg.head_max_rank, cfg.max_heads)
+    ov = ov_rank(adapter, comp, tp.last_subject, chosen[: cfg.ov_check_heads], token, fn)
+    found = [ExtractionHead(la, h, float(hs.prob[la, h]), int(hs.rank[la, h]),
+                            ov[i] if i < len(ov) else None) for i, (la, h) in enumerate(chosen)]
+    return hs, found
+
+
+def enrichment_mlps(sk: SublayerKnockoutResult, max_enrichment: int) -> tuple[str, list[EnrichmentMLP]]:
+    """The enrichment MLPs, best first: the layers whose removal at the subject lowers the
+    attribute rate most (without a related-token set: p(token) at the output), and that metric."""
+    if sk.attribute_rate is not None:
+        metric = f"drop of the attribute rate at stream layer {sk.read_layer}"
+        scores = [sk.base_attribute_rate - r for r in sk.attribute_rate["mlp"]]  # (L,)
+    else:
+        metric = "relative drop of p(token) at the output"
+        scores = [-c / 100.0 for c in sk.prob_change["mlp"]]  # (L,)
+    order = sorted(range(len(scores)), key=lambda la: -scores[la])
+    return metric, [EnrichmentMLP(la, float(scores[la])) for la in order[:max_enrichment] if scores[la] > 0]
+
+
 @torch.no_grad()
 def locate(prompt: str, subject: str, target: str | None = None, *, model=None, tokenizer=None,
            related: str | list[str] | set[int] | None = None, config: LocateConfig | None = None,
@@ -104,104 +179,56 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     """
     if heads not in ("all", "extraction"):
         raise FactEditError(f"locate: heads must be 'all' or 'extraction', not {heads!r}")
-    if model is None or isinstance(model, (str, Path)):
-        from factedit.models.loading import load_model
-
-        model, tokenizer = load_model(model)
-    elif tokenizer is None:
-        raise FactEditError("locate: pass the tokenizer together with a loaded model")
-    tok = tokenizer
+    model, tok = _model_and_tokenizer(model, tokenizer, "locate")
     adapter = ModelAdapter(model)
     cfg = (config or config_for_model(model)).resolved(adapter.n_layers)
     fn = cfg.final_norm
-    L = adapter.n_layers
 
     tp = tokenize_with_subject(tok, prompt, subject)
     check_length(model, tp)
     if clean is None or clean.input_ids != tp.input_ids:
         clean = clean_run(adapter, tp.input_ids)  # the one clean pass: projections, and both knockout sweeps
     comp = components(adapter, tp.input_ids, clean)
-    probs = upcast(comp.logits).softmax(-1)
+    probs = upcast(comp.logits).softmax(-1)  # (V,)
     pred = int(probs.argmax())
-    target_id = target_token_ids(tok, tp.prompt, target)[0] if target is not None else pred
-    token = target_id
+    token = target_token_ids(tok, tp.prompt, target)[0] if target is not None else pred  # the token followed
 
-    ko = attention_knockout(adapter, tp, cfg.knockout_window, target=target_id if target is not None else None,
+    ko = attention_knockout(adapter, tp, cfg.knockout_window, target=token if target is not None else None,
                             clean=clean, block_bos=cfg.knockout_bos)
-
-    # vocabulary projection at the last position: the residual, MHSA and MLP outputs of every
-    # layer in one batch through the unembedding (the residual's also serves the attribute rate)
-    lens = upcast(adapter.logit_lens(torch.cat([comp.resid[:, tp.last], comp.attn, comp.mlp]), fn))  # (3L, V)
-    lens = dict(zip(("resid", "attn", "mlp"), lens.split(L)))
-    proj: dict[str, list] = {}
-    for name, logits in lens.items():
-        r, p = rank_and_prob_of(logits, token)
-        proj[f"{name}_rank"] = r.tolist()
-        proj[f"{name}_prob"] = p.tolist()
-    events = {k: [la for la in range(L) if proj[f"{k}_rank"][la] == 1] for k in ("attn", "mlp")}
-
-    if heads == "all" or not prunable(adapter):
-        hs = head_scores(adapter, comp, token, fn)
-    else:  # only the heads that can be extraction heads, ruled out against the top of these projections
-        hs = extraction_head_scores(adapter, comp, token, fn, cfg.head_max_rank,
-                                    torch.cat([lens["attn"], upcast(comp.logits)[None]]))
-    chosen = top_heads(hs, cfg.head_max_rank, cfg.max_heads)
-    ov = ov_rank(adapter, comp, tp.last_subject, chosen[: cfg.ov_check_heads], token, fn)
-    found = [ExtractionHead(la, h, float(hs.prob[la, h]), int(hs.rank[la, h]),
-                            ov[i] if i < len(ov) else None) for i, (la, h) in enumerate(chosen)]
-
-    # attribute rate
-    source = None
-    rel_ids: set[int] | None
-    if related is None:
-        rel_ids = world_related(model, tok, subject)
-        source = "world attributes" if rel_ids is not None else None
-    elif isinstance(related, set):
-        rel_ids, source = set(related), "token ids"
-    else:
-        rel_ids, source = related_tokens(tok, related), "user text"
-    rates = by_pos = None
+    lens, proj, events = vocabulary_projection(adapter, comp, tp.last, token, fn)
+    hs, found = rank_heads(adapter, comp, tp, token, cfg, lens["attn"], heads)
+    rel_ids, source = related_ids(model, tok, subject, related)
+    by_pos = None
     if rel_ids is not None:
         by_pos = attribute_rates_by_position(adapter, tok, tp, comp, lens["resid"], rel_ids, cfg.attribute_top_k, fn)
-        rates = by_pos["last_subject"]
-
     sk = sublayer_knockout(adapter, tok, tp, cfg.sublayer_window, token, rel_ids, cfg.read_layer,
                            cfg.attribute_top_k, fn, clean=clean, extraction=extraction, clean_attn_logits=lens["attn"])
-    if sk.attribute_rate is not None:
-        metric = f"drop of the attribute rate at stream layer {sk.read_layer}"
-        scores = [sk.base_attribute_rate - r for r in sk.attribute_rate["mlp"]]
-    else:
-        metric = "relative drop of p(token) at the output"
-        scores = [-c / 100.0 for c in sk.prob_change["mlp"]]
-    order = sorted(range(L), key=lambda la: -scores[la])
-    enrich = [EnrichmentMLP(la, float(scores[la])) for la in order[: cfg.max_enrichment] if scores[la] > 0]
-
+    metric, enrich = enrichment_mlps(sk, cfg.max_enrichment)
     trace = None
     if cfg.trace:
         trace = causal_trace(adapter, tp, token, "mlp", positions=[tp.last_subject], window=cfg.trace_window,
-                             samples=cfg.trace_samples,
-                             noise=cfg.trace_noise or embedding_noise(adapter, tok)).to_dict()
+                             samples=cfg.trace_samples, noise=cfg.trace_noise or embedding_noise(adapter, tok))
 
+    s0, s1 = tp.subject_span
     return RecallCircuit(
         prompt=tp.prompt,
         subject=subject,
-        subject_span=list(tp.subject_span),
+        subject_span=[s0, s1],
         tokens=[tok.decode([i]) for i in tp.input_ids],
         prediction=tok.decode([pred]),
         prediction_id=pred,
         prediction_prob=float(probs[pred]),
-        target=None if target is None else tok.decode([target_id]),
-        target_id=target_id,
-        target_prob=float(probs[target_id]),
+        target=None if target is None else tok.decode([token]),
+        target_id=token,
+        target_prob=float(probs[token]),
         model=str(getattr(model, "name_or_path", "")),
         model_fingerprint=fingerprint or model_fingerprint(model),
-        n_layers=L,
+        n_layers=adapter.n_layers,
         n_heads=adapter.n_heads,
         config=cfg.__dict__.copy(),
-        knockout={"window": ko.window, **{s: ko.curves[s] for s in SOURCE_SETS}},
-        knockout_target=({"window": ko.window, **{s: ko.target_curves[s] for s in SOURCE_SETS}}
-                         if target is not None else None),
-        attribute_rate=rates,
+        knockout=ko.curves,
+        knockout_target=ko.target_curves,
+        attribute_rate=None if by_pos is None else by_pos["last_subject"],
         attribute_rate_by_position=by_pos,
         related_source=source,
         projection=proj,
@@ -209,17 +236,10 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
         head_rank=hs.rank.tolist() if heads == "all" else None,
         head_prob=hs.prob.tolist() if heads == "all" else None,
         subject_attention=(None if comp.attn_pattern is None else
-                           comp.attn_pattern[:, :, tp.subject_span[0] : tp.subject_span[1]].sum(-1).tolist()),
-        sublayer_knockout={
-            "window": sk.window, "read_layer": sk.read_layer, "base_prob": sk.base_prob,
-            "base_attribute_rate": sk.base_attribute_rate, "base_extraction": sk.base_extraction,
-            **{k: {"prob_change": sk.prob_change[k], "extraction": None if sk.extraction is None else sk.extraction[k],
-                   "attribute_rate": None if sk.attribute_rate is None else sk.attribute_rate[k]}
-               for k in ("mlp", "attn")},
-        },
+                           comp.attn_pattern[:, :, s0:s1].sum(-1).tolist()),  # (L, H)
+        sublayer_knockout=sk,
         enrichment_metric=metric,
         enrichment_mlps=enrich,
         extraction_heads=found,
         trace=trace,
     )
-

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -48,6 +49,29 @@ class SublayerKnockoutResult:
     prob_change: dict[str, list[float]]  # sublayer -> per centre layer, relative change in %
     attribute_rate: dict[str, list[float]] | None  # sublayer -> per centre layer, rate at read_layer
     extraction: dict[str, list[float]] | None  # sublayer -> per centre layer, max MHSA p(token) at last
+
+    def to_dict(self) -> dict[str, Any]:
+        """The layout circuit.json keeps: per sublayer its three curves (None where not
+        measured); ``token`` is left out (it is the circuit's ``target_id``)."""
+        def per(curves: dict[str, list[float]] | None, kind: str) -> list[float] | None:
+            return None if curves is None else list(curves[kind])
+
+        return {"window": self.window, "read_layer": self.read_layer, "base_prob": self.base_prob,
+                "base_attribute_rate": self.base_attribute_rate, "base_extraction": self.base_extraction,
+                **{k: {"prob_change": list(self.prob_change[k]), "extraction": per(self.extraction, k),
+                       "attribute_rate": per(self.attribute_rate, k)} for k in SUBLAYERS}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], token: int) -> SublayerKnockoutResult:
+        """The inverse of ``to_dict``, for the measured ``token``."""
+        def curves(name: str) -> dict[str, list[float]] | None:
+            by_kind = {k: d[k][name] for k in SUBLAYERS}
+            return None if all(v is None for v in by_kind.values()) else by_kind
+
+        return cls(window=d["window"], read_layer=d["read_layer"], token=token, base_prob=d["base_prob"],
+                   base_attribute_rate=d["base_attribute_rate"], base_extraction=d["base_extraction"],
+                   prob_change={k: d[k]["prob_change"] for k in SUBLAYERS},
+                   attribute_rate=curves("attribute_rate"), extraction=curves("extraction"))
 
 
 @contextmanager

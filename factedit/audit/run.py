@@ -130,12 +130,12 @@ def audit_facts(facts: Sequence[AuditFact], model, tok, config: LocateConfig, fi
             "status": "known",
             "n_tokens": len(tp.input_ids),
             "subject_span": list(tp.subject_span),
-            "knockout": {s: _rs(c.knockout[s]) for s in ("subject", "non_subject", "last")},
+            "knockout": {s: _rs(c.knockout.curve(s)) for s in ("subject", "non_subject", "last")},
             "attribute_rate": None if by_pos is None else {k: _rs(v) for k, v in by_pos.items()},
             "projection_rank": {k: c.projection[f"{k}_rank"] for k in ("resid", "attn", "mlp")},
             "extraction_heads": [[h.layer, h.head, _r(h.score)] for h in c.extraction_heads],
             "enrichment_mlps": [[m.layer, _r(m.score)] for m in c.enrichment_mlps],
-            "sublayer_knockout": {k: _rs(c.sublayer_knockout[k]["prob_change"]) for k in ("mlp", "attn")},
+            "sublayer_knockout": {k: _rs(c.sublayer_knockout.prob_change[k]) for k in ("mlp", "attn")},
         }
 
 

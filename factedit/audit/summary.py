@@ -18,6 +18,8 @@ import math
 from collections import Counter, defaultdict
 from itertools import combinations
 
+from factedit.analysis.knockout import strongest_layer
+
 SOURCES = ("subject", "non_subject", "last")
 POSITIONS = ("first_subject", "last_subject", "after_subject", "last")
 
@@ -61,7 +63,7 @@ def summarise(records: list[dict], n_layers: int, n_heads: int, top: int = 15) -
         mean, band = _mean_band([r["knockout"][s] for r in known])
         out["knockout"][s] = {"mean": mean, "band95": band}
     ko_mean = out["knockout"]["subject"]["mean"]
-    out["subject_knockout_strongest_layer"] = min(range(n_layers), key=lambda la: ko_mean[la])
+    out["subject_knockout_strongest_layer"] = strongest_layer(ko_mean)
 
     rated = [r for r in known if r.get("attribute_rate")]
     out["attribute_rate"] = None

@@ -94,8 +94,8 @@ def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
     half of the layers, by at least ``threshold`` % (the paper's mechanism: upper layers read
     the enriched subject); else "lookup" (the subject is read low down, and the fact is
     computed at the last position)."""
-    ko = circuit.knockout["subject"]
-    worst = min(range(len(ko)), key=lambda la: ko[la])
+    ko = circuit.knockout.subject  # (L,)
+    worst = circuit.knockout.strongest("subject")
     return "extraction" if worst >= len(ko) // 2 and ko[worst] <= -threshold else "lookup"
 
 
@@ -111,8 +111,7 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
         # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
         # when taking the layer of the first MLP extraction event instead.)
         position = MlpPosition.LAST
-        ko = circuit.knockout["subject"]
-        read_window = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)
+        read_window = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)
         read = read_window[0]
         mlp = min(cands, key=lambda la: abs(la - read))
         events = circuit.extraction_events["mlp"]
@@ -120,9 +119,9 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
                    + (f"; MLP extraction events at L{events}" if events else ""))
     elif cfg.method in ("circuit", "mlp") and cfg.mlp_site == "trace" and circuit is not None \
             and circuit.trace is not None:
-        effect = [row[0] for row in circuit.trace["effect"]]  # (L,) at the last subject token
-        mlp = max(cands, key=lambda la: effect[la])
-        why.append(f"subject MLP L{mlp}: largest causal-tracing indirect effect ({effect[mlp]:+.3f})"
+        t = circuit.trace  # traced at one position, the last subject token
+        mlp = t.best_layer(t.positions[0], cands)
+        why.append(f"subject MLP L{mlp}: largest causal-tracing indirect effect ({t.effect[mlp][0]:+.3f})"
                    + (f" among layers {cands}" if cfg.mlp_layers else ""))
     elif cfg.method in ("circuit", "mlp"):
         located = circuit.enrichment_mlps[0].layer if circuit and circuit.enrichment_mlps else None
@@ -145,8 +144,8 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
         elif cfg.method == "heads" and cfg.head_fallback == "attention" and circuit.subject_attention is not None:
             # no head extracts the attribute on its own: the heads that carry the subject to
             # the last position where blocking that flow hurts the prediction
-            ko = circuit.knockout["subject"]
-            att = circuit.subject_attention
+            ko = circuit.knockout.subject  # (L,)
+            att = circuit.subject_attention  # (L, H)
             score = {(la, h): att[la][h] * max(0.0, -ko[la]) / 100.0
                      for la in range(n_layers) for h in range(len(att[la]))}
             heads = [lh for lh in sorted(score, key=lambda lh: -score[lh]) if score[lh] > 0][: cfg.max_heads]
@@ -285,7 +284,7 @@ def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: 
     """A circuit's layers and heads must exist in the model (a hand-edited file may name others)."""
     L, H = adapter.n_layers, adapter.n_heads
     fix = "run `factedit locate` on this model again"
-    if c.n_layers != L or c.n_heads != H or len(c.knockout.get("subject", [])) != L:
+    if c.n_layers != L or c.n_heads != H or len(c.knockout.subject) != L:
         raise CircuitError(f"circuit {i} describes {c.n_layers} layers x {c.n_heads} heads, the model has {L} x {H}: "
                            + fix)
     for h in c.extraction_heads:
@@ -295,8 +294,8 @@ def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: 
     for m in c.enrichment_mlps:
         if not 0 <= m.layer < L:
             raise CircuitError(f"circuit {i} names MLP layer {m.layer}, but the model has layers 0..{L - 1}: " + fix)
-    if not 1 <= int(c.knockout.get("window", 0)) <= L:
-        raise CircuitError(f"circuit {i} has knockout window {c.knockout.get('window')}, outside 1..{L}: " + fix)
+    if not 1 <= int(c.knockout.window) <= L:
+        raise CircuitError(f"circuit {i} has knockout window {c.knockout.window}, outside 1..{L}: " + fix)
     if c.subject != req.subject:
         raise CircuitError(f"circuit {i} was located for the subject {c.subject!r}, {_where(i, req)} edits "
                            f"{req.subject!r}: pass one circuit per request, in the requests' order")

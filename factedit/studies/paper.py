@@ -43,7 +43,7 @@ import torch
 
 from factedit.analysis.attribute_rate import attribute_rate, keep_token, related_tokens
 from factedit.analysis.circuit import LocateConfig
-from factedit.analysis.knockout import window_layers
+from factedit.analysis.knockout import strongest_layer, window_layers
 from factedit.analysis.locate import check_length, locate
 from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.rerun import clean_run
@@ -143,10 +143,6 @@ def jaccard(a: set, b: set) -> float | None:
     if not a and not b:
         return None
     return len(a & b) / len(a | b)
-
-
-def argmin(xs: list[float]) -> int:
-    return min(range(len(xs)), key=lambda i: xs[i])
 
 
 def argmax(xs: list[float]) -> int:
@@ -255,7 +251,7 @@ def fact_record(adapter: ModelAdapter, model, tok, tp, clean, fact: AuditFact, c
     rec = {"index": fact.index, "prompt": tp.prompt, "subject": fact.subject, "attribute": fact.attribute,
            "relation": fact.relation, "group": fact.group, "template": template_of(tp.prompt, fact.subject),
            "prediction": c.prediction, "prediction_prob": _r(c.prediction_prob),
-           "knockout": {s: _rs(c.knockout[s]) for s in SOURCES}}
+           "knockout": {s: _rs(c.knockout.curve(s)) for s in SOURCES}}
 
     def rates(final_norm: bool, ids: set[int]) -> dict[str, list[float]]:
         pos = {"first_subject": s0, "last_subject": ls, "last": q}
@@ -294,9 +290,11 @@ def fact_record(adapter: ModelAdapter, model, tok, tp, clean, fact: AuditFact, c
         rec["attribute_rank_in_subject"] = int(r)
     sk = c.sublayer_knockout
     rec["sublayer_knockout"] = {
-        "window": sk["window"], "read_layer": sk["read_layer"], "base_attribute_rate": sk["base_attribute_rate"],
-        "base_extraction": _r(sk["base_extraction"]), "mlp_attribute_rate": _rs(sk["mlp"]["attribute_rate"]),
-        "mlp_extraction": _rs(sk["mlp"]["extraction"]), "mlp_prob_change": _rs(sk["mlp"]["prob_change"])}
+        "window": sk.window, "read_layer": sk.read_layer, "base_attribute_rate": sk.base_attribute_rate,
+        "base_extraction": _r(sk.base_extraction),
+        "mlp_attribute_rate": _rs(None if sk.attribute_rate is None else sk.attribute_rate["mlp"]),
+        "mlp_extraction": _rs(None if sk.extraction is None else sk.extraction["mlp"]),
+        "mlp_prob_change": _rs(sk.prob_change["mlp"])}
     rec["enrichment_mlps"] = [m.layer for m in c.enrichment_mlps]
     rec["projection_rank"] = {kind: c.projection[f"{kind}_rank"] for kind in ("resid", "attn", "mlp")}
     return rec
@@ -320,12 +318,13 @@ def flow_summary(records: list[dict], n_layers: int) -> dict:
                 "crossed_share": len(crossed) / len(records),
                 "median_layer": statistics.median(crossed) if crossed else None}
         out["strongest_layer"] = out.get("strongest_layer", {})
-        out["strongest_layer"][s] = argmin(mean)
+        out["strongest_layer"][s] = strongest_layer(mean)
     rb = {}
     for t in THRESHOLDS:
         verdicts = [relation_first(r["knockout"], t) for r in records]
         rb[str(int(t))] = {"decided": sum(v is not None for v in verdicts), "share": _share(verdicts)}
-    minima = [argmin(r["knockout"]["non_subject"]) < argmin(r["knockout"]["subject"]) for r in records]
+    minima = [strongest_layer(r["knockout"]["non_subject"]) < strongest_layer(r["knockout"]["subject"])
+              for r in records]
     rb["argmin"] = {"decided": len(minima), "share": _share(minima)}
     out["relation_before_subject"] = rb
     return out
@@ -464,7 +463,8 @@ def pair_measures(a: dict, b: dict) -> dict:
                 - argmax(a["attribute_rate"]["logit_lens"]["last_subject"]))
     return {"index": a["index"], "relation": a["relation"], "original": a["prompt"], "paraphrase": b["prompt"],
             "head_jaccard": jaccard(ha, hb),
-            "subject_window_shift": argmin(b["knockout"]["subject"]) - argmin(a["knockout"]["subject"]),
+            "subject_window_shift": (strongest_layer(b["knockout"]["subject"])
+                                     - strongest_layer(a["knockout"]["subject"])),
             "enrichment_peak_shift": peak,
             "enrichment_mlp_jaccard": jaccard(set(a["enrichment_mlps"]), set(b["enrichment_mlps"]))}
 
@@ -539,7 +539,7 @@ def two_hop(adapter: ModelAdapter, model, tok, known: list[dict], facts: list[Au
                 "bridge_rank_last": [int(x) for x in rank_last],
                 "bridge_rank_last_subject": [int(x) for x in rank_subj],
                 "bridge_best_layer_last": best_last, "answer_first_top1_layer": ans[0] if ans else None,
-                "two_step": bool(before), "knockout": {s: _rs(c.knockout[s]) for s in SOURCES},
+                "two_step": bool(before), "knockout": {s: _rs(c.knockout.curve(s)) for s in SOURCES},
                 "extraction_heads": [[h.layer, h.head] for h in c.extraction_heads]})
     ch = out["chains"]
     out["two_step_share"] = _share(c["two_step"] for c in ch)

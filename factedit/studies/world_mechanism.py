@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from factedit.analysis.attribute_rate import attribute_rate
-from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
+from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, strongest_layer
 from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.models.adapter import ModelAdapter
@@ -50,8 +50,8 @@ class MechanismReport:
             "a_subject_top_window": round(subj[-1], 1),
             "a_subject_strongest_upper_window": round(min(upper), 1),
             "a_subject_lowest_window": round(subj[0], 1),
-            "b_non_subject_strongest_layer": int(min(range(L), key=lambda i: non[i])),
-            "b_subject_strongest_layer": int(min(range(L), key=lambda i: subj[i])),
+            "b_non_subject_strongest_layer": strongest_layer(non),
+            "b_subject_strongest_layer": strongest_layer(subj),
             "c_attribute_rate_embedding": round(ar[0], 3),
             "c_attribute_rate_max": round(max(ar), 3),
             "c_attribute_rate_max_layer": int(max(range(len(ar)), key=lambda i: ar[i])),
@@ -93,7 +93,7 @@ def measure_mechanism(model, tok, world: World, n_facts: int = 100, window: int 
         n += 1
         res = attention_knockout(adapter, tp, window)
         for s in SOURCE_SETS:
-            ko[s] += torch.tensor(res.curves[s])
+            ko[s] += torch.tensor(res.curves.curve(s))
         ent = world.entity(subject)
         other = rng.choice([e for e in world.entities if e.name != subject])
         own = {tok.encode(" " + a)[0] for a in ent.facts.values()}

@@ -217,12 +217,11 @@ def _check_subject_dependence(base_model, tokenizer, req: EditRequest, base_circ
     """(c): blocking subject -> last edges, in the window where the base model reads the
     subject, takes away most of the edit's gain in p(o*) (compared with the base model under
     the same knockout). Returns the flow's (c) entries."""
-    ko_base = base_circuit.knockout["subject"]
-    read = min(range(len(ko_base)), key=lambda la: ko_base[la])
+    read = base_circuit.knockout.strongest("subject")
     base_new = locate(req.prompt, req.subject, req.target_new, model=base_model, tokenizer=tokenizer, config=lc)
     p_base, p_ed = base_new.target_prob, after.target_prob
-    p_base_ko = p_base * (1 + base_new.knockout_target["subject"][read] / 100)
-    p_ed_ko = p_ed * (1 + after.knockout_target["subject"][read] / 100)
+    p_base_ko = p_base * (1 + base_new.knockout_target.subject[read] / 100)
+    p_ed_ko = p_ed * (1 + after.knockout_target.subject[read] / 100)
     gain = p_ed - p_base
     survives = (p_ed_ko - p_base_ko) / gain if gain > 1e-6 else None
     if a_ok and survives is not None and survives > opts.max_gain_without_subject:
@@ -230,7 +229,7 @@ def _check_subject_dependence(base_model, tokenizer, req: EditRequest, base_circ
                        f"{100 * survives:.0f}% of the edit's gain in p({new_tok}) remains (> "
                        f"{100 * opts.max_gain_without_subject:.0f}%): the new attribute is not retrieved from "
                        "the subject")
-    return {"c_read_window_centre": read, "c_drop_percent": -after.knockout_target["subject"][read],
+    return {"c_read_window_centre": read, "c_drop_percent": -after.knockout_target.subject[read],
             "c_gain_surviving_knockout": survives,
             "c_probabilities": {"base": p_base, "edited": p_ed, "base_knocked_out": p_base_ko,
                                 "edited_knocked_out": p_ed_ko}}
@@ -255,8 +254,8 @@ def _check_neighbours(base: _BaseRun, ed: _EditedRun, neighbours: list[Neighbour
     circ = [{"prompt": b.prompt, "prediction_before": b.prediction, "prediction_after": a.prediction,
              "extraction_heads_jaccard": _jaccard({(h.layer, h.head) for h in b.extraction_heads},
                                                   {(h.layer, h.head) for h in a.extraction_heads}),
-             "subject_knockout_max_change": max(abs(x - y) for x, y in zip(a.knockout["subject"],
-                                                                           b.knockout["subject"]))}
+             "subject_knockout_max_change": max(abs(x - y) for x, y in zip(a.knockout.subject,
+                                                                           b.knockout.subject))}
             for a, b in zip(ed.neighbour_circuits, base.neighbour_circuits)]
     if share < opts.neighbour_unchanged_floor:
         reasons.append(f"(e) {100 * (1 - share):.0f}% of neighbour prompts changed their prediction")
