@@ -29,6 +29,12 @@ class EditConfig:
     # keys: the subject's last token, after random context prefixes
     n_prefixes: int = 10
     prefix_tokens: list[int] = field(default_factory=lambda: [5, 10])
+    # which keys the rank-one update (single and sequential edits) must map to the fitted value:
+    # "mean" (ROME: the key averaged over the contexts; context i then gets the share
+    # r_i = k*^T C^-1 k_i / k*^T C^-1 k* of the change, the bare prompt included) | "contexts"
+    # (each context's own key, the bare prompt's among them: the C-smallest rank-one update that
+    # gives every prompt the value was fitted on all of it)
+    insert_keys: str = "mean"
     # the new value (ROME's v*): Adam on the target's log-likelihood with a KL term
     steps: int = 25
     lr: float = 0.5
@@ -78,6 +84,8 @@ class EditConfig:
                               f"{self.sequential_strategy!r}")
         if self.mlp_site not in ("enrichment", "trace"):
             raise RecipeError(f"edit.mlp_site must be 'enrichment' or 'trace', not {self.mlp_site!r}")
+        if self.insert_keys not in ("mean", "contexts"):
+            raise RecipeError(f"edit.insert_keys must be 'mean' or 'contexts', not {self.insert_keys!r}")
         if self.head_fallback not in ("attention", "none"):
             raise RecipeError(f"edit.head_fallback must be 'attention' or 'none', not {self.head_fallback!r}")
         for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span",
