@@ -102,9 +102,10 @@ def main() -> None:
             sites.append(res.plans[0].why)
             with applied(model, res.delta):
                 per.append(score_requests(model, tok, [r], fluency=True, others=others))
+            per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
         rows.append({"method": f"{name} (single)", "n": len(single), **_mean_rows(per),
-                     "s_per_edit": round(seconds / len(single), 2), "sites": sites})
-        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+                     "s_per_edit": round(seconds / len(single), 2), "sites": sites, "per_request": per})
+        print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
     batch = requests[: args.batch]
     for name in [m for m in args.batch_methods.split(",") if m and args.batch]:
         cfg = dataclasses.replace(base, **BATCH[name])
