@@ -35,6 +35,7 @@ from factedit.analysis.locate import config_for_model, locate
 from factedit.editing.api import edit_config_for_model
 from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit
+from factedit.editing.requests import RequestError
 from factedit.editing.weights import applied
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
@@ -96,15 +97,22 @@ def main() -> None:
     for name in [m for m in args.methods.split(",") if m and args.n]:
         cfg = dataclasses.replace(base, **SINGLE[name])
         per, seconds, sites = [], 0.0, []
+        refused = []
         for r, c in zip(single, circuits):
-            res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False)
+            try:
+                res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False)
+            except RequestError as exc:  # e.g. a lookup edit of a multi-token target: not scored, counted
+                refused.append(f"{r.filled_prompt!r} -> {r.target_new!r}: {exc}")
+                print(f"{name}: refused {refused[-1]}", flush=True)
+                continue
             seconds += res.seconds
             sites.append(res.plans[0].why)
             with applied(model, res.delta):
                 per.append(score_requests(model, tok, [r], fluency=True, others=others))
             per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
-        rows.append({"method": f"{name} (single)", "n": len(single), **_mean_rows(per),
-                     "s_per_edit": round(seconds / len(single), 2), "sites": sites, "per_request": per})
+        rows.append({"method": f"{name} (single)" + (f", {len(refused)} refused" if refused else ""),
+                     "n": len(per), **_mean_rows(per), "s_per_edit": round(seconds / max(1, len(per)), 2),
+                     "sites": sites, "per_request": per, "refused": refused})
         print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
     batch = requests[: args.batch]
     for name in [m for m in args.batch_methods.split(",") if m and args.batch]:
