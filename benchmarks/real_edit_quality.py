@@ -2,13 +2,15 @@
 (factedit/studies/known_edits.py), every method run by the same code on the same requests.
 
     python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0]
-        [--methods circuit,rome,heads,lora] [--batch 0] [--batch-methods circuit,memit]
+        [--methods circuit,rome,mlp,heads,lora] [--batch 0] [--batch-methods circuit,memit]
         [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
 
 Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
 - ``circuit``: factedit's edit of the fact's located circuit (MLP at the subject + extraction heads);
 - ``rome``: ROME as its authors set it up: one rank-one MLP update at the layer causal tracing
-  selects on average (the recipe's ``mlp_layers``), ROME's value-fitting settings;
+  selects on average (the recipe's ``mlp_layers``), ROME's value-fitting settings, the value
+  inserted for the mean of the contexts' keys (``insert_keys: mean``, whatever ``--set`` says);
+- ``mlp``: the same MLP-only edit with the settings as given (``insert_keys`` included);
 - ``heads``: the extraction heads' value update alone;
 - ``lora``: plain LoRA fine-tuning of the prompt (peft);
 - ``ft-l``-style constrained fine-tuning is not included (see the README).
@@ -41,8 +43,8 @@ from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
 from factedit.studies.known_edits import build_requests, harmonic_s, known_facts, score_requests, subject_facts
 
-SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp"}, "heads": {"method": "heads"},
-          "lora": {"method": "lora"}}
+SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
+          "mlp": {"method": "mlp"}, "heads": {"method": "heads"}, "lora": {"method": "lora"}}
 BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp"}, "lora": {"method": "lora"}}
 
 
