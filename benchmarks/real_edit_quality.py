@@ -112,6 +112,8 @@ def main() -> None:
             with applied(model, res.delta):
                 per.append(score_requests(model, tok, [r], fluency=True, others=others))
             per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
+            print(f"  {name} {len(per)}/{len(single)}: {r.filled_prompt!r} -> {r.target_new!r}: ES {per[-1]['ES']:.0f} "
+                  f"PS {per[-1]['PS']:.0f} NS {per[-1]['NS']:.0f}, {res.seconds:.0f} s; {sites[-1]}", flush=True)
         rows.append({"method": f"{name} (single)" + (f", {len(refused)} refused" if refused else ""),
                      "n": len(per), **_mean_rows(per), "s_per_edit": round(seconds / max(1, len(per)), 2),
                      "sites": sites, "per_request": per, "refused": refused})
