@@ -33,8 +33,10 @@ class EditConfig:
     # "mean" (ROME: the key averaged over the contexts; context i then gets the share
     # r_i = k*^T C^-1 k_i / k*^T C^-1 k* of the change, the bare prompt included) | "contexts"
     # (each context's own key, the bare prompt's among them: the C-smallest rank-one update that
-    # gives every prompt the value was fitted on all of it)
-    insert_keys: str = "mean"
+    # gives every prompt the value was fitted on all of it). Measured on SmolLM2-135M (20 single
+    # ROME-setting edits at L3, the same fitted values): ES 85 -> 100, PS up, NS kept (README,
+    # "Edit quality on real models"); the bare prompt's key is the one ROME's mean serves least
+    insert_keys: str = "contexts"
     # the new value (ROME's v*): Adam on the target's log-likelihood with a KL term
     steps: int = 25
     lr: float = 0.5
