@@ -159,6 +159,28 @@ def test_rank_one_for_every_context_key_matches_the_naive_closed_form():
         EditConfig(insert_keys="all").validate()
 
 
+def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
+    """A lookup circuit is edited at the last position only where a candidate MLP sits at or
+    above the layer that reads the subject; below it the update would key on the template, so
+    the subject's MLP is edited instead."""
+    import copy
+
+    from factedit.analysis.circuit import LocateConfig
+    from factedit.analysis.locate import locate
+    from factedit.editing.edit import plan_for
+
+    model, tok, _ = demo
+    c = copy.deepcopy(locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,
+                             config=LocateConfig(knockout_window=3)))
+    c.knockout["subject"] = [0.0] * 8
+    c.knockout["subject"][6] = -5.0  # read at L6 (window 5-7), too weak a drop for "extraction": lookup
+    plan = plan_for(c, EditConfig(method="circuit"), 8)
+    assert (plan.mechanism, plan.mlp_position, plan.mlp_layer, plan.read_layers) == ("lookup", "last", 5, [5])
+    plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2]), 8)
+    assert (plan.mlp_position, plan.heads) == ("subject", []) and plan.mlp_layer in (1, 2)
+    assert "edited at the subject" in plan.why
+
+
 def test_second_moments_match_naive_and_are_cached(demo, tmp_path):
     model, tok, _ = demo
     adapter = ModelAdapter(model)

@@ -85,16 +85,25 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     cands = cfg.mlp_layers or list(range(n_layers))
     mlp, position, why = None, "subject", []
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
+    lookup_mlp = None
     if cfg.method == "circuit" and mech == "lookup":
         # the MLP at the last position in the first block of the window where blocking the
         # subject's edges hurts most: the first MLP after the attention that reads the subject.
         # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
         # when taking the layer of the first MLP extraction event instead.)
-        position = "last"
         ko = circuit.knockout["subject"]
         read_window = window_layers(min(range(n_layers), key=lambda la: ko[la]), circuit.knockout["window"], n_layers)
         read = read_window[0]
-        mlp = min(cands, key=lambda la: abs(la - read))
+        lookup_mlp = min(cands, key=lambda la: abs(la - read))
+        if lookup_mlp < read:
+            # no candidate MLP at or above the read: the last position there has not read the
+            # subject yet, so the update would key on the template alone (every subject asked
+            # this way, and no paraphrase); the subject's MLP (ROME's site) is edited instead
+            why.append(f"lookup mechanism (the subject is read at L{read}), but no candidate MLP at or above it "
+                       f"(mlp_layers {cands}): edited at the subject")
+            lookup_mlp = None
+    if lookup_mlp is not None:
+        position, mlp = "last", lookup_mlp
         events = circuit.extraction_events["mlp"]
         why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
                    + (f"; MLP extraction events at L{events}" if events else ""))
