@@ -2,13 +2,15 @@
 (factedit/studies/known_edits.py), every method run by the same code on the same requests.
 
     python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0]
-        [--methods circuit,rome,heads,lora] [--batch 0] [--batch-methods circuit,memit]
+        [--methods circuit,rome,mlp,heads,lora] [--batch 0] [--batch-methods circuit,memit]
         [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
 
 Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
 - ``circuit``: factedit's edit of the fact's located circuit (MLP at the subject + extraction heads);
 - ``rome``: ROME as its authors set it up: one rank-one MLP update at the layer causal tracing
-  selects on average (the recipe's ``mlp_layers``), ROME's value-fitting settings;
+  selects on average (the recipe's ``mlp_layers``), ROME's value-fitting settings, the value
+  inserted for the mean of the contexts' keys (``insert_keys: mean``, whatever ``--set`` says);
+- ``mlp``: the same MLP-only edit with the settings as given (``insert_keys`` included);
 - ``heads``: the extraction heads' value update alone;
 - ``lora``: plain LoRA fine-tuning of the prompt (peft);
 - ``ft-l``-style constrained fine-tuning is not included (see the README).
@@ -35,13 +37,14 @@ from factedit.analysis.locate import config_for_model, locate
 from factedit.editing.api import edit_config_for_model
 from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit
+from factedit.editing.requests import RequestError
 from factedit.editing.weights import applied
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
 from factedit.studies.known_edits import build_requests, harmonic_s, known_facts, score_requests, subject_facts
 
-SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp"}, "heads": {"method": "heads"},
-          "lora": {"method": "lora"}}
+SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
+          "mlp": {"method": "mlp"}, "heads": {"method": "heads"}, "lora": {"method": "lora"}}
 BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp"}, "lora": {"method": "lora"}}
 
 
@@ -96,15 +99,25 @@ def main() -> None:
     for name in [m for m in args.methods.split(",") if m and args.n]:
         cfg = dataclasses.replace(base, **SINGLE[name])
         per, seconds, sites = [], 0.0, []
+        refused = []
         for r, c in zip(single, circuits):
-            res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False)
+            try:
+                res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False)
+            except RequestError as exc:  # e.g. a lookup edit of a multi-token target: not scored, counted
+                refused.append(f"{r.filled_prompt!r} -> {r.target_new!r}: {exc}")
+                print(f"{name}: refused {refused[-1]}", flush=True)
+                continue
             seconds += res.seconds
             sites.append(res.plans[0].why)
             with applied(model, res.delta):
                 per.append(score_requests(model, tok, [r], fluency=True, others=others))
-        rows.append({"method": f"{name} (single)", "n": len(single), **_mean_rows(per),
-                     "s_per_edit": round(seconds / len(single), 2), "sites": sites})
-        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+            per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
+            print(f"  {name} {len(per)}/{len(single)}: {r.filled_prompt!r} -> {r.target_new!r}: ES {per[-1]['ES']:.0f} "
+                  f"PS {per[-1]['PS']:.0f} NS {per[-1]['NS']:.0f}, {res.seconds:.0f} s; {sites[-1]}", flush=True)
+        rows.append({"method": f"{name} (single)" + (f", {len(refused)} refused" if refused else ""),
+                     "n": len(per), **_mean_rows(per), "s_per_edit": round(seconds / max(1, len(per)), 2),
+                     "sites": sites, "per_request": per, "refused": refused})
+        print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
     batch = requests[: args.batch]
     for name in [m for m in args.batch_methods.split(",") if m and args.batch]:
         cfg = dataclasses.replace(base, **BATCH[name])

@@ -146,6 +146,71 @@ def test_rank_one_hits_the_key_and_least_squares_matches_normal_equations():
     assert regularised(C, 0.1).diagonal().min() > C.diagonal().min()
 
 
+def test_rank_one_for_every_context_key_matches_the_naive_closed_form():
+    """edit.insert_keys "contexts": the C-smallest rank-one update mapping each context's own key
+    to delta, against the naive closed form u = C^-1 K^T (K C^-1 K^T)^-1 1 (K: keys as rows),
+    and ROME's update (the mean key) shown to give the keys only shares r_i of delta."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(400, 10, generator=g, dtype=torch.float64)
+    C = (X.T @ X / 400).float()
+    # a fact's key in 4 contexts: one direction plus context noise
+    K = torch.randn(10, generator=g)[None] + 0.3 * torch.randn(4, 10, generator=g)
+    delta = torch.randn(6, generator=g)
+    k = K.mean(0)
+    b, a = rank_one(C, k, delta, ridge=0.0, context_keys=K)
+    Cd, Kd = C.double(), K.double()
+    CiKt = torch.linalg.solve(Cd, Kd.T)
+    u = CiKt @ torch.linalg.solve(Kd @ CiKt, torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close((b @ a).double(), delta.double()[:, None] * u[None], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close((b @ a) @ K.T, delta[:, None].expand(6, 4), atol=1e-4, rtol=1e-4)
+    # it is the least change in C's norm among updates that hit every key: any other (here one
+    # that also fixes a random direction's output) costs more
+    x = torch.randn(10, generator=g, dtype=torch.float64)
+    K2 = torch.cat([Kd, x[None]])
+    CiK2 = torch.linalg.solve(Cd, K2.T)
+    u2 = CiK2 @ torch.linalg.solve(K2 @ CiK2, torch.tensor([1.0] * 4 + [0.3], dtype=torch.float64))
+    assert float(u @ Cd @ u) < float(u2 @ Cd @ u2)
+    # ROME's update for the mean key hits the mean, and context i only by r_i (mean 1, not all 1)
+    b0, a0 = rank_one(C, k, delta, ridge=0.0)
+    r = (a0.double() @ Kd.T)[0]
+    torch.testing.assert_close(r, (k.double() @ CiKt) / (k.double() @ torch.linalg.solve(Cd, k.double())))
+    assert abs(float(r.mean()) - 1) < 1e-5 and float((r - 1).abs().max()) > 1e-2
+    # one context key is ROME's update; keys spanning a repeated one are solved (pseudo-inverse)
+    b1, a1 = rank_one(C, k, delta, ridge=0.0, context_keys=k[None])
+    torch.testing.assert_close(b1 @ a1, b0 @ a0)
+    b2, a2 = rank_one(C, k, delta, ridge=0.0, context_keys=torch.cat([K, K[:1]]))
+    torch.testing.assert_close(b2 @ a2, b @ a, atol=1e-4, rtol=1e-4)
+    # with a null key too: all context keys hit, the null key not
+    k0 = torch.randn(10, generator=g)
+    b3, a3 = rank_one(C, k, delta, ridge=0.0, null_keys=k0[None], context_keys=K)
+    torch.testing.assert_close((b3 @ a3) @ K.T, delta[:, None].expand(6, 4), atol=1e-4, rtol=1e-4)
+    assert float(((b3 @ a3) @ k0).norm()) < 1e-4
+    with pytest.raises(Exception, match="insert_keys"):
+        EditConfig(insert_keys="all").validate()
+
+
+def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
+    """A lookup circuit is edited at the last position only where a candidate MLP sits at or
+    above the layer that reads the subject; below it the update would key on the template, so
+    the subject's MLP is edited instead."""
+    import copy
+
+    from factedit.analysis.circuit import LocateConfig
+    from factedit.analysis.locate import locate
+    from factedit.editing.edit import plan_for
+
+    model, tok, _ = demo
+    c = copy.deepcopy(locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,
+                             config=LocateConfig(knockout_window=3)))
+    c.knockout["subject"] = [0.0] * 8
+    c.knockout["subject"][6] = -5.0  # read at L6 (window 5-7), too weak a drop for "extraction": lookup
+    plan = plan_for(c, EditConfig(method="circuit"), 8)
+    assert (plan.mechanism, plan.mlp_position, plan.mlp_layer, plan.read_layers) == ("lookup", "last", 5, [5])
+    plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2]), 8)
+    assert (plan.mlp_position, plan.heads) == ("subject", []) and plan.mlp_layer in (1, 2)
+    assert "edited at the subject" in plan.why
+
+
 def test_second_moments_match_naive_and_are_cached(demo, tmp_path):
     model, tok, _ = demo
     adapter = ModelAdapter(model)

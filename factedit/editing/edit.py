@@ -28,7 +28,15 @@ import torch
 from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
 from factedit.editing.config import EditConfig, MlpPosition
-from factedit.editing.insert import least_squares, mean_hidden, mean_keys, mlp_to_residual, rank_one, residual_to_mlp
+from factedit.editing.insert import (
+    context_keys,
+    least_squares,
+    mean_hidden,
+    mean_keys,
+    mlp_to_residual,
+    rank_one,
+    residual_to_mlp,
+)
 from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.sequential import SequenceState, sequential_sweep
 from factedit.editing.stats import Corpus, StatsReport, second_moments
@@ -105,6 +113,7 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     cands = cfg.mlp_layers or list(range(n_layers))
     mlp, position, why = None, MlpPosition.SUBJECT, []
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
+    lookup_mlp = None
     if cfg.method == "circuit" and mech == "lookup":
         # the MLP at the last position in the first block of the window where blocking the
         # subject's edges hurts most: the first MLP after the attention that reads the subject.
@@ -113,7 +122,16 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
         position = MlpPosition.LAST
         read_window = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)
         read = read_window[0]
-        mlp = min(cands, key=lambda la: abs(la - read))
+        lookup_mlp = min(cands, key=lambda la: abs(la - read))
+        if lookup_mlp < read:
+            # no candidate MLP at or above the read: the last position there has not read the
+            # subject yet, so the update would key on the template alone (every subject asked
+            # this way, and no paraphrase); the subject's MLP (ROME's site) is edited instead
+            why.append(f"lookup mechanism (the subject is read at L{read}), but no candidate MLP at or above it "
+                       f"(mlp_layers {cands}): edited at the subject")
+            lookup_mlp = None
+    if lookup_mlp is not None:
+        position, mlp = "last", lookup_mlp
         events = circuit.extraction_events["mlp"]
         why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
                    + (f"; MLP extraction events at L{events}" if events else ""))
@@ -319,6 +337,12 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             return None
         return torch.stack(done[site]), cfg.sequential_lambda
 
+    def ctx_keys(req: EditRequest, kind: str, layer: int, position: str = "subject") -> torch.Tensor | None:
+        """Each context's own key (edit.insert_keys "contexts"), else None (their mean is used)."""
+        if cfg.insert_keys != "contexts":
+            return None
+        return context_keys(adapter, tok, req, prefixes, kind, layer, position)
+
     try:
         t_step = time.perf_counter()
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
@@ -328,7 +352,9 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             res.nll.append({"before": fitted.base_nll[0], "after_fit": fitted.nll[0]})
             step = WeightDelta(conv1d=adapter.spec.conv1d)
             if plan.mlp_layer is not None:
-                k = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, plan.mlp_position)[0]
+                K = ctx_keys(req, "mlp", plan.mlp_layer, plan.mlp_position)
+                k = K.mean(0) if K is not None else mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer,
+                                                              plan.mlp_position)[0]
                 null = None
                 if plan.mlp_position == "last" and cfg.subject_conditional and plan.read_layers:
                     # the same prompt with the subject hidden from the last position must not
@@ -336,15 +362,17 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                     null = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, "last",
                                      block_subject=plan.read_layers)
                 site = ("mlp", plan.mlp_layer)
-                b, a = rank_one(stats[site], k, fitted.mlp[0], cfg.ridge, null, kept(site))
+                b, a = rank_one(stats[site], k, fitted.mlp[0], cfg.ridge, null, kept(site), context_keys=K)
                 done[site].append(k)
                 step.add(adapter.module_name(plan.mlp_layer, adapter.spec.mlp_out), b, a)
                 for name, w in apply(adapter.model, step).items():
                     base.setdefault(name, w)
             head_step = WeightDelta(conv1d=adapter.spec.conv1d)
             for j, (la, kv) in enumerate(kv_sites):  # keys read with the MLP update in place
-                k = mean_keys(adapter, tok, [req], prefixes, "attn", la)[0]
-                b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge, kept=kept(("attn", la)))
+                K = ctx_keys(req, "attn", la)
+                k = K.mean(0) if K is not None else mean_keys(adapter, tok, [req], prefixes, "attn", la)[0]
+                b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge, kept=kept(("attn", la)),
+                                  context_keys=K)
                 done[("attn", la)].append(k)
                 name = adapter.module_name(la, adapter.spec.v_proj)
                 b = torch.zeros(adapter.out_weight(adapter.v_proj(la)).shape[0], 1)

@@ -38,16 +38,19 @@ from factedit.models.adapter import ModelAdapter
 def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
               modules: dict[Hashable, torch.nn.Module], where: str = "in", chunk: int = 256,
               position: str = "subject", block_subject: list[int] | None = None,
-              fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[Hashable, torch.Tensor]:
+              fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+              per_prefix: bool = False) -> dict[Hashable, torch.Tensor]:
     """{key: (n, width)}: each module's input (or output) at the subject's last token (or the
-    last position) of each request's prompt, averaged over the context prefixes; every module
-    read in the same forward passes. With ``block_subject`` (layers), the edges last position
+    last position) of each request's prompt, averaged over the context prefixes (with
+    ``per_prefix``: (n, n_prefixes, width), each context's own, in the order of ``prefixes``);
+    every module read in the same forward passes. With ``block_subject`` (layers), the edges last position
     -> subject are blocked there, as in attention knockout. ``fn(x, req)`` maps the rows read
     (b, width) of requests ``req`` (b,) before they are averaged."""
     device = next(adapter.model.parameters()).device
     texts = [(i, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
              for i, r in enumerate(requests) for p in prefixes]
     sums: dict[Hashable, torch.Tensor] = {}
+    reads: dict[Hashable, list[torch.Tensor]] = {}  # per_prefix: each chunk's (b, width)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for c0 in range(0, len(texts), chunk):
         part = texts[c0 : c0 + chunk]
@@ -57,9 +60,14 @@ def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
         for key, x in got.items():
             if fn is not None:
                 x = fn(x, req).float()
+            if per_prefix:
+                reads.setdefault(key, []).append(x)
+                continue
             if key not in sums:
                 sums[key] = torch.zeros(len(requests), x.shape[-1], device=x.device)
             sums[key].index_add_(0, req, x)
+    if per_prefix:  # texts run request by request, prefix by prefix
+        return {key: torch.cat(xs).reshape(len(requests), len(prefixes), -1) for key, xs in reads.items()}
     return {key: s / len(prefixes) for key, s in sums.items()}
 
 
@@ -102,6 +110,14 @@ def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
     """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn")."""
     module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)
     return at_token(adapter, tok, requests, prefixes, module, "in", position=position, block_subject=block_subject)
+
+
+def context_keys(adapter: ModelAdapter, tok, request: EditRequest, prefixes: list[str], kind: str, layer: int,
+                 position: str = "subject") -> torch.Tensor:
+    """(n_prefixes, n_in): one request's key in each context (prefix), in the order of
+    ``prefixes``; their mean is :func:`mean_keys`'s."""
+    module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)
+    return at_token(adapter, tok, [request], prefixes, module, "in", position=position, per_prefix=True)[0]
 
 
 def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
@@ -171,33 +187,60 @@ NULL_MAX_COST = 25.0
 
 def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: float,
              null_keys: torch.Tensor | None = None, kept: tuple[torch.Tensor, float] | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             context_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME's insertion: factors (B (out, 1), A (1, in)) with (B A) key = delta. With
-    ``null_keys`` (m, in), also (B A) null_keys = 0: the C-smallest update that fires on the
-    key and not on those (u = C^-1 K (K^T C^-1 K)^-1 e_1, K = [key, null_keys]). With
-    ``kept`` = (earlier edits' keys (p, in), λ), C becomes C + K_p^T K_p / λ: the update
-    also moves the keys of earlier edits little (their weight against the corpus's keys is
-    MEMIT's, as in ``least_squares``)."""
+    ``context_keys`` (m, in), the keys of one fact in each of its contexts (``key`` is usually
+    their mean): (B A) k_i = delta for every one of them instead, the C-smallest such update
+    (u = C^-1 K (K^T C^-1 K)^+ 1, K = context_keys^T): each prompt the value was fitted on gets
+    all of delta, where ROME's update gives context i only the share
+    r_i = k^T C^-1 k_i / k^T C^-1 k (1 on average). With ``null_keys`` (m, in), also
+    (B A) null_keys = 0: the C-smallest update that fires on the key(s) and not on those
+    (u = C^-1 K (K^T C^-1 K)^-1 t, K = [keys, null_keys], t = [1.., 0..]). With ``kept`` =
+    (earlier edits' keys (p, in), λ), C becomes C + K_p^T K_p / λ: the update also moves the
+    keys of earlier edits little (their weight against the corpus's keys is MEMIT's, as in
+    ``least_squares``)."""
     Creg = regularised(C, ridge)
     if kept is not None and len(kept[0]):
         Kp = kept[0].double()
         Creg = Creg + Kp.T @ Kp / kept[1]
-    Ci_k = _solve(Creg, key.double())  # (in,)
-    a = Ci_k / (key.double() @ Ci_k)
+    hit = key.double()[None] if context_keys is None or not len(context_keys) else context_keys.double()
+    if len(hit) == 1:  # ROME's
+        Ci_k = _solve(Creg, hit[0])  # (in,)
+        Ci_H = Ci_k[:, None]
+        a = Ci_k / (hit[0] @ Ci_k)
+        cost = 1 / float(hit[0] @ Ci_k)  # a^T C a
+    else:
+        # the C-smallest a with a . k_i = 1 for every context key; the keys of one fact in its
+        # contexts are nearly collinear, so G is solved by pseudo-inverse (exact where the keys
+        # allow it, else the least-squares fit)
+        Ci_H = _solve(Creg, hit.T)  # (in, m)
+        g_hit = _pinv(hit @ Ci_H) @ torch.ones(len(hit), dtype=hit.dtype, device=hit.device)
+        a = Ci_H @ g_hit
+        cost = float(g_hit.sum())
     if null_keys is not None and len(null_keys):
-        K = torch.cat([key[None], null_keys], 0).double().T  # (in, 1 + m)
-        Ci_K = _solve(Creg, K)
+        K = torch.cat([hit, null_keys.double()], 0).T  # (in, m + m0)
+        Ci_K = torch.cat([Ci_H, _solve(Creg, null_keys.double().T)], 1)
         G = K.T @ Ci_K
-        # where a null key is (nearly) the key itself, both cannot hold: keep ROME's update.
-        # Likewise where holding them would cost over NULL_MAX_COST times ROME's update (in
+        # where a null key is (nearly) the key itself, both cannot hold: keep the update without
+        # it. Likewise where holding them would cost over NULL_MAX_COST times that update (in
         # C's norm, a^T C a): such an update is large on every other key
-        if torch.linalg.cond(G) < 1e8:
-            e1 = torch.zeros(K.shape[1], dtype=K.dtype, device=K.device)
-            e1[0] = 1
-            g = _solve(G, e1)
-            if float(g[0]) * float(key.double() @ Ci_k) <= NULL_MAX_COST:  # cost ratio (>= 1)
-                a = Ci_K @ g
+        t = torch.zeros(K.shape[1], dtype=K.dtype, device=K.device)
+        t[: len(hit)] = 1
+        if len(hit) == 1:
+            g = _solve(G, t) if torch.linalg.cond(G) < 1e8 else None
+        else:  # several context keys: held where the pseudo-inverse meets every null key
+            g = _pinv(G) @ t
+            if float((G[len(hit):] @ g).abs().max()) > 1e-3:
+                g = None
+        if g is not None and float(t @ g) <= NULL_MAX_COST * cost:  # cost ratio (>= 1)
+            a = Ci_K @ g
     return delta.double()[:, None].float(), a[None].float()
+
+
+def _pinv(G: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD Gram matrix, small eigenvalues (below 1e-12 of the
+    largest) dropped."""
+    return torch.linalg.pinv(G, hermitian=True, rtol=1e-12)
 
 
 def least_squares(C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, lam: float, ridge: float,
