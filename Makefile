@@ -25,7 +25,7 @@ demo: models
 	$(BIN)/factedit demo --out demo-output
 
 test: models
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal tests
 	$(BIN)/ruff check factedit tests benchmarks
 
 lint: setup

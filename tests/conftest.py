@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs the suite in 2 pytest-xdist workers: one torch thread each. The tests' models
+# are small, so a second thread per process gains little, and 2 processes x 2 threads on 2 cores
+# stall in each other's parallel regions. A plain `pytest` run keeps 2 threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

@@ -202,8 +202,8 @@ def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
     model, tok, _ = demo
     c = copy.deepcopy(locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,
                              config=LocateConfig(knockout_window=3)))
-    c.knockout["subject"] = [0.0] * 8
-    c.knockout["subject"][6] = -5.0  # read at L6 (window 5-7), too weak a drop for "extraction": lookup
+    c.knockout.subject = [0.0] * 8
+    c.knockout.subject[6] = -5.0  # read at L6 (window 5-7), too weak a drop for "extraction": lookup
     plan = plan_for(c, EditConfig(method="circuit"), 8)
     assert (plan.mechanism, plan.mlp_position, plan.mlp_layer, plan.read_layers) == ("lookup", "last", 5, [5])
     plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2]), 8)

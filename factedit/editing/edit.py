@@ -119,7 +119,6 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
         # subject's edges hurts most: the first MLP after the attention that reads the subject.
         # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
         # when taking the layer of the first MLP extraction event instead.)
-        position = MlpPosition.LAST
         read_window = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)
         read = read_window[0]
         lookup_mlp = min(cands, key=lambda la: abs(la - read))
@@ -131,7 +130,7 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
                        f"(mlp_layers {cands}): edited at the subject")
             lookup_mlp = None
     if lookup_mlp is not None:
-        position, mlp = "last", lookup_mlp
+        position, mlp = MlpPosition.LAST, lookup_mlp
         events = circuit.extraction_events["mlp"]
         why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
                    + (f"; MLP extraction events at L{events}" if events else ""))
