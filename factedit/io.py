@@ -68,24 +68,25 @@ def atomic_write_json(path: Path, obj: Any, **kw) -> None:
     atomic_write_text(path, dumps_json(obj, **kw))
 
 
-def read_text(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> str:
+def read_text(path: str | Path, what: str, limit: int = MAX_JSON_BYTES,
+              error: type[FactEditError] = FactEditError) -> str:
     """A UTF-8 text file of at most ``limit`` bytes; anything else is a one-line error naming
-    ``what`` (e.g. "recipe file", "--dataset") and the fix."""
+    ``what`` (e.g. "recipe file", "--dataset") and the fix, raised as ``error``."""
     path = Path(path)
     if not path.is_file():
-        raise FactEditError(f"{what} {path} does not exist (or is not a file): check the path")
+        raise error(f"{what} {path} does not exist (or is not a file): check the path")
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        raise FactEditError(f"{what} {path} cannot be read ({exc.strerror}): check its permissions") from None
+        raise error(f"{what} {path} cannot be read ({exc.strerror}): check its permissions") from None
     if len(data) > limit:
-        raise FactEditError(f"{what} {path} is larger than {limit // 2**20} MiB: split it, or check that it is "
+        raise error(f"{what} {path} is larger than {limit // 2**20} MiB: split it, or check that it is "
                             "the right file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise FactEditError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as "
+        raise error(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as "
                             "UTF-8") from None
 
 

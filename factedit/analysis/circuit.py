@@ -198,16 +198,9 @@ class RecallCircuit:
 
     @classmethod
     def load(cls, path: str | Path) -> RecallCircuit:
-        path = Path(path)
-        if not path.is_file():
-            raise CircuitError(f"circuit file {path} does not exist")
         from factedit.io import read_text
 
-        try:
-            text = read_text(path, "circuit file")
-        except FactEditError as exc:
-            raise CircuitError(str(exc)) from None
-        return cls.from_json(text, where=str(path))
+        return cls.from_json(read_text(path, "circuit file", error=CircuitError), where=str(path))
 
     def summary(self) -> str:
         """A short human summary."""

@@ -158,12 +158,7 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     from factedit.io import read_text
 
     path = Path(path)
-    if not path.is_file():
-        raise RequestError(f"request file {path} does not exist")
-    try:
-        text = read_text(path, "request file")
-    except FactEditError as exc:
-        raise RequestError(str(exc)) from None
+    text = read_text(path, "request file", error=RequestError)
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
