@@ -55,12 +55,12 @@ class Choice(str, Enum):
         raise RecipeError(f"{where}: expected one of {', '.join(cls.values())}, got {shown(value)}")
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
+        args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
         for a in args:
@@ -70,35 +70,35 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
                 return _check_type(value, a, where)
             except RecipeError:
                 continue
-        raise RecipeError(f"{where}: expected {tp}, got {shown(value)}")
+        raise RecipeError(f"{where}: expected {hint}, got {shown(value)}")
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {shown(value)}")
-        (arg,) = typing.get_args(tp) or (Any,)
+        (arg,) = typing.get_args(hint) or (Any,)
         return [_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {shown(value)}")
         return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if isinstance(tp, type) and issubclass(tp, Choice):
-        return tp.parse(value, where)
-    if tp is float:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return hint.parse(value, where)
+    if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {shown(value)}")
         if not math.isfinite(value):
             raise RecipeError(f"{where}: expected a finite number, got {shown(value)}")
         return float(value)
-    if tp is int:
+    if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{where}: expected an integer, got {shown(value)}")
         return value
-    if tp is bool:
+    if hint is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{where}: expected true or false, got {shown(value)}")
         return value
-    if tp is str:
+    if hint is str:
         if not isinstance(value, str):
             raise RecipeError(f"{where}: expected a string, got {shown(value)}")
         return value
