@@ -72,10 +72,11 @@ def world_prompts(world, req: EditRequest, n_neighbours: int = 10) -> tuple[list
             para = [t.format(req.subject) for t in temps if t != tpl]
             rng = random.Random(req.subject)
             try:
-                truth = world.entity(req.subject).facts[rid]
+                attribute = world.entity(req.subject).facts[rid]
             except KeyError:
-                truth = None
-            pool = [e for e in world.entities if e.name != req.subject and (truth is None or e.facts[rid] == truth)]
+                attribute = None
+            pool = [e for e in world.entities
+                    if e.name != req.subject and (attribute is None or e.facts[rid] == attribute)]
             others = rng.sample(pool, min(n_neighbours, len(pool)))
             return para, [Neighbour(tpl.format(e.name), e.name, e.facts[rid]) for e in others]
     return [], []
@@ -250,7 +251,7 @@ def _check_neighbours(base: _BaseRun, ed: _EditedRun, neighbours: list[Neighbour
         return {}
     unchanged = [a == b for a, b in zip(ed.neighbour_top1, base.neighbour_top1)]
     share = sum(unchanged) / len(unchanged)
-    truths = [(t, n.truth) for t, n in zip(ed.neighbour_top1, neighbours) if n.truth is not None]
+    known = [(t, n.attribute) for t, n in zip(ed.neighbour_top1, neighbours) if n.attribute is not None]
     circ = [{"prompt": b.prompt, "prediction_before": b.prediction, "prediction_after": a.prediction,
              "extraction_heads_jaccard": _jaccard({(h.layer, h.head) for h in b.extraction_heads},
                                                   {(h.layer, h.head) for h in a.extraction_heads}),
@@ -260,7 +261,7 @@ def _check_neighbours(base: _BaseRun, ed: _EditedRun, neighbours: list[Neighbour
     if share < opts.neighbour_unchanged_floor:
         reasons.append(f"(e) {100 * (1 - share):.0f}% of neighbour prompts changed their prediction")
     return {"predictions_unchanged": share,
-            "predictions_correct": sum(t.strip() == w for t, w in truths) / len(truths) if truths else None,
+            "predictions_correct": sum(t.strip() == w for t, w in known) / len(known) if known else None,
             "circuits": circ}
 
 
@@ -287,7 +288,7 @@ def _where(ev: dict, heads: set) -> str:
 class Neighbour:
     prompt: str
     subject: str | None = None  # known for world models: then its circuit is compared too
-    truth: str | None = None
+    attribute: str | None = None  # its known answer (a world model's fact)
 
 
 def top1(model, tokenizer, prompts: list[str]) -> list[str]:
