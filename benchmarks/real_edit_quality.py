@@ -71,8 +71,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override an edit setting for every method, e.g. --set 'mlp_layers=[4]'")
     ap.add_argument("--stats-corpus", nargs="*", default=["sampled"])
+    ap.add_argument("--cases", default=None, metavar="I,J,...",
+                    help="single edits of these requests only (indices among the first --n), to re-measure the "
+                         "requests a change affects; with --batch 0 and --sequential 0")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    cases = [int(x) for x in args.cases.split(",")] if args.cases else None
+    if cases and (args.batch or args.sequential or max(cases) >= args.n):
+        ap.error("--cases: indices below --n, single edits only")
     model, tok = load_model(args.model)
     base = edit_config_for_model(model)
     for kv in args.set:
@@ -86,6 +92,8 @@ def main() -> None:
     print(f"{args.model}: {len(facts)} known facts, {len(requests)} requests (seed {args.seed}), corpus "
           f"{corpus.name}, settings {args.set or 'recipe'}", flush=True)
     single = requests[: args.n]
+    if cases:
+        single = requests = [single[i] for i in cases]
     lc = config_for_model(model)
     lc.trace = lc.trace or base.mlp_site == "trace"
     t0 = time.perf_counter()
@@ -147,7 +155,8 @@ def main() -> None:
               f"{r['top1']:.1f} | {r['fluency']:.2f} | {sf} | {r['s_per_edit']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "seed": args.seed, "settings": args.set, "corpus": corpus.name,
+            json.dump({"model": args.model, "seed": args.seed, "settings": args.set, "cases": cases,
+                       "corpus": corpus.name,
                        "locate_s": locate_s, "rows": rows}, f, indent=1)
 
 
