@@ -120,7 +120,8 @@ def sublayer_figure(sub, path: Path, title: str = "") -> None:
     p(token) at the output, and the attribute rate read higher up, per centre layer of the
     removed window."""
     has_rate = sub.attribute_rate is not None
-    fig, axes = plt.subplots(1, 2 if has_rate else 1, figsize=(10 if has_rate else 5.5, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_rate else 1, figsize=(10 if has_rate else 5.5, 3.4), squeeze=False,
+                             layout="constrained")
     colors = {"mlp": "#d62728", "attn": "#9467bd"}
     names = {"mlp": "MLP updates removed", "attn": "MHSA updates removed"}
     ax = axes[0][0]
