@@ -2,7 +2,7 @@
 plain LoRA fine-tuning, side by side, single edits and one batch.
 
     python benchmarks/edit_quality.py [--single 100] [--batch 1000] [--sequential 0] [--model DIR]
-        [--strategies refit,nullspace,kept]
+        [--strategies refit,nullspace,kept] [--set KEY=JSON ...]
 
 Prints one table (and writes it as JSON with --json FILE). Runs on CPU in minutes. A
 sequential row also gives the seconds per edit over the first and the last tenth of the
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--strategies", default=None,
                     help="sequential strategies to compare (refit, nullspace, kept); default: the recipe's")
     ap.add_argument("--methods", default="circuit,mlp,lora")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override an edit setting for every row, e.g. --set sequential_lambda=3000")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -64,6 +66,10 @@ def main() -> None:
     world = World.load(model.name_or_path)
     corpus = world_corpus(world)
     base = edit_config_for_model(model)
+    for kv in args.set:
+        key, _, val = kv.partition("=")
+        base = dataclasses.replace(base, **{key: json.loads(val)})
+        base.validate()
     rows = []
     for method in args.methods.split(","):
         cfg = dataclasses.replace(base, method=method)
