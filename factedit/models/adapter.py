@@ -32,7 +32,10 @@ class FamilySpec:
     final_norm: str  # from the model root
     unembed: str  # from the model root
     v_proj: str = ""  # value projection (or fused qkv projection), relative to a block
-    qkv: str = "separate"  # "separate" v_proj | "gpt2_fused" [q|k|v] | "neox_fused" per head [q,k,v]
+    # a fused qkv projection's layout, from the family file: (n_heads, head_dim, head) -> the rows
+    # of the head's value vector in the projection's output (every head has its own keys and
+    # values there). None: a separate value projection, KV head h at rows h*head_dim onwards
+    fused_value_rows: Callable[[int, int, int], range] | None = None
     conv1d: bool = False  # GPT-2 Conv1D: weight stored as (in, out)
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str = "num_key_value_heads"  # grouped KV heads, where the config has them
@@ -52,8 +55,6 @@ class FamilySpec:
     logit_softcap_attr: str | None = None  # config attribute c: logits -> c * tanh(logits / c) (Gemma 2/3)
 
     def __post_init__(self) -> None:
-        if self.qkv not in ("separate", "gpt2_fused", "neox_fused"):
-            raise ValueError(f"FamilySpec.qkv must be separate, gpt2_fused or neox_fused, not {self.qkv!r}")
         if not self.v_proj:
             raise ValueError("FamilySpec.v_proj must name the value (or fused qkv) projection")
         if (self.attn_post_norm or self.mlp_post_norm) and self.post_norm_gain is None:
@@ -206,20 +207,11 @@ class ModelAdapter:
         h's value at a position with attention input x is ``x @ W[h] + b[h]``. Grouped KV heads
         are expanded: query head h reads KV head ``h // (H / n_kv_heads)``."""
         mod = self.v_proj(layer)
-        w = self.out_weight(mod)  # (out, d_model)
-        b = mod.bias
         H, dh, d = self.n_heads, self.head_dim, self.d_model
-        if self.spec.qkv == "gpt2_fused":  # out = [q (H*dh) | k | v]
-            rows = slice(2 * H * dh, 3 * H * dh)
-            w, b = w[rows], None if b is None else b[rows]
-            n_kv = H
-        elif self.spec.qkv == "neox_fused":  # out viewed as (H, 3*dh): [q, k, v] per head
-            w = w.view(H, 3 * dh, d)[:, 2 * dh :]
-            b = None if b is None else b.view(H, 3 * dh)[:, 2 * dh :]
-            w, b = w.reshape(H * dh, d), None if b is None else b.reshape(H * dh)
-            n_kv = H
-        else:
-            n_kv = self.n_kv_heads
+        n_kv = self.n_value_heads
+        rows = torch.tensor([r for kv in range(n_kv) for r in self.value_rows(layer, kv)], device=mod.weight.device)
+        w = self.out_weight(mod)[rows]  # (n_kv*dh, d_model): the value rows of the (fused) projection
+        b = None if mod.bias is None else mod.bias[rows]
         w = w.view(n_kv, dh, d).transpose(1, 2)  # (n_kv, d, dh)
         b = None if b is None else b.view(n_kv, dh)
         group = H // n_kv
@@ -230,20 +222,20 @@ class ModelAdapter:
 
     def kv_head(self, head: int) -> int:
         """The KV head that query head ``head`` reads (grouped-query attention)."""
-        n_kv = self.n_heads if self.spec.qkv != "separate" else self.n_kv_heads
-        return head // (self.n_heads // n_kv)
+        return head // (self.n_heads // self.n_value_heads)
+
+    @property
+    def n_value_heads(self) -> int:
+        """Value vectors per position: every head's in a fused qkv projection, else the KV heads."""
+        return self.n_heads if self.spec.fused_value_rows is not None else self.n_kv_heads
 
     def value_rows(self, layer: int, kv_head: int) -> list[int]:
         """Indices, in the value (or fused qkv) projection's output, of KV head ``kv_head``'s
         value vector."""
-        H, dh = self.n_heads, self.head_dim
-        if self.spec.qkv == "gpt2_fused":
-            start = 2 * H * dh + kv_head * dh
-        elif self.spec.qkv == "neox_fused":
-            start = kv_head * 3 * dh + 2 * dh
-        else:
-            start = kv_head * dh
-        return list(range(start, start + dh))
+        dh = self.head_dim
+        if self.spec.fused_value_rows is not None:
+            return list(self.spec.fused_value_rows(self.n_heads, dh, kv_head))
+        return list(range(kv_head * dh, (kv_head + 1) * dh))
 
     def head_ov(self, layer: int, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Each head's OV map applied to attention inputs ``x`` (..., d_model):
