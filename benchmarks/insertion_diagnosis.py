@@ -62,7 +62,7 @@ def main() -> None:
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     C = _Stats(adapter, tok, corpus, fp, cfg, False)[("mlp", args.layer)]
     Ci = torch.linalg.inv(regularised(C, cfg.ridge))
-    cache = torch.load(args.cache) if args.cache and os.path.exists(args.cache) else {}
+    cache = torch.load(args.cache, weights_only=True) if args.cache and os.path.exists(args.cache) else {}
     name = adapter.module_name(args.layer, adapter.spec.mlp_out)
     out = []
     for i, r in enumerate(requests):
