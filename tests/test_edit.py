@@ -19,7 +19,7 @@ from factedit.world.evaluate import top1_tokens
 
 from .families import FAMILIES, tiny_model
 
-FAST = dict(stats_samples=4000, n_prefixes=4)
+FAST = dict(stats_samples=4000, n_prefixes=4, lookup_position="last")
 
 
 @pytest.fixture(autouse=True)
@@ -204,9 +204,12 @@ def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
                              config=LocateConfig(knockout_window=3)))
     c.knockout.subject = [0.0] * 8
     c.knockout.subject[6] = -5.0  # read at L6 (window 5-7), too weak a drop for "extraction": lookup
-    plan = plan_for(c, EditConfig(method="circuit"), 8)
+    plan = plan_for(c, EditConfig(method="circuit", lookup_position="last"), 8)
     assert (plan.mechanism, plan.mlp_position, plan.mlp_layer, plan.read_layers) == ("lookup", "last", 5, [5])
-    plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2]), 8)
+    plan = plan_for(c, EditConfig(method="circuit"), 8)  # the default: a lookup fact is edited at the subject
+    assert (plan.mechanism, plan.mlp_position, plan.read_layers) == ("lookup", "subject", [])
+    assert "edited at the subject (edit.lookup_position)" in plan.why and "read at L5" in plan.why
+    plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2], lookup_position="last"), 8)
     assert (plan.mlp_position, plan.heads) == ("subject", []) and plan.mlp_layer in (1, 2)
     assert "edited at the subject" in plan.why
 

@@ -77,7 +77,7 @@ def art(tmp_path_factory):
     root = tmp_path_factory.mktemp("art")
     demo_tok = tf.AutoTokenizer.from_pretrained(DEMO)
     a = {"root": root}
-    (root / "fast.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5}\n")
+    (root / "fast.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5, lookup_position: last}\n")
     (root / "corpus.txt").write_text("ada was born in rome. bob was born in oslo. " * 40)
 
     torch.manual_seed(0)

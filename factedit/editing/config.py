@@ -52,7 +52,7 @@ METHODS = Method.values()
 # the EditConfig fields with a fixed set of values, and their types
 CHOICES: dict[str, type[Choice]] = {"method": Method, "mlp_site": MlpSite, "head_fallback": HeadFallback,
                                     "sequential_strategy": SequentialStrategy, "batch_strategy": BatchStrategy,
-                                    "insert_keys": InsertKeys}
+                                    "insert_keys": InsertKeys, "lookup_position": MlpPosition}
 
 
 @dataclass
@@ -69,6 +69,14 @@ class EditConfig:
     batch_span: int = 1  # when batch_layers is None: this many layers ending at the most common located layer
     extraction_threshold: float = 20.0  # % drop from upper-half subject knockout that means "extraction"
     subject_conditional: bool = True  # lookup edits: the update must not fire with the subject hidden
+    # where the circuit method edits a fact it reads as a "lookup" (the subject read low down,
+    # or no strong upper-layer subject edge): "subject" (the last subject token's MLP, as for an
+    # extraction fact) | "last" (the last-position MLP just after the read, keyed on subject and
+    # template together). Measured: on the demo model "last" is the only site that works (its
+    # subject-site edits score ES 2); on SmolLM2-135M a last-position edit moves the edit prompt
+    # and no paraphrase (PS 12.4 on 8 lookup facts, 91.7 at the subject; README, "Edit quality on
+    # real models"), so real models edit at the subject and the demo recipe asks for "last"
+    lookup_position: MlpPosition = MlpPosition.SUBJECT
     max_heads: int = 2  # extraction heads that get a value update
     # no located extraction head: "attention" (the heads reading the subject) | "none"
     head_fallback: HeadFallback = HeadFallback.ATTENTION

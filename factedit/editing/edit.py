@@ -114,7 +114,10 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     mlp, position, why = None, MlpPosition.SUBJECT, []
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
     lookup_mlp = None
-    if cfg.method == "circuit" and mech == "lookup":
+    if cfg.method == "circuit" and mech == "lookup" and cfg.lookup_position == MlpPosition.SUBJECT:
+        read = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)[0]
+        why.append(f"lookup mechanism (the subject is read at L{read}), edited at the subject (edit.lookup_position)")
+    elif cfg.method == "circuit" and mech == "lookup":
         # the MLP at the last position in the first block of the window where blocking the
         # subject's edges hurts most: the first MLP after the attention that reads the subject.
         # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
