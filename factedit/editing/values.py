@@ -19,6 +19,7 @@ Requests are independent: each has its own deltas and rows, so many are fitted i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -234,10 +235,20 @@ class _SuffixRun:
     masked; each suffix token has its own position. Not used with sliding-window layers shorter
     than a row (their masks count cache slots, not positions)."""
 
-    def __init__(self, adapter: ModelAdapter, rows: list[Row], pad: int, device):
+    def __init__(self, adapter: ModelAdapter, rows: list[Row], pad: int, device, scored: list[int] | None = None):
         from factedit.analysis.rerun import layer_kv, new_cache, output_cache, with_cache
 
         self.model, cut = adapter.model, [r.s_last for r in rows]
+        # logits only at the suffix positions some row is scored (or KL-compared) at, where the
+        # model's forward can leave the others out (the unembedding of every suffix token was
+        # about a fifth of a fitting step on SmolLM2); ``slot`` maps a suffix position to its row
+        # of the returned logits
+        keep = sorted(set(scored)) if scored is not None else None
+        if keep is not None and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            self.kw = {"logits_to_keep": torch.tensor(keep, device=device)}
+            self.slot = {p: i for i, p in enumerate(keep)}
+        else:
+            self.kw, self.slot = {}, None
         prefix, pmask = pad_right([r.ids[:c] for r, c in zip(rows, cut)], pad, device)  # (B, P)
         self.ids, smask = pad_right([r.ids[c:] for r, c in zip(rows, cut)], pad, device)  # (B, S)
         self.mask = torch.cat([pmask, smask], 1)  # (B, P + S)
@@ -259,9 +270,17 @@ class _SuffixRun:
         return max(r.s_last for r in rows) >= 1 and (not windows or longest <= min(windows))
 
     def __call__(self) -> torch.Tensor:
-        """(B, S, V) logits of the suffix tokens."""
+        """(B, S, V) logits of the suffix tokens (S: the scored ones only, see ``slot``)."""
         return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
-                          **self._cache()).logits
+                          **self._cache(), **self.kw).logits
+
+    def logit_rows(self, rows: list[Row]) -> list[Row]:
+        """``rows`` (in suffix positions) with their scored and last positions as rows of the
+        returned logits."""
+        if self.slot is None:
+            return rows
+        return [dataclasses.replace(r, last=self.slot.get(r.last, r.last),
+                                    targets=[(self.slot[p], t) for p, t in r.targets]) for r in rows]
 
 
 def last_token_only(rows: list[Row], sites: ValueSites) -> bool:
@@ -278,6 +297,7 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
     rows = build_rows(tok, requests, prefixes, cfg.kl_prompt if cfg.kl_weight > 0 else None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n = len(requests)
+    suffix = None
     if last_token_only(rows, sites):
         run = _LastTokenRun(adapter, rows, pad, device)
         hook_rows = [dataclasses.replace(r, last=0, s_last=0) for r in rows]  # positions in the one-token run
@@ -285,10 +305,11 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
         def forward() -> torch.Tensor:
             return run()[:, None]  # (B, 1, V): the last token sits at position 0
     elif _SuffixRun.usable(adapter, rows):
-        suffix = _SuffixRun(adapter, rows, pad, device)
         # positions in the suffix run: the subject's last token is its first token
         hook_rows = [dataclasses.replace(r, s_last=0, last=r.last - r.s_last,
                                          targets=[(p - r.s_last, t) for p, t in r.targets]) for r in rows]
+        scored = [p for h in hook_rows for p, _ in h.targets] + [h.last for h, r in zip(hook_rows, rows) if r.kl]
+        suffix = _SuffixRun(adapter, rows, pad, device, scored)
         forward = suffix
     else:
         hook_rows = rows
@@ -301,11 +322,15 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
         cur, base_logits = _current(adapter, sites, hook_rows, forward)
     req_of = torch.tensor([r.req for r in rows], device=device)
     kl_rows = [b for b, r in enumerate(rows) if r.kl]
-    kl_last = torch.tensor([h.last for b, h in enumerate(hook_rows) if rows[b].kl], device=device)
+    # each target (and KL row's last token) at its position in the run's logits: the hook rows'
+    # positions, or the suffix run's logit rows
+    score_rows = suffix.logit_rows(hook_rows) if suffix is not None else hook_rows
+    kl_last = torch.tensor([h.last for b, h in enumerate(score_rows) if rows[b].kl], device=device)
     base_kl = base_logits[kl_rows, kl_last].float().log_softmax(-1) if kl_rows else None
-    # each target at its position in the run (the hook rows' positions)
-    targets = ScoredTargets.build(((b, pos - r.last + h.last, t, r.req) for b, (r, h) in enumerate(zip(rows, hook_rows))
-                                   for pos, t in r.targets), n, device)
+    targets = ScoredTargets.build(
+        ((b, pos - r.last + h.last, t, r.req) for b, (r, h) in enumerate(zip(rows, hook_rows)) for pos, t in r.targets)
+        if suffix is None else
+        ((b, pos, t, r.req) for b, (r, h) in enumerate(zip(rows, score_rows)) for pos, t in h.targets), n, device)
 
     def mean_over(idx, vals):  # per-request mean of per-row values
         return torch.zeros(n, device=device, dtype=vals.dtype).index_add_(0, idx, vals)
