@@ -37,9 +37,16 @@ from factedit.models.adapter import ModelAdapter
 from factedit.models.loading import load_model
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU kernels run asynchronously: time them to their end
+
+
 def timed(fn: Callable) -> tuple[float, object]:
+    _sync()
     t = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t, out
 
 
@@ -85,7 +92,7 @@ def known(model, tok, limit: int) -> list[dict]:
     for rec in json.loads(bundled("known_1000").read_text()):
         ids = tok(rec["prompt"])["input_ids"]
         with torch.no_grad():
-            pred = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            pred = int(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].argmax())
         if pred == tok(" " + rec["attribute"].strip(), add_special_tokens=False)["input_ids"][0]:
             out.append(rec)
             if len(out) >= limit:
@@ -103,7 +110,7 @@ def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
     locate(f0["prompt"], f0["subject"], model=model, tokenizer=tok, config=cfg)  # warm-up
     for i, f in enumerate(facts):
         tp = tokenize_with_subject(tok, f["prompt"], f["subject"])
-        ids = torch.tensor([tp.input_ids])
+        ids = torch.tensor([tp.input_ids], device=model.device)
         with torch.no_grad():
             model(input_ids=ids)
             fwd = statistics.median(timed(lambda ids=ids: model(input_ids=ids))[0] for _ in range(5))
@@ -152,7 +159,8 @@ def bench_stats(model, tok, tokens: int) -> tuple[float, dict[str, float]]:
     corpus = pydoc_corpus()
     windows = [w for b in _batches(_chunks(tok, corpus.texts, 128), tokens, 8) for w in b]
     with torch.no_grad():
-        t, _ = timed(lambda: [model(input_ids=torch.tensor(b)) for b in _batches(iter(windows), tokens, 8)])
+        t, _ = timed(lambda: [model(input_ids=torch.tensor(b, device=model.device))
+                              for b in _batches(iter(windows), tokens, 8)])
     fwd_tps = tokens / t
     rates = {}
     for name, sites in (("1 MLP layer", [("mlp", 0)]),
@@ -172,13 +180,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the statistics corpus (0: skip)")
     ap.add_argument("--sample", action="store_true", help="also time sampling the default statistics corpus")
+    ap.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t_load, (model, tok) = timed(lambda: load_model(args.model))
+    t_load, (model, tok) = timed(lambda: load_model(args.model, dtype=args.dtype, device=args.device))
     cfg = config_for_model(model)
     L = ModelAdapter(model).n_layers
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-          f"torch {torch.__version__}, {next(model.parameters()).dtype}")
+    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
+    print(f"machine: {where}, torch {torch.__version__}, {next(model.parameters()).dtype}")
     print(f"| {args.model} | figure |\n|---|---|")
     print(f"| load (cached folder) | {t_load:.1f} s |")
 
