@@ -96,15 +96,22 @@ def main() -> None:
         single = requests = [single[i] for i in cases]
     lc = config_for_model(model)
     lc.trace = lc.trace or base.mlp_site == "trace"
+    methods = [m for m in args.methods.split(",") if m and args.n]
+    batch_methods = [m for m in args.batch_methods.split(",") if m and args.batch]
+    # a site depends on the circuit for the circuit and heads methods, and for the MLP methods
+    # when the recipe leaves them more than one candidate layer (or asks for the traced one)
+    site_free = (not {"circuit", "heads"} & {*methods, *batch_methods} and not args.sequential
+                 and len(base.mlp_layers or []) == 1 and base.mlp_site != "trace")
     t0 = time.perf_counter()
-    circuits = [locate(r.prompt, r.subject, model=model, tokenizer=tok, config=lc, fingerprint=fp)
-                for r in requests]
+    circuits = [None if site_free else
+                locate(r.prompt, r.subject, model=model, tokenizer=tok, config=lc, fingerprint=fp) for r in requests]
     locate_s = (time.perf_counter() - t0) / max(1, len(requests))
-    print(f"located {len(circuits)} circuits, {locate_s:.1f} s each", flush=True)
+    print("not located: these methods' sites do not depend on the circuit" if site_free else
+          f"located {len(circuits)} circuits, {locate_s:.1f} s each", flush=True)
     rows = [{"method": "none (unedited)", "n": len(single),
              **score_requests(model, tok, single, fluency=True, others=others), "s_per_edit": 0.0}]
     print(rows[-1], flush=True)
-    for name in [m for m in args.methods.split(",") if m and args.n]:
+    for name in methods:
         cfg = dataclasses.replace(base, **SINGLE[name])
         per, seconds, sites = [], 0.0, []
         refused = []
@@ -127,7 +134,7 @@ def main() -> None:
                      "sites": sites, "per_request": per, "refused": refused})
         print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
     batch = requests[: args.batch]
-    for name in [m for m in args.batch_methods.split(",") if m and args.batch]:
+    for name in batch_methods:
         cfg = dataclasses.replace(base, **BATCH[name])
         res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
                            progress=False)
