@@ -49,7 +49,8 @@ def test_choice_fields_are_str_enums_read_and_written_as_plain_strings():
     with pytest.raises(RecipeError, match=r"r.yaml: edit.method: expected one of circuit, mlp, heads, lora, "
                                           r"got 'rome'"):
         from_dict(EditConfig, {"method": "rome"}, where="r.yaml: edit")
-    for name in ("mlp_site", "head_fallback", "sequential_strategy", "batch_strategy"):
+    for name in ("mlp_site", "head_fallback", "sequential_strategy", "batch_strategy", "insert_keys",
+                 "lookup_position"):
         with pytest.raises(RecipeError, match=f"edit.{name}: expected one of"):
             EditConfig(**{name: "nope"})
     cfg.sequential_strategy = "nope"  # set after construction: validate() still catches it
