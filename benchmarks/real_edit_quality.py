@@ -39,6 +39,7 @@ from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit
 from factedit.editing.requests import RequestError
 from factedit.editing.weights import applied
+from factedit.io import atomic_write_text
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
 from factedit.studies.known_edits import build_requests, harmonic_s, known_facts, score_requests, subject_facts
@@ -108,9 +109,19 @@ def main() -> None:
     locate_s = (time.perf_counter() - t0) / max(1, len(requests))
     print("not located: these methods' sites do not depend on the circuit" if site_free else
           f"located {len(circuits)} circuits, {locate_s:.1f} s each", flush=True)
+
+    def save(rows: list[dict], partial: bool) -> None:
+        """The JSON so far (``partial``: a method's row still running), rewritten atomically
+        after every edit, so that a run cut short keeps what it measured."""
+        if args.json:
+            atomic_write_text(args.json, json.dumps(
+                {"model": args.model, "seed": args.seed, "settings": args.set, "cases": cases,
+                 "corpus": corpus.name, "locate_s": locate_s, "partial": partial, "rows": rows}, indent=1))
+
     rows = [{"method": "none (unedited)", "n": len(single),
              **score_requests(model, tok, single, fluency=True, others=others), "s_per_edit": 0.0}]
     print(rows[-1], flush=True)
+    save(rows, True)
     for name in methods:
         cfg = dataclasses.replace(base, **SINGLE[name])
         per, seconds, sites = [], 0.0, []
@@ -129,10 +140,13 @@ def main() -> None:
             per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
             print(f"  {name} {len(per)}/{len(single)}: {r.filled_prompt!r} -> {r.target_new!r}: ES {per[-1]['ES']:.0f} "
                   f"PS {per[-1]['PS']:.0f} NS {per[-1]['NS']:.0f}, {res.seconds:.0f} s; {sites[-1]}", flush=True)
+            save(rows + [{"method": f"{name} (single), running", "n": len(per), **_mean_rows(per),
+                          "s_per_edit": round(seconds / len(per), 2), "sites": sites, "per_request": per}], True)
         rows.append({"method": f"{name} (single)" + (f", {len(refused)} refused" if refused else ""),
                      "n": len(per), **_mean_rows(per), "s_per_edit": round(seconds / max(1, len(per)), 2),
                      "sites": sites, "per_request": per, "refused": refused})
         print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
+        save(rows, True)
     batch = requests[: args.batch]
     for name in batch_methods:
         cfg = dataclasses.replace(base, **BATCH[name])
@@ -160,11 +174,7 @@ def main() -> None:
         sf = "—" if r.get("SF") is None else f"{r['SF']:.0f} ({r['n_SF']})"
         print(f"| {r['method']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {r['S']:.1f} | "
               f"{r['top1']:.1f} | {r['fluency']:.2f} | {sf} | {r['s_per_edit']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "seed": args.seed, "settings": args.set, "cases": cases,
-                       "corpus": corpus.name,
-                       "locate_s": locate_s, "rows": rows}, f, indent=1)
+    save(rows, partial=False)
 
 
 if __name__ == "__main__":
