@@ -14,7 +14,8 @@ from factedit.editing.requests import EditRequest
 from factedit.editing.sequential import SequenceState, held_for, null_projector, sequential_row
 from factedit.editing.weights import WeightDelta
 
-FAST = dict(stats_samples=4000, n_prefixes=4, sequential_strategy="refit", sequential_layers=[0, 1, 2],
+FAST = dict(stats_samples=4000, n_prefixes=4, lookup_position="last", sequential_strategy="refit",
+            sequential_layers=[0, 1, 2],
             sequential_lambda=300.0, held_prompts=1)
 
 

@@ -66,7 +66,7 @@ def edited(demo, tmp_path_factory):
     new = next(a for a in rel.attributes if a != e.facts["birthplace"])
     req = EditRequest(rel.templates[0], e.name, new, e.facts["birthplace"])
     res = compute_edit([req], model, tok, world_corpus(world, n=600),
-                       cfg=EditConfig(stats_samples=4000, n_prefixes=4), progress=False)
+                       cfg=EditConfig(stats_samples=4000, n_prefixes=4, lookup_position="last"), progress=False)
     save_edit(res, root / "good", model, tok)
     good = load_file(str(root / "good" / "adapter_model.safetensors"))
 
