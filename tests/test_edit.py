@@ -207,7 +207,7 @@ def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
     c.knockout.subject[6] = -5.0  # read at L6 (window 5-7), too weak a drop for "extraction": lookup
     plan = plan_for(c, EditConfig(method="circuit", lookup_position="last"), 8)
     assert (plan.mechanism, plan.mlp_position, plan.mlp_layer, plan.read_layers) == ("lookup", "last", 5, [5])
-    plan = plan_for(c, EditConfig(method="circuit"), 8)  # the default: a lookup fact is edited at the subject
+    plan = plan_for(c, EditConfig(method="circuit", lookup_position="subject"), 8)  # the real models' recipes
     assert (plan.mechanism, plan.mlp_position, plan.read_layers) == ("lookup", "subject", [])
     assert "edited at the subject (edit.lookup_position)" in plan.why and "read at L5" in plan.why
     plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2], lookup_position="last"), 8)

@@ -75,8 +75,9 @@ class EditConfig:
     # template together). Measured: on the demo model "last" is the only site that works (its
     # subject-site edits score ES 2); on SmolLM2-135M a last-position edit moves the edit prompt
     # and no paraphrase (PS 12.4 on 8 lookup facts, 91.7 at the subject; README, "Edit quality on
-    # real models"), so real models edit at the subject and the demo recipe asks for "last"
-    lookup_position: MlpPosition = MlpPosition.SUBJECT
+    # real models"), so the real models' recipes ask for "subject". The default stays "last":
+    # the shipped demo checkpoint carries its recipe without this field
+    lookup_position: MlpPosition = MlpPosition.LAST
     max_heads: int = 2  # extraction heads that get a value update
     # no located extraction head: "attention" (the heads reading the subject) | "none"
     head_fallback: HeadFallback = HeadFallback.ATTENTION
