@@ -35,14 +35,21 @@ def run_sequential(model, tok, world: World, corpus, edits: list[WorldEdit], cfg
     t0 = time.perf_counter()
     res = compute_edit([w.request for w in edits], model, tok, corpus, cfg=cfg, mode="sequential", progress=False)
     seconds = time.perf_counter() - t0
-    with applied(model, res.delta):
-        scores = score_world_edits(model, tok, world, edits)
     ss = res.step_seconds
     k = max(1, len(ss) // 10)
+    with applied(model, res.delta):
+        scores = score_world_edits(model, tok, world, edits)
+        # efficacy of the first and the last tenth of the sequence, read at its end: the first
+        # tells drift (later edits undoing earlier ones), the last edits that never took
+        tenths = {"efficacy_first_tenth": score_world_edits(model, tok, world, edits[:k])["efficacy"],
+                  "efficacy_last_tenth": score_world_edits(model, tok, world, edits[-k:])["efficacy"]}
+    lw = res.step_layers
     kept = sum(g.numel() * g.element_size() for g in res.sequence.gram.values()) if res.sequence else 0
     return {"n": len(edits), "mode": f"sequential, {cfg.sequential_strategy}", "method": cfg.method,
             "seconds": round(seconds, 2), **scores,
             "s_per_edit_first": round(sum(ss[:k]) / k, 3), "s_per_edit_last": round(sum(ss[-k:]) / k, 3),
+            **tenths, "layers_per_edit_first": round(sum(map(len, lw[:k])) / k, 2) if lw else None,
+            "layers_per_edit_last": round(sum(map(len, lw[-k:])) / k, 2) if lw else None,
             "kept_keys_mib": round(kept / 2**20, 1),
             "history_mib": round(len(sequence_bytes(res.steps, res.step_keys)) / 2**20, 1),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}

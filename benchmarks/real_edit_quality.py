@@ -118,8 +118,9 @@ def main() -> None:
                 {"model": args.model, "seed": args.seed, "settings": args.set, "cases": cases,
                  "corpus": corpus.name, "locate_s": locate_s, "partial": partial, "rows": rows}, indent=1))
 
-    rows = [{"method": "none (unedited)", "n": len(single),
-             **score_requests(model, tok, single, fluency=True, others=others), "s_per_edit": 0.0}]
+    unedited = single or requests  # the single edits' requests, else the batch's or sequence's
+    rows = [{"method": "none (unedited)", "n": len(unedited),
+             **score_requests(model, tok, unedited, fluency=True, others=others), "s_per_edit": 0.0}]
     print(rows[-1], flush=True)
     save(rows, True)
     for name in methods:
@@ -157,6 +158,7 @@ def main() -> None:
         rows.append({"method": f"{name} (batch of {len(batch)})", "n": len(batch), **m,
                      "s_per_edit": round(res.seconds / len(batch), 2), "sites": [res.plans[0].why]})
         print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+        save(rows, True)
     if args.sequential:  # one after another, scored once at the end
         seq = requests[: args.sequential]
         res = compute_edit(seq, model, tok, corpus, cfg=base, circuits=circuits[: len(seq)], mode="sequential",

@@ -47,6 +47,38 @@ def test_sequential_row_is_the_least_squares_solution():
     torch.testing.assert_close(a, (K[:1] @ P @ torch.linalg.inv(S))[0])
 
 
+def test_each_pass_of_the_sweep_solves_with_its_own_lambda(demo, monkeypatch):
+    """sequential_lambda_decay: pass p inserts with λ / decay**p, whatever the passes before
+    took (stop_nll 0: no request is ever done, so every pass runs at every layer)."""
+    import factedit.editing.sequential as seqmod
+    from factedit.editing.edit import compute_edit
+    from factedit.editing.stats import world_corpus
+
+    model, tok, world = demo
+    seen: list[float] = []
+    real = seqmod.sequential_row
+
+    def spy(C, gram, keys, cfg, proj=None, lam=None):
+        seen.append(lam)
+        return real(C, gram, keys, cfg, proj, lam)
+
+    monkeypatch.setattr(seqmod, "sequential_row", spy)
+    cfg = EditConfig(**{**FAST, "sequential_layers": [0, 1], "sequential_passes": 3, "sequential_lambda": 300.0,
+                        "sequential_lambda_decay": 10.0, "stop_nll": 0.0, "steps": 2})
+    res = compute_edit(_requests(world, 1), model, tok, world_corpus(world), cfg=cfg, mode="sequential",
+                       progress=False)
+    assert seen == pytest.approx([300.0, 300.0, 30.0, 30.0, 3.0, 3.0])
+    assert res.step_layers == [[0, 1, 0, 1, 0, 1]]
+    # the row itself: lam overrides the config's λ and nothing else
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    K = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(real(X.T @ X, None, K, cfg, lam=30.0),
+                               real(X.T @ X, None, K, EditConfig(**{**FAST, "sequential_lambda": 30.0})))
+    with pytest.raises(Exception, match="sequential_lambda_decay must be positive"):
+        EditConfig(sequential_lambda_decay=0.0).validate()
+
+
 def test_compose_is_exact_and_depends_on_the_prefix_only():
     g = torch.Generator().manual_seed(1)
     steps = []

@@ -116,6 +116,9 @@ class EditConfig:
     sequential_layers: list[int] | None = None  # refit/nullspace: the layers swept; None: batch_layers, else all
     sequential_passes: int = 1  # refit/nullspace: sweeps over the layers per edit
     sequential_keep: float = 1.0  # refit/nullspace: weight w of each kept key (earlier edits, held prompts)
+    # refit: pass p (0, 1, ...) solves with λ / decay**p, so that an edit the protective first
+    # pass did not take is written by a looser pass (1: every pass uses sequential_lambda)
+    sequential_lambda_decay: float = 1.0
     nullspace_threshold: float = 1e-3  # nullspace: eigenvalues of C below this times the largest span the null space
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
@@ -149,7 +152,7 @@ class EditConfig:
         if "{}" not in self.kl_prompt:
             raise RecipeError(f"edit.kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
         for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length",
-                     "nullspace_threshold"):
+                     "nullspace_threshold", "sequential_lambda_decay"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_heads", "held_prompts", "kl_weight", "weight_decay", "ridge", "stop_nll",

@@ -94,6 +94,7 @@ class EditResult:
     steps: list[WeightDelta] = field(default_factory=list)
     step_keys: list[dict] = field(default_factory=list)  # per request: {("mlp", layer, position): (n, in)}
     step_seconds: list[float] = field(default_factory=list)
+    step_layers: list[list[int]] = field(default_factory=list)  # refit/nullspace: the layers each request wrote
     sequence: SequenceState | None = None  # the kept keys after the last request
 
 
@@ -425,7 +426,7 @@ def _sequence(adapter, tok, corpus, requests, cfg, res: EditResult, progress, lo
         p.mlp_layer = used[-1] if used else None
         p.why = (f"sequential sweep over MLP layers {layers} at the {p.mlp_position} position ({how}, earlier "
                  f"edits' keys kept); wrote layers {used}")
-    res.steps, res.step_keys, res.nll, res.sequence = steps, added, nlls, state
+    res.steps, res.step_keys, res.nll, res.sequence, res.step_layers = steps, added, nlls, state, wrote
     for st in steps:
         res.delta.extend(st)
     res.stats = [asdict(r) for r in stats.reports]

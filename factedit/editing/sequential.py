@@ -13,8 +13,10 @@ Strategies (``edit.sequential_strategy``):
 
   Mₗ = Σ k kᵀ over the keys of the earlier edits and their held prompts at layer l (a running
   sum: its cost does not grow with the sequence), λ = ``sequential_lambda``, w =
-  ``sequential_keep``. Held prompts: the request's template asked about ``held_prompts``
-  subjects of earlier edits (zero residual), as in a batch.
+  ``sequential_keep``; pass p of ``sequential_passes`` uses λ / ``sequential_lambda_decay``ᵖ
+  (an edit the protective first pass did not take is finished by a looser one). Held
+  prompts: the request's template asked about ``held_prompts`` subjects of earlier edits
+  (zero residual), as in a batch.
 - ``nullspace`` (AlphaEdit, Fang et al. 2025): the same sweep, but the update lives in the
   null space of the corpus keys instead of being weighted by C: P projects onto the
   eigenvectors of C with eigenvalues below ``nullspace_threshold`` times the largest, and
@@ -96,14 +98,16 @@ def null_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def sequential_row(C: torch.Tensor, gram: torch.Tensor | None, keys: torch.Tensor, cfg: EditConfig,
-                   proj: torch.Tensor | None = None) -> torch.Tensor:
+                   proj: torch.Tensor | None = None, lam: float | None = None) -> torch.Tensor:
     """(in,): the row a with ΔW = r aᵀ for keys (1 + h, in), the first the request's (residual
-    r), the others held (residual 0); ``gram`` (in, in) the kept keys' Σ k kᵀ."""
+    r), the others held (residual 0); ``gram`` (in, in) the kept keys' Σ k kᵀ; ``lam`` λ (default
+    ``cfg.sequential_lambda``)."""
+    lam = cfg.sequential_lambda if lam is None else lam
     K = keys.double()
     n_in = K.shape[1]
     G = torch.zeros(n_in, n_in, dtype=torch.float64) if gram is None else cfg.sequential_keep * gram.double()
     if proj is None:
-        M = cfg.sequential_lambda * regularised(C, cfg.ridge) + G + K.T @ K  # (in, in), symmetric
+        M = lam * regularised(C, cfg.ridge) + G + K.T @ K  # (in, in), symmetric
         return _solve(M, K[:1].T)[:, 0]
     P = proj.double()
     S = (G + K.T @ K) @ P + torch.eye(n_in, dtype=torch.float64)  # (in, in): a = k P S^-1
@@ -129,7 +133,8 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
         step = WeightDelta(conv1d=adapter.spec.conv1d)
         first = last = None
         used: list[int] = []
-        for _ in range(cfg.sequential_passes):
+        for p in range(cfg.sequential_passes):
+            lam = cfg.sequential_lambda / cfg.sequential_lambda_decay ** p
             for la in layers:
                 fitted = fit_values(adapter, tok, [req], prefixes, ValueSites(la, [], pos), cfg)
                 first = first if first is not None else fitted.base_nll[0]
@@ -139,7 +144,7 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
                     break
                 keys = keys_at_layers(adapter, tok, [req, *held], prefixes, [la], pos)[la]  # (1 + h, in)
                 site = ("mlp", la, pos)
-                a = sequential_row(stats(("mlp", la)), state.gram.get(site), keys, cfg, proj.get(la))
+                a = sequential_row(stats(("mlp", la)), state.gram.get(site), keys, cfg, proj.get(la), lam)
                 one = WeightDelta(conv1d=adapter.spec.conv1d)
                 one.add(adapter.module_name(la, adapter.spec.mlp_out), fitted.mlp[0].double()[:, None].float(),
                         a[None].float())
