@@ -15,7 +15,10 @@ Methods (each from the model's recipe, ``edit:`` section, with the overrides bel
 - ``lora``: plain LoRA fine-tuning of the prompt (peft);
 - ``ft-l``-style constrained fine-tuning is not included (see the README).
 With ``--batch N`` one batch of N requests per batch method: ``circuit`` (the circuit's
-positions, MEMIT's spread) and ``memit`` (method mlp over the recipe's ``batch_layers``).
+positions, the recipe's batch settings, e.g. ``batch_insert_keys``) and ``memit`` (method mlp
+over the recipe's ``batch_layers``, one mean key per request as MEMIT). A batch method whose
+value fit is the one before it (same top layer, position and fit settings) reuses it
+(``compute_edit(reuse_fit=...)``): its seconds per edit then exclude the fit (``fit_shared``).
 
 Each fact's circuit is located once (recipe analysis settings) and shared by the methods that
 read it; its time is reported separately. Prints one row per method (ES, PS, NS, S by
@@ -39,6 +42,7 @@ from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit
 from factedit.editing.requests import RequestError
 from factedit.editing.weights import applied
+from factedit.errors import FactEditError
 from factedit.io import atomic_write_text
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
@@ -46,7 +50,8 @@ from factedit.studies.known_edits import build_requests, harmonic_s, known_facts
 
 SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
           "mlp": {"method": "mlp"}, "heads": {"method": "heads"}, "lora": {"method": "lora"}}
-BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp"}, "lora": {"method": "lora"}}
+BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_insert_keys": "mean"},
+         "lora": {"method": "lora"}}
 
 
 def _mean_rows(rows: list[dict]) -> dict:
@@ -149,14 +154,25 @@ def main() -> None:
         print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
         save(rows, True)
     batch = requests[: args.batch]
+    fitted = None  # a batch spread's fit, shared by the next batch method where its site and settings match
     for name in batch_methods:
         cfg = dataclasses.replace(base, **BATCH[name])
-        res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
-                           progress=False)
+        try:
+            res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
+                               progress=False, reuse_fit=fitted)
+        except FactEditError as exc:
+            if fitted is None or "reuse_fit" not in str(exc):
+                raise
+            print(f"{name}: its own value fit ({exc})", flush=True)
+            res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
+                               progress=False)
+        shared = fitted is not None and res.fit is fitted.fit
+        fitted = fitted or (res if res.fit is not None else None)
         with applied(model, res.delta):
             m = score_requests(model, tok, batch, fluency=True, others=others)
         rows.append({"method": f"{name} (batch of {len(batch)})", "n": len(batch), **m,
-                     "s_per_edit": round(res.seconds / len(batch), 2), "sites": [res.plans[0].why]})
+                     "s_per_edit": round(res.seconds / len(batch), 2), "fit_shared": shared,
+                     "sites": [res.plans[0].why]})
         print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
         save(rows, True)
     if args.sequential:  # one after another, scored once at the end

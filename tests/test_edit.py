@@ -1,6 +1,7 @@
 """Editing: requests, statistics, insertion maths, the edit on the demo model, the PEFT
 adapter and the merged checkpoint."""
 
+import dataclasses
 import json
 
 import pytest
@@ -571,3 +572,57 @@ def test_spread_conversions_under_a_post_mlp_norm():
                        cfg=EditConfig(method="mlp", stats_samples=200, n_prefixes=2, steps=5, batch_layers=[0, 1]))
     res.delta.check_finite()
     assert len(res.delta.modules()) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batch_contexts_insertion_is_the_weighted_least_squares_over_every_context(family):
+    """edit.batch_insert_keys "contexts": one layer, no post-norm, so each context's residual
+    is the request's fitted MLP change δᵢ and the update must be
+        ΔW = (Σᵢⱼ w δᵢ kᵢⱼᵀ) (λC + Σᵢⱼ w kᵢⱼ kᵢⱼᵀ)⁻¹,  w = 1 / n_contexts,
+    with kᵢⱼ read here by a plain hook, one prompt at a time (float64 solve; tolerance 1e-4
+    relative: float32 keys in batches against one prompt). "mean" (MEMIT) reuses the same fit
+    (``reuse_fit``) and gives another update; a fit of other settings is refused by name."""
+    from factedit.analysis.spans import tokenize_with_subject
+    from factedit.editing.values import context_prefixes
+    from factedit.errors import FactEditError
+
+    from .test_locate import word_tokenizer
+
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    model = tiny_model(family).float()
+    adapter = ModelAdapter(model)
+    corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
+    reqs = [EditRequest("the capital of {} is", "beats music", "apple"),
+            EditRequest("{} is owned by", "france", "paris")]
+    cfg = EditConfig(method="mlp", stats_samples=200, n_prefixes=2, steps=5, batch_layers=[1], batch_lambda=50.0,
+                     batch_insert_keys="contexts")
+    res = compute_edit(reqs, model, tok, corpus, progress=False, mode="batch", cfg=cfg)
+    layer, name = 1, adapter.module_name(1, adapter.spec.mlp_out)
+    prefixes = context_prefixes(tok, list(corpus.texts), cfg)
+    keys = []  # (n, m, in), one forward pass per prompt
+    for r in reqs:
+        for p in prefixes:
+            tp = tokenize_with_subject(tok, f"{p} {r.filled_prompt}" if p else r.filled_prompt, r.subject)
+            seen = []
+            h = adapter.mlp_out(layer).register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0][0]))
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tp.input_ids]))
+            h.remove()
+            keys.append(seen[0][tp.last_subject].double())
+    K = torch.stack(keys).reshape(len(reqs), len(prefixes), -1)
+    C, _ = second_moments(adapter, tok, corpus, [("mlp", layer)], model_fingerprint(model), 200, progress=False)
+    w = 1.0 / len(prefixes)
+    D = res.fit.mlp.double()  # (n, d)
+    lhs = 50.0 * regularised(C[("mlp", layer)], cfg.ridge) + w * torch.einsum("nmi,nmj->ij", K, K)
+    rhs = w * torch.einsum("nd,nmi->di", D, K)  # (d, in)
+    want = torch.linalg.solve(lhs, rhs.T).T
+    got = res.delta.dense(name).double()  # (out, in) whatever the module's layout (GPT-2's Conv1D)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # MEMIT's mean key on the same fit: no refit, another update
+    mean = compute_edit(reqs, model, tok, corpus, progress=False, mode="batch",
+                        cfg=dataclasses.replace(cfg, batch_insert_keys="mean"), reuse_fit=res)
+    assert mean.fit is res.fit and not torch.allclose(mean.delta.dense(name), res.delta.dense(name))
+    with pytest.raises(FactEditError, match=r"fit settings differ \(steps\)"):
+        compute_edit(reqs, model, tok, corpus, progress=False, mode="batch",
+                     cfg=dataclasses.replace(cfg, steps=6), reuse_fit=res)

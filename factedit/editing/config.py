@@ -52,7 +52,8 @@ METHODS = Method.values()
 # the EditConfig fields with a fixed set of values, and their types
 CHOICES: dict[str, type[Choice]] = {"method": Method, "mlp_site": MlpSite, "head_fallback": HeadFallback,
                                     "sequential_strategy": SequentialStrategy, "batch_strategy": BatchStrategy,
-                                    "insert_keys": InsertKeys, "lookup_position": MlpPosition}
+                                    "insert_keys": InsertKeys, "lookup_position": MlpPosition,
+                                    "batch_insert_keys": InsertKeys}
 
 
 @dataclass
@@ -92,6 +93,10 @@ class EditConfig:
     # ROME-setting edits at L3, the same fitted values): ES 85 -> 100, PS up, NS kept (README,
     # "Edit quality on real models"); the bare prompt's key is the one ROME's mean serves least
     insert_keys: InsertKeys = InsertKeys.CONTEXTS
+    # the same choice for a batch's least squares: "mean" (MEMIT: one key per request, the mean
+    # over the contexts) | "contexts" (each context's own key and its own residual, with weight
+    # 1 / (n_prefixes + 1), so that a request weighs as much against λC as MEMIT's mean key)
+    batch_insert_keys: InsertKeys = InsertKeys.MEAN
     # the new value (ROME's v*): Adam on the target's log-likelihood with a KL term
     steps: int = 25
     lr: float = 0.5

@@ -27,7 +27,7 @@ import torch
 
 from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
-from factedit.editing.config import EditConfig, MlpPosition
+from factedit.editing.config import EditConfig, InsertKeys, MlpPosition
 from factedit.editing.insert import (
     context_keys,
     least_squares,
@@ -40,7 +40,7 @@ from factedit.editing.insert import (
 from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.sequential import SequenceState, sequential_sweep
 from factedit.editing.stats import Corpus, StatsReport, second_moments
-from factedit.editing.values import ValueSites, build_rows, context_prefixes, fit_values
+from factedit.editing.values import FittedValues, ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
 from factedit.errors import FactEditError, shown
 from factedit.models.adapter import ModelAdapter, context_length
@@ -96,6 +96,15 @@ class EditResult:
     step_seconds: list[float] = field(default_factory=list)
     step_layers: list[list[int]] = field(default_factory=list)  # refit/nullspace: the layers each request wrote
     sequence: SequenceState | None = None  # the kept keys after the last request
+    # batch (spread): the values fitted at the top layer, and where ((layer, position)), so that
+    # another insertion of the same batch can reuse them (compute_edit's ``reuse_fit``)
+    fit: FittedValues | None = None
+    fit_site: tuple[int, str] | None = None
+
+
+# the settings a value fit depends on (besides the requests, the model and the site)
+FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
+              "prefix_tokens", "seed")
 
 
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
@@ -202,11 +211,13 @@ class _Stats:
 def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditConfig | None = None,
          circuits: list[RecallCircuit | None] | None = None, mode: str | None = None,
          progress: bool = True, log: Callable[[str], None] = lambda m: None,
-         sequence: SequenceState | None = None) -> EditResult:
+         sequence: SequenceState | None = None, reuse_fit: EditResult | None = None) -> EditResult:
     """Compute the edit of ``requests`` on ``model``. ``circuits`` (one per request, or None to
     locate each fact here) say where; ``mode`` defaults to single/batch by count. ``sequence``
     (sequential mode): the kept keys of the edits already applied to ``model``, to continue
-    a sequence."""
+    a sequence. ``reuse_fit`` (a batch spread): an earlier batch result of the same requests
+    whose fitted values to reuse, e.g. to compare two insertions on one fit; its site and fit
+    settings must match (an error says which does not)."""
     from factedit.analysis.locate import config_for_model, locate
 
     cfg = cfg or EditConfig()
@@ -244,7 +255,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
 
         res.delta, res.nll = lora_finetune(adapter, tok, requests, corpus, cfg)
     elif mode == "batch":
-        _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log)
+        _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log, reuse_fit)
     elif mode == "sequential" and cfg.sequential_strategy != "kept":
         _sequence(adapter, tok, corpus, requests, cfg, res, progress, log, sequence or SequenceState())
     else:
@@ -442,13 +453,33 @@ def batch_layers(cfg: EditConfig, plans: list[EditPlan]) -> list[int]:
     return list(range(max(0, top - cfg.batch_span + 1), top + 1))
 
 
-def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log) -> None:
+def _reused(prior: EditResult | None, requests: list[EditRequest], site: tuple[int, str],
+            cfg: EditConfig, fingerprint: str) -> FittedValues | None:
+    """``prior``'s fitted values when they were fitted for these requests at this site with the
+    same fit settings (else an error naming the difference); None without a prior."""
+    if prior is None:
+        return None
+    diff = [f for f in FIT_FIELDS if getattr(prior.config, f) != getattr(cfg, f)]
+    model = prior.base_fingerprint != fingerprint
+    if prior.fit is None or model or prior.fit_site != site or prior.requests != requests or diff:
+        why = ("it holds no spread fit" if prior.fit is None else "it was fitted on another model (fingerprint)"
+               if model else f"its site is {prior.fit_site}, not {site}" if prior.fit_site != site
+               else "its requests differ" if prior.requests != requests
+               else f"its fit settings differ ({', '.join(diff)})")
+        raise FactEditError(f"reuse_fit: the earlier result's values cannot serve this batch: {why}")
+    return prior.fit
+
+
+def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log,
+           reuse_fit: EditResult | None = None) -> None:
     layers = batch_layers(cfg, res.plans)
     position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
     how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
            else f"MEMIT-style spread, residual fitted at L{layers[-1]}")
     if cfg.held_prompts:
         how += f", {cfg.held_prompts} held prompt(s) per request"
+    if cfg.batch_insert_keys == InsertKeys.CONTEXTS:
+        how += ", each context's key inserted"
     for p in res.plans:
         p.mlp_layer, p.heads, p.mlp_position = layers[-1], [], position
         p.why = f"batch: MLP layers {layers} at the {position} position, {how}"
@@ -459,8 +490,19 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
     base: dict[str, torch.Tensor] = {}
     held = held_requests(requests, cfg.held_prompts, cfg.seed)  # prompts to leave as they are
 
-    def insert(la: int, resid: torch.Tensor) -> None:  # resid (n, d): MLP output changes at the keys
-        keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)
+    ctx = cfg.batch_insert_keys == InsertKeys.CONTEXTS  # each context's own key and residual
+
+    def insert(la: int, resid: torch.Tensor) -> None:
+        """resid (n, d) MLP output changes at the requests' keys, or (n, n_prefixes, d) at each
+        context's key (edit.batch_insert_keys "contexts")."""
+        if ctx:
+            keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position, per_prefix=True)  # (n, m, in)
+            if resid.dim() == 2:  # one change for every context of a request
+                resid = resid[:, None].expand(-1, len(prefixes), -1)
+            w = len(prefixes) ** -0.5  # weight 1/m per context: a request counts once against λC
+            keys, resid = (keys * w).flatten(0, 1), (resid * w).flatten(0, 1)  # (n m, in), (n m, d)
+        else:
+            keys = mean_keys(adapter, tok, requests, prefixes, "mlp", la, position)  # (n, in)
         if held:  # held keys (m, in) ask for no change: a zero residual
             keys = torch.cat([keys, mean_keys(adapter, tok, held, prefixes, "mlp", la, position)])
             resid = torch.cat([resid, resid.new_zeros(len(held), resid.shape[1])])
@@ -492,20 +534,24 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
             res.nll = [{"before": b, "after_fit": a} for b, a in zip(first.base_nll, fitted.nll)]
         else:
             z_layer = layers[-1]
-            fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg)
+            res.fit_site = (z_layer, str(position))
+            fitted = _reused(reuse_fit, requests, res.fit_site, cfg, res.base_fingerprint) or fit_values(
+                adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg)
+            res.fit = fitted
             res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
             log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL "
                 f"{sum(fitted.base_nll) / len(requests):.2f} -> {sum(fitted.nll) / len(requests):.2f}")
             # the residual change the fitted MLP output change makes (itself, unless a post-norm
             # sits between them), and each layer's share turned back into an MLP output change
-            z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position) + mlp_to_residual(
-                adapter, tok, requests, prefixes, z_layer, fitted.mlp, position)
+            # (n, d), or with contexts (n, n_prefixes, d): each context's own target
+            z_target = mean_hidden(adapter, tok, requests, prefixes, z_layer, position, ctx) + mlp_to_residual(
+                adapter, tok, requests, prefixes, z_layer, fitted.mlp, position, ctx)
             for i, la in sweep:
-                cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position)
+                cur = mean_hidden(adapter, tok, requests, prefixes, z_layer, position, ctx)
                 resid = residual_to_mlp(adapter, tok, requests, prefixes, la, (z_target - cur) / (len(layers) - i),
                                         position)
                 insert(la, resid)
-                log(f"layer {la}: residual norm {float(resid.norm(dim=-1).mean()):.3f}")
+                log(f"layer {la}: residual norm {float(resid.norm(dim=-1).mean()):.3f}")  # over contexts too
     finally:
         restore(adapter.model, base)
     res.delta = res.delta.compact()

@@ -106,10 +106,13 @@ def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: 
 
 
 def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], kind: str,
-              layer: int, position: str = "subject", block_subject: list[int] | None = None) -> torch.Tensor:
-    """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn")."""
+              layer: int, position: str = "subject", block_subject: list[int] | None = None,
+              per_prefix: bool = False) -> torch.Tensor:
+    """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn");
+    with ``per_prefix`` (n, n_prefixes, n_in), each context's own."""
     module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)
-    return at_token(adapter, tok, requests, prefixes, module, "in", position=position, block_subject=block_subject)
+    return at_token(adapter, tok, requests, prefixes, module, "in", position=position, block_subject=block_subject,
+                    per_prefix=per_prefix)
 
 
 def context_keys(adapter: ModelAdapter, tok, request: EditRequest, prefixes: list[str], kind: str, layer: int,
@@ -121,41 +124,45 @@ def context_keys(adapter: ModelAdapter, tok, request: EditRequest, prefixes: lis
 
 
 def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
-                position: str = "subject") -> torch.Tensor:
-    """(n, d) residual stream after block ``layer`` at the subject's last token (or the last)."""
-    return at_token(adapter, tok, requests, prefixes, adapter.block(layer), "out", position=position)
+                position: str = "subject", per_prefix: bool = False) -> torch.Tensor:
+    """(n, d) residual stream after block ``layer`` at the subject's last token (or the last);
+    with ``per_prefix`` (n, n_prefixes, d)."""
+    return at_token(adapter, tok, requests, prefixes, adapter.block(layer), "out", position=position,
+                    per_prefix=per_prefix)
 
 
 def mlp_to_residual(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
-                    delta: torch.Tensor, position: str = "subject") -> torch.Tensor:
+                    delta: torch.Tensor, position: str = "subject", per_prefix: bool = False) -> torch.Tensor:
     """(n, d): what the residual stream receives, averaged over the prefixes, when each
     request's MLP output at ``layer`` moves by ``delta`` (n, d). The same ``delta`` without a
     post-MLP norm; with one (Gemma 2/3), norm(m + delta) - norm(m) at each prompt's MLP output m."""
     norm = adapter.post_norm("mlp", layer)
     if norm is None:
-        return delta
+        return delta[:, None].expand(-1, len(prefixes), -1) if per_prefix else delta
 
     def change(m: torch.Tensor, req: torch.Tensor) -> torch.Tensor:  # m (b, d) MLP outputs
         dt = norm.weight.dtype
         return norm((m + delta[req].to(m.device)).to(dt)).float() - norm(m.to(dt)).float()
 
-    return at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position, fn=change)
+    return at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position, fn=change,
+                    per_prefix=per_prefix)
 
 
 def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
                     resid: torch.Tensor, position: str = "subject") -> torch.Tensor:
     """(n, d): the MLP output change at ``layer`` that gives the residual change ``resid``
-    (n, d). The same without a post-MLP norm. With an RMS post-norm, ``resid / gain`` with the
-    norm's gain frozen at the current MLP output m (the definition factedit uses for per-head
-    outputs), averaged over the prefixes. For one prompt that is exact up to what no MLP output
+    (n, d); for ``resid`` (n, n_prefixes, d), each context's own. The same without a post-MLP
+    norm. With an RMS post-norm, ``resid / gain`` with the norm's gain frozen at the current MLP
+    output m (the definition factedit uses for per-head outputs), averaged over the prefixes
+    (or each context's own). For one prompt that is exact up to what no MLP output
     can change: norm(m + delta) = (r + resid) / rms((r + resid) / (1 + w)) with r = norm(m)
     (eps aside), i.e. the wanted residual rescaled to the norm's fixed output size. MEMIT's
     spread re-measures what is left after each layer."""
     if adapter.post_norm("mlp", layer) is None:
         return resid
     gain = at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position,
-                    fn=lambda m, req: adapter.post_gain("mlp", layer, m))  # (n, d)
-    return resid / gain.to(resid.device)
+                    fn=lambda m, req: adapter.post_gain("mlp", layer, m), per_prefix=resid.dim() == 3)
+    return resid / gain.to(resid.device)  # (n, d), or (n, n_prefixes, d): each context's own gain
 
 
 class SingularSolveError(FactEditError):
