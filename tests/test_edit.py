@@ -626,3 +626,23 @@ def test_batch_contexts_insertion_is_the_weighted_least_squares_over_every_conte
     with pytest.raises(FactEditError, match=r"fit settings differ \(steps\)"):
         compute_edit(reqs, model, tok, corpus, progress=False, mode="batch",
                      cfg=dataclasses.replace(cfg, steps=6), reuse_fit=res)
+
+
+def test_value_fit_batches_stay_within_the_memory_budget():
+    """fit_chunk_size: the demo model keeps 64 requests per fit batch; SmolLM2's shape (30 layers,
+    576 wide, d_ff 1536) with 21 rows a request gets 6 under the default 4 GiB (64 at once
+    took 22 GiB); a smaller budget gives fewer, never 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factedit.editing.values import fit_chunk_size
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=64)
+    with torch.device("meta"):
+        big = ModelAdapter(LlamaForCausalLM(cfg))
+    per_row = 30 * (16 * 576 + 4 * 1536) * 4 * 16
+    assert fit_chunk_size(big, 21, EditConfig()) == 4 * 2**30 // per_row // 21 == 6
+    assert fit_chunk_size(big, 21, EditConfig(fit_memory_gib=0.01)) == 1
+    assert fit_chunk_size(big, 21, EditConfig(fit_memory_gib=1000.0)) == 64
+    with pytest.raises(Exception, match="fit_memory_gib must be positive"):
+        EditConfig(fit_memory_gib=0).validate()

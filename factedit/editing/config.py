@@ -105,6 +105,9 @@ class EditConfig:
     weight_decay: float = 0.5
     clamp: float = 4.0  # ||delta|| <= clamp * ||current value||
     stop_nll: float = 0.05  # stop early once the mean target NLL is below this
+    # memory the value fit's autograd may take per batch of requests (estimated; a batch is
+    # cut into smaller ones to stay below it: 64 SmolLM2 requests at once took 22 GiB)
+    fit_memory_gib: float = 4.0
     # statistics of keys
     stats_samples: int = 20000  # token positions
     stats_max_length: int = 128
@@ -157,7 +160,7 @@ class EditConfig:
         if "{}" not in self.kl_prompt:
             raise RecipeError(f"edit.kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
         for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length",
-                     "nullspace_threshold", "sequential_lambda_decay"):
+                     "nullspace_threshold", "sequential_lambda_decay", "fit_memory_gib"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_heads", "held_prompts", "kl_weight", "weight_decay", "ridge", "stop_nll",

@@ -104,7 +104,7 @@ class EditResult:
 
 # the settings a value fit depends on (besides the requests, the model and the site)
 FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
-              "prefix_tokens", "seed")
+              "prefix_tokens", "seed", "fit_memory_gib")
 
 
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
