@@ -182,3 +182,98 @@ def test_undo_and_append_refuse_a_folder_that_is_not_a_sequence(demo, tmp_path):
     with pytest.raises(SequenceError, match="does not hold a sequence"):
         edit(_requests(world, 2)[1], model=model, tokenizer=tok, config=EditConfig(**FAST), out=copy,
              append=True, progress=False)
+
+
+
+def test_drifted_scores_each_edit_like_a_naive_forward(demo):
+    """The re-assertion check: each earlier edit's target NLL, the mean over the fit's contexts,
+    equals a plain forward pass per context (float32 rounding of padded batches: 1e-4); only
+    edits that once held (NLL at or below the threshold when their sweep ended) are reported."""
+    from factedit.analysis.spans import target_token_ids
+    from factedit.editing.stats import world_corpus
+    from factedit.editing.values import context_prefixes
+    from factedit.models.adapter import ModelAdapter
+
+    model, tok, world = demo
+    reqs = _requests(world, 4)
+    cfg = EditConfig(**{**FAST, "sequential_reassert_nll": 0.5})
+    prefixes = context_prefixes(tok, list(world_corpus(world).texts), cfg)
+    naive = []
+    with torch.no_grad():
+        for r in reqs:
+            nll = []
+            for p in prefixes:
+                text = f"{p} {r.filled_prompt}" if p else r.filled_prompt
+                ids = tok(text, return_tensors="pt")["input_ids"]
+                t = target_token_ids(tok, text, r.target_new)[0]
+                nll.append(-model(input_ids=ids).logits[0, -1].log_softmax(-1)[t].item())
+            naive.append(sum(nll) / len(nll))
+    st = SequenceState(edited=[(r, "last", after) for r, after in zip(reqs, [0.1, 0.1, 5.0, 0.5])])
+    got = seqmod().drifted(ModelAdapter(model), tok, prefixes, st, 0, cfg)
+    assert [i for i, _ in got] == [0, 1, 3]  # edit 2 never held; new targets: every NLL is high
+    for i, nll in got:
+        assert nll == pytest.approx(naive[i], abs=1e-4)
+    assert min(naive) > 0.5
+
+
+def seqmod():
+    import factedit.editing.sequential as mod
+
+    return mod
+
+
+def test_reasserted_edits_belong_to_the_step_that_swept_them_again(demo, monkeypatch, tmp_path):
+    """sequential_reassert_every: after every N-th edit, the edits the check reports are swept
+    again; their updates and keys join that edit's step, the manifest records them, and a
+    continued sequence knows their new NLL. Undoing that step removes them with it."""
+    mod = seqmod()
+    model, tok, world = demo
+    reqs = _requests(world, 4)
+    calls: list[int] = []
+
+    def fake_drifted(adapter, tok_, prefixes, state, layer, cfg):
+        calls.append(len(state.edited))
+        return [(0, 9.0)] if len(state.edited) == 2 else []
+
+    monkeypatch.setattr(mod, "drifted", fake_drifted)
+    cfg = EditConfig(**{**FAST, "sequential_reassert_every": 2})
+    out = tmp_path / "seq"
+    res = edit(reqs[:3], model=model, tokenizer=tok, config=cfg, mode="sequential", out=out, progress=False)
+    assert calls == [2]
+    again = res.nll[1]["reasserted"]
+    assert [a["edit"] for a in again] == [0] and again[0]["nll"] == 9.0
+    assert "reasserted" not in res.nll[0] and "reasserted" not in res.nll[2]
+    # step 1 holds edit 1's update and edit 0's again: rank 2 or more at a layer both wrote
+    own = len(res.step_layers[1]) + len(again[0]["layers"])
+    assert sum(b.shape[1] for f in res.steps[1].factors.values() for b, _ in f) == own
+    # its keys: edit 1's and edit 0's, each with one held prompt (its template asked about the other)
+    assert all(k.shape[0] == 2 + 2 for k in res.step_keys[1].values())
+    st = load_sequence(out).state()
+    assert st.edited[0][2] == pytest.approx(again[0]["after_fit"])
+    assert [e[0].subject for e in st.edited] == [r.subject for r in reqs[:3]]
+    assert [e[1] for e in st.edited] == ["last"] * 3
+    # undoing the last 2 steps removes the re-assertion with them: the first step alone remains
+    before = compose(res.steps[:1], res.delta.conv1d)
+    undo(out, 2, model, tok)
+    kept = load_sequence(out)
+    for name in before.modules():
+        assert torch.equal(kept.delta().dense(name), before.dense(name))
+    assert load_sequence(out).state().edited[0][2] == pytest.approx(res.nll[0]["after_fit"])
+
+
+def test_reassertion_runs_on_the_demo_model(demo):
+    """Without a stand-in check: every edit triggers one, and the sequence completes with each
+    reported edit swept again (no assertion on how many drift: that is the benchmark's job)."""
+    from factedit.editing.edit import compute_edit
+    from factedit.editing.stats import world_corpus
+
+    model, tok, world = demo
+    cfg = EditConfig(**{**FAST, "sequential_reassert_every": 1, "sequential_reassert_nll": 0.7})
+    res = compute_edit(_requests(world, 3), model, tok, world_corpus(world), cfg=cfg, mode="sequential",
+                       progress=False)
+    assert all("reasserted" in n for n in res.nll)
+    for n in res.nll:
+        for a in n["reasserted"]:
+            assert a["nll"] > 0.7
+    with pytest.raises(Exception, match="sequential_reassert_every must be zero or more"):
+        EditConfig(sequential_reassert_every=-1).validate()

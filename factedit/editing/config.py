@@ -127,6 +127,11 @@ class EditConfig:
     # refit: pass p (0, 1, ...) solves with λ / decay**p, so that an edit the protective first
     # pass did not take is written by a looser pass (1: every pass uses sequential_lambda)
     sequential_lambda_decay: float = 1.0
+    # refit/nullspace: every this many edits (0: never), each earlier edit of the sequence whose
+    # target NLL has risen above sequential_reassert_nll (later edits overwrote it) is swept
+    # again; that update belongs to the step of the edit at which the check ran
+    sequential_reassert_every: int = 0
+    sequential_reassert_nll: float = 0.7  # ~ p(target) < 0.5
     nullspace_threshold: float = 1e-3  # nullspace: eigenvalues of C below this times the largest span the null space
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
@@ -164,7 +169,8 @@ class EditConfig:
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_heads", "held_prompts", "kl_weight", "weight_decay", "ridge", "stop_nll",
-                     "sequential_lambda", "sequential_keep"):
+                     "sequential_lambda", "sequential_keep", "sequential_reassert_every",
+                     "sequential_reassert_nll"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"edit.{name} must be zero or more, got {getattr(self, name)}")
         if not self.prefix_tokens or min(self.prefix_tokens) < 1:

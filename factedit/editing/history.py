@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
+from factedit.editing.requests import EditRequest
 from factedit.editing.sequential import SequenceState
 from factedit.editing.weights import WeightDelta
 from factedit.errors import FactEditError
@@ -104,6 +105,17 @@ class Sequence:
                 st.keep(site, k)
         st.subjects = [(r["prompt"] if "{}" in r["prompt"] else r["prompt"].replace(r["subject"], "{}", 1),
                         r["subject"]) for r in self.manifest["requests"]]
+        plans = self.manifest.get("plans") or []
+        fits = self.manifest.get("fit_nll") or []
+        for i, r in enumerate(self.manifest["requests"]):
+            req = EditRequest(r["prompt"], r["subject"], r["target_new"])
+            plan = plans[i] if i < len(plans) and isinstance(plans[i], dict) else {}
+            pos = plan.get("mlp_position", "subject")
+            fit = fits[i] if i < len(fits) and isinstance(fits[i], dict) else {}
+            st.edited.append((req, pos, float(fit.get("after_fit", float("inf")))))
+            for again in fit.get("reasserted", []):  # a later step swept an earlier edit again
+                j = again["edit"]
+                st.edited[j] = (st.edited[j][0], st.edited[j][1], float(again["after_fit"]))
         return st
 
 

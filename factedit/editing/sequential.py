@@ -34,6 +34,7 @@ sequence can be continued later.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,11 +54,13 @@ Site = tuple[str, int, str]  # ("mlp", layer, position)
 @dataclass
 class SequenceState:
     """What later edits of a sequence must keep: per site, the running sum of kept keys'
-    outer products (in, in), in float64, and the subjects edited so far per template."""
+    outer products (in, in), in float64, and the requests edited so far, in order, with the
+    position each was written at."""
 
     gram: dict[Site, torch.Tensor] = field(default_factory=dict)
     counts: dict[Site, int] = field(default_factory=dict)
     subjects: list[tuple[str, str]] = field(default_factory=list)  # (template, subject) edited, in order
+    edited: list[tuple[EditRequest, str]] = field(default_factory=list)  # (request, position), in order
 
     def keep(self, site: Site, keys: torch.Tensor) -> None:
         """Add keys (n, in) to the site's kept set."""
@@ -114,6 +117,68 @@ def sequential_row(C: torch.Tensor, gram: torch.Tensor | None, keys: torch.Tenso
     return _solve(S.T, P @ K[:1].T)[:, 0]
 
 
+def _sweep_one(adapter: ModelAdapter, tok, prefixes: list[str], req: EditRequest, pos: str,
+               held: list[EditRequest], layers: list[int], stats, cfg: EditConfig, state: SequenceState,
+               proj: dict[int, torch.Tensor], base: dict[str, torch.Tensor], step: WeightDelta,
+               ) -> tuple[float, float, list[int]]:
+    """One request's layer sweep (``sequential_passes`` passes), its updates applied in place and
+    added to ``step``. Returns its target NLL before and after, and the layers it wrote."""
+    first = last = None
+    used: list[int] = []
+    for p in range(cfg.sequential_passes):
+        lam = cfg.sequential_lambda / cfg.sequential_lambda_decay ** p
+        for la in layers:
+            fitted = fit_values(adapter, tok, [req], prefixes, ValueSites(la, [], pos), cfg)
+            first = first if first is not None else fitted.base_nll[0]
+            last = fitted.nll[0]
+            if fitted.base_nll[0] < cfg.stop_nll:
+                last = fitted.base_nll[0]
+                break
+            keys = keys_at_layers(adapter, tok, [req, *held], prefixes, [la], pos)[la]  # (1 + h, in)
+            site = ("mlp", la, pos)
+            a = sequential_row(stats(("mlp", la)), state.gram.get(site), keys, cfg, proj.get(la), lam)
+            one = WeightDelta(conv1d=adapter.spec.conv1d)
+            one.add(adapter.module_name(la, adapter.spec.mlp_out), fitted.mlp[0].double()[:, None].float(),
+                    a[None].float())
+            for name, w in apply(adapter.model, one).items():
+                base.setdefault(name, w)
+            step.extend(one)
+            used.append(la)
+        else:
+            continue
+        break
+    return first, last, used
+
+
+def _keep(adapter: ModelAdapter, tok, prefixes: list[str], req: EditRequest, pos: str, held: list[EditRequest],
+          layers: list[int], state: SequenceState, added: dict[Site, torch.Tensor]) -> None:
+    """Read the request's and its held prompts' keys at every layer of the sweep (its update in
+    place), add them to the kept sets and to ``added``."""
+    for la, k in keys_at_layers(adapter, tok, [req, *held], prefixes, layers, pos).items():
+        site = ("mlp", la, pos)
+        state.keep(site, k)
+        added[site] = k if site not in added else torch.cat([added[site], k])
+
+
+@torch.no_grad()
+def drifted(adapter: ModelAdapter, tok, prefixes: list[str], state: SequenceState, layer: int,
+            cfg: EditConfig) -> list[tuple[int, float]]:
+    """(index, NLL) of the earlier edits whose target NLL (mean over the contexts, as the value
+    fit scores it) is now above ``sequential_reassert_nll`` although it was below once their
+    sweep ended: the edits that later ones overwrote."""
+    check = dataclasses.replace(cfg, steps=0, kl_weight=0.0)  # one scoring pass, no fit
+    by_pos: dict[str, list[int]] = {}
+    for i, (_req, pos, after) in enumerate(state.edited):
+        if after <= cfg.sequential_reassert_nll:
+            by_pos.setdefault(pos, []).append(i)
+    out = []
+    for pos, idx in by_pos.items():
+        now = fit_values(adapter, tok, [state.edited[i][0] for i in idx], prefixes, ValueSites(layer, [], pos),
+                         check).base_nll
+        out += [(i, n) for i, n in zip(idx, now) if n > cfg.sequential_reassert_nll]
+    return sorted(out)
+
+
 def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequest], positions: list[str],
                      stats: Callable[[tuple[str, int]], torch.Tensor], cfg: EditConfig,
                      state: SequenceState, base: dict[str, torch.Tensor],
@@ -121,7 +186,10 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
                      ) -> tuple[list[WeightDelta], list[dict[Site, torch.Tensor]], list[dict], list[list[int]]]:
     """Apply ``requests`` one after another to ``adapter.model`` (updates stay in place; the
     weights they touch are saved into ``base`` first). Returns, per request, its update, the
-    keys it added to the kept sets, its NLLs and the layers it wrote."""
+    keys it added to the kept sets, its NLLs and the layers it wrote. With
+    ``sequential_reassert_every`` N, after every N-th edit of the sequence the earlier edits
+    that later ones overwrote are swept again, as part of that edit's step (so that undoing it
+    undoes them too)."""
     layers = cfg.sequential_layers or cfg.batch_layers or list(range(adapter.n_layers))
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     proj: dict[int, torch.Tensor] = {}
@@ -131,39 +199,31 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
     for i, (req, pos) in enumerate(zip(requests, positions)):
         held = held_for(req, state, cfg.held_prompts, cfg.seed, len(state.subjects))
         step = WeightDelta(conv1d=adapter.spec.conv1d)
-        first = last = None
-        used: list[int] = []
-        for p in range(cfg.sequential_passes):
-            lam = cfg.sequential_lambda / cfg.sequential_lambda_decay ** p
-            for la in layers:
-                fitted = fit_values(adapter, tok, [req], prefixes, ValueSites(la, [], pos), cfg)
-                first = first if first is not None else fitted.base_nll[0]
-                last = fitted.nll[0]
-                if fitted.base_nll[0] < cfg.stop_nll:
-                    last = fitted.base_nll[0]
-                    break
-                keys = keys_at_layers(adapter, tok, [req, *held], prefixes, [la], pos)[la]  # (1 + h, in)
-                site = ("mlp", la, pos)
-                a = sequential_row(stats(("mlp", la)), state.gram.get(site), keys, cfg, proj.get(la), lam)
-                one = WeightDelta(conv1d=adapter.spec.conv1d)
-                one.add(adapter.module_name(la, adapter.spec.mlp_out), fitted.mlp[0].double()[:, None].float(),
-                        a[None].float())
-                for name, w in apply(adapter.model, one).items():
-                    base.setdefault(name, w)
-                step.extend(one)
-                used.append(la)
-            else:
-                continue
-            break
-        kept = keys_at_layers(adapter, tok, [req, *held], prefixes, layers, pos)
-        got = {("mlp", la, pos): k for la, k in kept.items()}
-        for site, k in got.items():
-            state.keep(site, k)
+        got: dict[Site, torch.Tensor] = {}
+        first, last, used = _sweep_one(adapter, tok, prefixes, req, pos, held, layers, stats, cfg, state, proj,
+                                       base, step)
+        _keep(adapter, tok, prefixes, req, pos, held, layers, state, got)
         state.subjects.append((req.template, req.subject))
+        state.edited.append((req, pos, last))
+        nll = {"before": first, "after_fit": last}
+        msg = (f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
+               f"(NLL {first:.2f} -> {last:.2f}; layers {used})")
+        every = cfg.sequential_reassert_every
+        if every and len(state.edited) % every == 0:
+            again = []
+            for j, now in drifted(adapter, tok, prefixes, state, layers[0], cfg):
+                old, opos, _ = state.edited[j]
+                oheld = held_for(old, state, cfg.held_prompts, cfg.seed, j)
+                _, after, oused = _sweep_one(adapter, tok, prefixes, old, opos, oheld, layers, stats, cfg, state,
+                                             proj, base, step)
+                _keep(adapter, tok, prefixes, old, opos, oheld, layers, state, got)
+                state.edited[j] = (old, opos, after)
+                again.append({"edit": j, "nll": now, "after_fit": after, "layers": oused})
+            nll["reasserted"] = again
+            msg += f"; re-asserted {len(again)} earlier edits"
         steps.append(step)
         added.append(got)
-        nlls.append({"before": first, "after_fit": last})
+        nlls.append(nll)
         wrote.append(used)
-        log(f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
-            f"(NLL {first:.2f} -> {last:.2f}; layers {used})")
+        log(msg)
     return steps, added, nlls, wrote
