@@ -50,6 +50,8 @@ def run_sequential(model, tok, world: World, corpus, edits: list[WorldEdit], cfg
             "s_per_edit_first": round(sum(ss[:k]) / k, 3), "s_per_edit_last": round(sum(ss[-k:]) / k, 3),
             **tenths, "layers_per_edit_first": round(sum(map(len, lw[:k])) / k, 2) if lw else None,
             "layers_per_edit_last": round(sum(map(len, lw[-k:])) / k, 2) if lw else None,
+            "reasserted": sum(len(n.get("reasserted", [])) for n in res.nll),  # earlier edits swept again
+            "reasserted_last_tenth": sum(len(n.get("reasserted", [])) for n in res.nll[-k:]),
             "kept_keys_mib": round(kept / 2**20, 1),
             "history_mib": round(len(sequence_bytes(res.steps, res.step_keys)) / 2**20, 1),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
