@@ -2,7 +2,7 @@
 (factedit/studies/known_edits.py), every method run by the same code on the same requests.
 
     python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0]
-        [--methods circuit,rome,mlp,heads,lora] [--batch 0] [--batch-methods circuit,memit]
+        [--methods circuit,rome,mlp,heads,lora,ft] [--batch 0] [--batch-methods circuit,memit]
         [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
 
 Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
@@ -12,8 +12,11 @@ Methods (each from the model's recipe, ``edit:`` section, with the overrides bel
   inserted for the mean of the contexts' keys (``insert_keys: mean``, whatever ``--set`` says);
 - ``mlp``: the same MLP-only edit with the settings as given (``insert_keys`` included);
 - ``heads``: the extraction heads' value update alone;
-- ``lora``: plain LoRA fine-tuning of the prompt (peft);
-- ``ft-l``-style constrained fine-tuning is not included (see the README).
+- ``lora``: plain LoRA fine-tuning of the bare prompt (peft; no context prefixes, as
+  EasyEdit's LoRA baseline), rank ``lora_rank`` on every MLP's output projection
+  (``mlp_layers`` unset), as a user fine-tunes without a located site;
+- ``ft``: FT-L, constrained fine-tuning of the MLP output weight at the traced layer (the
+  recipe's ``mlp_layers``), Adam 25 steps at 5e-4, change clipped to ±5e-4 (ROME's baseline).
 With ``--batch N`` one batch of N requests per batch method: ``circuit`` (the circuit's
 positions, the recipe's batch settings, e.g. ``batch_insert_keys``) and ``memit`` (method mlp
 over the recipe's ``batch_layers``, one mean key per request as MEMIT). A batch method whose
@@ -49,9 +52,10 @@ from factedit.models.loading import load_model
 from factedit.studies.known_edits import build_requests, harmonic_s, known_facts, score_requests, subject_facts
 
 SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
-          "mlp": {"method": "mlp"}, "heads": {"method": "heads"}, "lora": {"method": "lora"}}
+          "mlp": {"method": "mlp"}, "heads": {"method": "heads"},
+          "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}, "ft": {"method": "ft"}}
 BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_insert_keys": "mean"},
-         "lora": {"method": "lora"}}
+         "lora": {"method": "lora", "mlp_layers": None}}
 
 
 def _mean_rows(rows: list[dict]) -> dict:

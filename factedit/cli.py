@@ -355,7 +355,8 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the adapter.")
 @click.option("--method", type=click.Choice(list(METHODS)), default=None,
               help="circuit: the located circuit's sites (default); mlp: ROME-style MLP only; heads: heads "
-                   "only; lora: plain LoRA fine-tuning baseline.")
+                   "only; lora: plain LoRA fine-tuning baseline; ft: constrained fine-tuning of one MLP "
+                   "(FT-L) baseline.")
 @click.option("--mode", type=click.Choice(["single", "sequential", "batch"]), default=None,
               help="Many requests: batch (MEMIT-style, default) or sequential.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),

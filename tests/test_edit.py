@@ -48,7 +48,7 @@ def test_choice_fields_are_str_enums_read_and_written_as_plain_strings():
     assert EditConfig(batch_strategy="refit").batch_strategy is BatchStrategy.REFIT  # a plain string in code
     assert json.loads(dumps_json(dataclasses.asdict(cfg)))["method"] == "mlp"
     with pytest.raises(RecipeError, match=r"r.yaml: edit.method: expected one of circuit, mlp, heads, lora, "
-                                          r"got 'rome'"):
+                                          r"ft, got 'rome'"):
         from_dict(EditConfig, {"method": "rome"}, where="r.yaml: edit")
     for name in ("mlp_site", "head_fallback", "sequential_strategy", "batch_strategy", "insert_keys",
                  "lookup_position"):
@@ -440,6 +440,53 @@ def test_lora_baseline_and_heads_only(demo, corpus):
         assert top1(model, tok, [rel.templates[0].format(e.name)]) == [req.target_new]
     res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST, method="heads"), progress=False)
     assert res.plans[0].heads and all(".attn.c_attn" in n for n in res.delta.modules())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ft_l_matches_a_naive_constrained_fine_tune(family):
+    """FT-L: Adam on one MLP output weight, the change clipped to ±ε after each step, on the
+    bare prompt's target NLL. Against a hand-written loop on a copy of the weight (one prompt:
+    no padding), the deltas agree to float32 rounding (1e-6); nothing else moves; the base
+    weights come back unchanged (GPT-2's Conv1D stores the weight transposed)."""
+    from .test_locate import word_tokenizer
+
+    torch.manual_seed(0)
+    model = tiny_model(family).float()
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    req = EditRequest("the capital of {} is", "beats music", "apple")
+    cfg = EditConfig(method="ft", mlp_layers=[1], ft_steps=5, ft_lr=1e-2, ft_norm_constraint=2e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = compute_edit([req], model, tok, Corpus("w", ["the capital of france is paris"] * 4), cfg=cfg,
+                       progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    adapter = ModelAdapter(model)
+    name = adapter.module_name(1, adapter.spec.mlp_out)
+    assert res.delta.modules() == [name]
+    got = res.delta.dense(name)
+    assert got.abs().max() <= 2e-3 + 1e-6 and got.abs().max() > 1e-3  # float32: w0 + d - w0 rounds d
+    # the naive loop
+    w = model.get_submodule(name).weight
+    w0 = w.detach().clone()
+    ids = tok(req.filled_prompt + " apple", return_tensors="pt")["input_ids"]
+    param = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.Adam([param], lr=1e-2)
+    for _ in range(5):
+        with torch.no_grad():
+            w.copy_(param)
+        w.requires_grad_(True)
+        loss = -model(input_ids=ids[:, :-1]).logits[0, -1].log_softmax(-1)[ids[0, -1]]
+        (g,) = torch.autograd.grad(loss, [w])
+        w.requires_grad_(False)
+        param.grad = g
+        opt.step()
+        with torch.no_grad():
+            param.copy_(w0 + (param - w0).clamp(-2e-3, 2e-3))
+    with torch.no_grad():
+        w.copy_(w0)
+    want = (param.detach() - w0).T if adapter.spec.conv1d else param.detach() - w0
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert res.nll[0]["after_fit"] < res.nll[0]["before"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,7 @@ class Method(Choice):
     MLP = "mlp"  # ROME/MEMIT-style
     HEADS = "heads"
     LORA = "lora"  # the fine-tuning baseline
+    FT = "ft"  # constrained fine-tuning of one MLP (FT-L), the other baseline
 
 
 class MlpSite(Choice):
@@ -58,7 +59,7 @@ CHOICES: dict[str, type[Choice]] = {"method": Method, "mlp_site": MlpSite, "head
 
 @dataclass
 class EditConfig:
-    method: Method = Method.CIRCUIT  # circuit (MLPs + heads) | mlp (ROME/MEMIT-style) | heads | lora (baseline)
+    method: Method = Method.CIRCUIT  # circuit (MLPs + heads) | mlp (ROME/MEMIT-style) | heads | lora, ft (baselines)
     # where: candidate layers for the MLP update; the located enrichment MLP is used when it lies
     # among them, else the candidate layer nearest to it (or the first, when none was located)
     mlp_layers: list[int] | None = None  # None: every layer is a candidate
@@ -145,6 +146,11 @@ class EditConfig:
     lora_rank: int = 4
     lora_steps: int = 40
     lora_lr: float = 5e-3
+    # method ft (FT-L, factedit/editing/ft_l.py): Adam on the MLP output weights at mlp_layers,
+    # the change clipped elementwise to ±ft_norm_constraint (ROME's FT-L: 25 steps at 5e-4, 5e-4)
+    ft_steps: int = 25
+    ft_lr: float = 5e-4
+    ft_norm_constraint: float = 5e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -158,13 +164,14 @@ class EditConfig:
 
     def validate(self) -> None:
         self._parse_choices()  # again: a field may have been set after construction
-        for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "batch_span",
+        for name in ("steps", "n_prefixes", "stats_samples", "lora_rank", "lora_steps", "ft_steps", "batch_span",
                      "sequential_passes"):
             if getattr(self, name) < 0 or (name != "n_prefixes" and getattr(self, name) == 0):
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         if "{}" not in self.kl_prompt:
             raise RecipeError(f"edit.kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
-        for name in ("clamp", "lr", "lora_lr", "batch_lambda", "batch_passes", "stats_max_length",
+        for name in ("clamp", "lr", "lora_lr", "ft_lr", "ft_norm_constraint", "batch_lambda", "batch_passes",
+                     "stats_max_length",
                      "nullspace_threshold", "sequential_lambda_decay", "fit_memory_gib"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")

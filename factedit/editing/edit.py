@@ -11,7 +11,8 @@ Modes:
   ``spread`` (MEMIT): fit the new residual at the top layer, then spread it over the layers;
   ``refit``: at each layer in turn, fit what the requests still need there (with the earlier
   layers' updates in place) and insert it. Heads are not updated in this mode.
-- method ``lora``: the plain LoRA fine-tuning baseline through peft, for comparison.
+- method ``lora``: the plain LoRA fine-tuning baseline through peft, for comparison;
+  method ``ft``: constrained fine-tuning of one MLP (FT-L), the other baseline.
 
 The base model's weights are the same after the call as before it (bit for bit).
 """
@@ -234,7 +235,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     t0 = time.perf_counter()
     targets = check_requests(requests, model, tok, context_prefixes(tok, list(corpus.texts), cfg), cfg.kl_prompt)
     fp = model_fingerprint(model)
-    if circuits is None and cfg.method != "lora":
+    if circuits is None and cfg.method not in ("lora", "ft"):
         lc = config_for_model(model)
         lc.trace = lc.trace or (cfg.mlp_site == "trace" and cfg.method in ("circuit", "mlp"))
         circuits = [locate(r.prompt, r.subject, model=model, tokenizer=tok, config=lc, fingerprint=fp)
@@ -254,6 +255,10 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
         from factedit.editing.lora_ft import lora_finetune
 
         res.delta, res.nll = lora_finetune(adapter, tok, requests, corpus, cfg)
+    elif cfg.method == "ft":
+        from factedit.editing.ft_l import ft_l
+
+        res.delta, res.nll = ft_l(adapter, tok, requests, cfg)
     elif mode == "batch":
         _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log, reuse_fit)
     elif mode == "sequential" and cfg.sequential_strategy != "kept":
