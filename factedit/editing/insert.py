@@ -88,6 +88,8 @@ def _read_chunk(adapter: ModelAdapter, tps: list, modules: dict[Hashable, torch.
 
     def keep(key: Hashable, x: torch.Tensor) -> None:
         got[key] = as_btd(x, nb)[rows, pos].float()  # (b, width)
+        if len(got) == len(modules):  # every module read: the layers above (and the unembedding) are not needed
+            raise _AllRead
 
     with Hooks() as hooks, padding_safe(adapter, mask), attention_masks(adapter, masks.get):
         for key, module in modules.items():
@@ -95,8 +97,15 @@ def _read_chunk(adapter: ModelAdapter, tps: list, modules: dict[Hashable, torch.
                 hooks.pre(module, lambda m, args, kwargs, key=key: keep(key, first_input(args, kwargs)))
             else:
                 hooks.post(module, lambda m, args, out, key=key: keep(key, first_output(out)))
-        adapter.model(input_ids=ids, attention_mask=mask)
+        try:
+            adapter.model(input_ids=ids, attention_mask=mask)
+        except _AllRead:
+            pass
     return got
+
+
+class _AllRead(Exception):
+    """Ends a reading pass once every requested module has been read."""
 
 
 def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
