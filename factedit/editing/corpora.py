@@ -6,7 +6,11 @@
   temperature 1 (nucleus 0.95) after a fixed list of neutral openings. It needs nothing but
   the model, so it works offline for any model; its keys follow the model's own distribution
   (ROME draws its context prefixes from the model the same way). Sampled once per model
-  fingerprint and cached in ``$FACTEDIT_CACHE/corpora``;
+  fingerprint and cached in ``$FACTEDIT_CACHE/corpora``. Vocabularies up to
+  :data:`LARGE_VOCAB` tokens sample with ``transformers``' ``generate``; larger ones (Gemma-3's
+  262,144) with :func:`nucleus_sample`, the same nucleus distribution without sorting the whole
+  vocabulary at every step (``generate`` sorts it: half of each step on Gemma-3), under its own
+  cache key (its random stream differs, so the cached corpora of smaller models stay valid);
 - ``pydoc``: ordinary English prose that every Python ships (the standard library's
   documentation topics), as a fixed reference corpus to compare against.
 """
@@ -26,6 +30,7 @@ from factedit.errors import FactEditError
 from factedit.io import atomic_write_text, dumps_json
 
 SAMPLED, PYDOC = "sampled", "pydoc"
+LARGE_VOCAB = 131_072  # above this, nucleus_sample instead of generate
 BUILTIN = (SAMPLED, PYDOC)
 
 # neutral openings: no subject, no relation of the fact sets we edit
@@ -63,26 +68,86 @@ def pydoc_corpus() -> Corpus:
     return Corpus(f"pydoc-{digest}", texts)
 
 
+def nucleus_filter(logits: torch.Tensor, top_p: float, k: int = 1024) -> torch.Tensor:
+    """Probabilities (rows, vocab) of nucleus sampling: the fewest most-probable tokens whose
+    mass reaches ``top_p``, renormalised, zero elsewhere. The nucleus is looked for among each
+    row's top ``k`` tokens first; a row whose top ``k`` hold less than ``top_p`` is sorted in full."""
+    probs = torch.softmax(logits.float(), -1)  # (rows, vocab)
+    out = torch.zeros_like(probs)
+    top, idx = probs.topk(min(k, probs.shape[-1]), -1)  # (rows, k), descending
+    short = top.sum(-1) < top_p
+    for rows, (p, i) in ((~short, (top[~short], idx[~short])),
+                         (short, probs[short].sort(-1, descending=True))):
+        before = p.cumsum(-1) - p  # mass of the tokens ranked above each one
+        out[rows] = out[rows].scatter(-1, i, torch.where(before < top_p, p, 0.0))  # the first always stays
+    return out / out.sum(-1, keepdim=True)
+
+
+def _stop_ids(model, tok) -> set[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, (list, tuple)) else [gen] if gen is not None else [])
+    return ids
+
+
+@torch.no_grad()
+def nucleus_sample(model, enc, new_tokens: int, top_p: float, stop: set[int], gen: torch.Generator) -> torch.Tensor:
+    """Continuations (b, new_tokens) of the left-padded batch ``enc``, temperature 1 and
+    nucleus ``top_p``, one forward per token over a KV cache, logits of the last position only;
+    a row stops at a token of ``stop`` (what follows it is padding to be cut)."""
+    from factedit.analysis.rerun import last_logits_only, output_cache, with_cache  # keywords by version
+
+    mask = enc["attention_mask"]  # (b, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+    last = last_logits_only(model)
+    out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, **last)
+    done = torch.zeros(mask.shape[0], dtype=torch.bool)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
+    new = []
+    for _ in range(new_tokens):
+        nxt = torch.multinomial(nucleus_filter(out.logits[:, -1].cpu(), top_p), 1, generator=gen)  # (b, 1)
+        new.append(nxt)
+        done |= torch.isin(nxt[:, 0], stop_ids)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(nxt)], -1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt.to(mask.device), attention_mask=mask, position_ids=pos, use_cache=True,
+                    **last, **with_cache(model, output_cache(out)))
+    return torch.cat(new, -1)
+
+
+def uses_nucleus_sampler(model) -> bool:
+    """Whether :func:`sample_texts` samples with :func:`nucleus_sample` (large vocabularies)."""
+    return model.get_output_embeddings().weight.shape[0] > LARGE_VOCAB
+
+
 @torch.no_grad()
 def sample_texts(model, tok, n_texts: int, new_tokens: int = 128, seed: int = 0, batch: int = 16) -> list[str]:
     """``n_texts`` continuations of :data:`OPENINGS` (cycled), sampled from ``model``."""
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stop = _stop_ids(model, tok)
+    own = uses_nucleus_sampler(model)
     texts: list[str] = []
     try:
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
             for start in range(0, n_texts, batch):
                 openings = [OPENINGS[i % len(OPENINGS)] for i in range(start, min(n_texts, start + batch))]
                 enc = tok(openings, return_tensors="pt", padding=True).to(device)
-                out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
-                                     max_new_tokens=new_tokens, pad_token_id=pad)  # (b, T + new)
-                for row, opening in zip(out, openings):
-                    new = row[enc["input_ids"].shape[1]:].tolist()
-                    if tok.eos_token_id in new:
-                        new = new[:new.index(tok.eos_token_id)]
-                    texts.append(opening + tok.decode(new, skip_special_tokens=True))
+                if own:
+                    news = nucleus_sample(model, enc, new_tokens, 0.95, stop, gen)  # (b, new)
+                else:
+                    out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                         max_new_tokens=new_tokens, pad_token_id=pad)  # (b, T + new)
+                    news = out[:, enc["input_ids"].shape[1]:]
+                for row, opening in zip(news, openings):
+                    new = row.tolist()
+                    cut = [new.index(s) for s in (stop if own else {tok.eos_token_id}) if s in new]
+                    texts.append(opening + tok.decode(new[:min(cut, default=len(new))], skip_special_tokens=True))
     finally:
         tok.padding_side = side
     return texts
@@ -92,7 +157,7 @@ def sampled_corpus(model, tok, fingerprint: str, tokens: int, new_tokens: int = 
                    log=lambda m: None) -> Corpus:
     """Text sampled from the model, enough for ``tokens`` statistics positions (cached)."""
     n_texts = math.ceil(tokens / new_tokens * 1.15) + 1  # early EOS leaves some texts short
-    key = f"{fingerprint}|{n_texts}|{new_tokens}|{seed}"
+    key = f"{fingerprint}|{n_texts}|{new_tokens}|{seed}" + ("|nucleus-v1" if uses_nucleus_sampler(model) else "")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = corpora_dir() / f"sampled-{digest}.jsonl"
     texts = None
