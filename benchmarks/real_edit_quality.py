@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="circuit,rome,lora")
     ap.add_argument("--batch-methods", default="circuit,memit")
+    ap.add_argument("--batch-lambdas", default=None, metavar="L1,L2,...",
+                    help="run every batch method once per λ (batch_lambda; MEMIT's mom2_update_weight), all on "
+                         "one shared value fit; default: the recipe's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override an edit setting for every method, e.g. --set 'mlp_layers=[4]'")
     ap.add_argument("--stats-corpus", nargs="*", default=["sampled"])
@@ -159,8 +162,11 @@ def main() -> None:
         save(rows, True)
     batch = requests[: args.batch]
     fitted = None  # a batch spread's fit, shared by the next batch method where its site and settings match
-    for name in batch_methods:
+    lambdas = [float(x) for x in args.batch_lambdas.split(",")] if args.batch_lambdas else [None]
+    for name, lam in [(m, lam) for lam in lambdas for m in batch_methods]:
         cfg = dataclasses.replace(base, **BATCH[name])
+        if lam is not None:
+            cfg = dataclasses.replace(cfg, batch_lambda=lam)
         try:
             res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
                                progress=False, reuse_fit=fitted)
@@ -174,7 +180,9 @@ def main() -> None:
         fitted = fitted or (res if res.fit is not None else None)
         with applied(model, res.delta):
             m = score_requests(model, tok, batch, fluency=True, others=others)
-        rows.append({"method": f"{name} (batch of {len(batch)})", "n": len(batch), **m,
+        label = f"{name} (batch of {len(batch)}" + (f", λ {lam:g})" if lam is not None else ")")
+        rows.append({"method": label, "n": len(batch), **m, "batch_lambda": cfg.batch_lambda,
+                     "update_norms": res.delta.norms(),
                      "s_per_edit": round(res.seconds / len(batch), 2), "fit_shared": shared,
                      "sites": [res.plans[0].why]})
         print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
