@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from factedit.analysis.rerun import last_logits_only, output_cache, with_cache
 from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_text, dumps_json
@@ -95,8 +96,6 @@ def nucleus_sample(model, enc, new_tokens: int, top_p: float, stop: set[int], ge
     """Continuations (b, new_tokens) of the left-padded batch ``enc``, temperature 1 and
     nucleus ``top_p``, one forward per token over a KV cache, logits of the last position only;
     a row stops at a token of ``stop`` (what follows it is padding to be cut)."""
-    from factedit.analysis.rerun import last_logits_only, output_cache, with_cache  # keywords by version
-
     mask = enc["attention_mask"]  # (b, T)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
     last = last_logits_only(model)
@@ -110,11 +109,12 @@ def nucleus_sample(model, enc, new_tokens: int, top_p: float, stop: set[int], ge
         done |= torch.isin(nxt[:, 0], stop_ids)
         if done.all():
             break
+        nxt = nxt.to(mask.device)  # the model's device (the draw is on the CPU)
         mask = torch.cat([mask, torch.ones_like(nxt)], -1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt.to(mask.device), attention_mask=mask, position_ids=pos, use_cache=True,
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
                     **last, **with_cache(model, output_cache(out)))
-    return torch.cat(new, -1)
+    return torch.cat([t.cpu() for t in new], -1)
 
 
 def uses_nucleus_sampler(model) -> bool:
