@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--cases", default=None, metavar="I,J,...",
                     help="single edits of these requests only (indices among the first --n), to re-measure the "
                          "requests a change affects; with --batch 0 and --sequential 0")
+    ap.add_argument("--fit-cache", default=None, metavar="DIR",
+                    help="keep every value fit on the unedited model in DIR (chunk by chunk) and reuse what "
+                         "is there: a stopped batch resumes its fit, a λ study refits nothing")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cases = [int(x) for x in args.cases.split(",")] if args.cases else None
@@ -141,7 +144,8 @@ def main() -> None:
         refused = []
         for r, c in zip(single, circuits):
             try:
-                res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False)
+                res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False,
+                                   fit_cache=args.fit_cache)
             except RequestError as exc:  # e.g. a lookup edit of a multi-token target: not scored, counted
                 refused.append(f"{r.filled_prompt!r} -> {r.target_new!r}: {exc}")
                 print(f"{name}: refused {refused[-1]}", flush=True)
@@ -169,13 +173,13 @@ def main() -> None:
             cfg = dataclasses.replace(cfg, batch_lambda=lam)
         try:
             res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
-                               progress=False, reuse_fit=fitted)
+                               progress=False, reuse_fit=fitted, fit_cache=args.fit_cache)
         except FactEditError as exc:
             if fitted is None or "reuse_fit" not in str(exc):
                 raise
             print(f"{name}: its own value fit ({exc})", flush=True)
             res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
-                               progress=False)
+                               progress=False, fit_cache=args.fit_cache)
         shared = fitted is not None and res.fit is fitted.fit
         fitted = fitted or (res if res.fit is not None else None)
         with applied(model, res.delta):

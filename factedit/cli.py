@@ -373,15 +373,19 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
               help="OUT holds a sequence (--mode sequential): continue it with these requests, in place.")
 @click.option("--undo", type=int, default=None, metavar="K",
               help="Undo the last K edits of the sequence in OUT, in place (bit for bit; no requests).")
+@click.option("--fit-cache", type=click.Path(), default=None,
+              help="Keep the value fits in this folder, chunk by chunk: a stopped batch resumes its fit, "
+                   "and a rerun with other insertion settings reuses it.")
 def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target_new, target_true,
              requests_path, out, method, mode, recipe_path, circuit_paths, stats_corpus, merge, overwrite,
-             seed, append, undo) -> None:
+             seed, append, undo, fit_cache) -> None:
     """Edit facts with targeted low-rank updates; writes a PEFT LoRA adapter."""
     import dataclasses
 
     from factedit.analysis.circuit import RecallCircuit
     from factedit.editing.api import edit, edit_config_for_model
     from factedit.editing.config import load_edit_config
+    from factedit.editing.fit_cache import check_fit_cache
     from factedit.editing.requests import EditRequest, load_requests
     from factedit.errors import FactEditError
     from factedit.models.zoo import model_dir
@@ -401,6 +405,8 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     else:
         raise FactEditError("give --prompt, --subject and --target-new (or --requests FILE)")
     check_output_dir(out, overwrite or append, model_dir(model_path))
+    if fit_cache is not None:
+        check_fit_cache(fit_cache)
     circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
     cfg = load_edit_config(recipe_path) if recipe_path else edit_config_for_model(model)
@@ -411,7 +417,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     cfg.validate()
     res = edit(requests, model=model, tokenizer=tok, config=cfg, mode=mode, circuits=circuits,
                stats_corpus=list(stats_corpus) or None, out=out, merge=merge, overwrite=overwrite,
-               log=lambda m: click.echo(m, err=True), append=append)
+               log=lambda m: click.echo(m, err=True), append=append, fit_cache=fit_cache)
     for req, plan, nll in zip(res.requests, res.plans, res.nll):
         click.echo(f"{req.filled_prompt!r} -> {req.target_new!r}: {plan.why}; "
                    f"target NLL {nll['before']:.2f} -> {nll['after_fit']:.2f}")

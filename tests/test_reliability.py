@@ -256,6 +256,8 @@ CASES = [
     ("audit-output-not-empty", lambda A: ["audit", "--limit", "4"], ["not empty", "--overwrite"], None),
     ("audit-output-inside-model-folder", lambda A: ["audit", "--model", str(A["demo_copy"]), "--limit", "4"],
      ["model folder", "outside"], "demo_copy"),
+    ("fit-cache-is-a-file", lambda A: ["edit", *EDIT, "--fit-cache", str(A["root"] / "fast.yaml")],
+     ["fit cache", "not a directory"], None),
     # edit results
     ("nan-in-edit", lambda A: ["edit", "--recipe", str(A["root"] / "fast.yaml"), *EDIT],
      ["NaN or inf", "nothing was saved"], None),

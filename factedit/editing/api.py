@@ -41,12 +41,15 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
          config: EditConfig | None = None, mode: str | None = None,
          circuits: list[RecallCircuit | None] | None = None, stats_corpus: list[str | Path] | None = None,
          out: str | Path | None = None, merge: bool = False, overwrite: bool = False,
-         progress: bool = True, log: Callable[[str], None] = lambda m: None, append: bool = False) -> EditResult:
+         progress: bool = True, log: Callable[[str], None] = lambda m: None, append: bool = False,
+         fit_cache: str | Path | None = None) -> EditResult:
     """Edit facts. ``requests``: one request, a list, or a request file (CounterFact or flat
     JSON/JSONL). ``model``: a loaded model (with ``tokenizer``), a path, or None for the demo
     model. With ``out`` the adapter (and ``merged/`` with ``merge``) is written there. With
     ``append``, ``out`` holds a sequence (an earlier sequential edit): the requests continue it,
-    on the model with its edits applied, and the folder is updated in one atomic step."""
+    on the model with its edits applied, and the folder is updated in one atomic step. With
+    ``fit_cache`` (a directory) the value fits are kept there chunk by chunk: a long batch
+    that stops resumes its fit where it stopped."""
     from factedit.paths import check_output_dir
 
     if isinstance(requests, (str, Path)):
@@ -80,7 +83,7 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     if prior is not None:
         return _append(prior, requests, model, tokenizer, corpus, cfg, circuits, out, merge, progress, log)
     result = compute_edit(requests, model, tokenizer, corpus, cfg=cfg, circuits=circuits, mode=mode,
-                          progress=progress, log=log)
+                          progress=progress, log=log, fit_cache=fit_cache)
     check_moved(result)
     if out is not None:
         from factedit.editing.export import save_edit

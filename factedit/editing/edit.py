@@ -23,12 +23,14 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from factedit.analysis.circuit import CircuitError, RecallCircuit
 from factedit.analysis.knockout import window_layers
 from factedit.editing.config import EditConfig, InsertKeys, MlpPosition
+from factedit.editing.fit_cache import FIT_FIELDS, FitCache
 from factedit.editing.insert import (
     context_keys,
     least_squares,
@@ -104,8 +106,6 @@ class EditResult:
 
 
 # the settings a value fit depends on (besides the requests, the model and the site)
-FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
-              "prefix_tokens", "seed", "fit_memory_gib")
 
 
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
@@ -212,13 +212,17 @@ class _Stats:
 def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg: EditConfig | None = None,
          circuits: list[RecallCircuit | None] | None = None, mode: str | None = None,
          progress: bool = True, log: Callable[[str], None] = lambda m: None,
-         sequence: SequenceState | None = None, reuse_fit: EditResult | None = None) -> EditResult:
+         sequence: SequenceState | None = None, reuse_fit: EditResult | None = None,
+         fit_cache: str | Path | None = None) -> EditResult:
     """Compute the edit of ``requests`` on ``model``. ``circuits`` (one per request, or None to
     locate each fact here) say where; ``mode`` defaults to single/batch by count. ``sequence``
     (sequential mode): the kept keys of the edits already applied to ``model``, to continue
     a sequence. ``reuse_fit`` (a batch spread): an earlier batch result of the same requests
     whose fitted values to reuse, e.g. to compare two insertions on one fit; its site and fit
-    settings must match (an error says which does not)."""
+    settings must match (an error says which does not). ``fit_cache`` (a directory): value fits
+    on the unedited model (single edits, a batch's spread) are kept there chunk by chunk and
+    read back by a later run of the same fit, so a long batch fit resumes where it stopped
+    (:mod:`factedit.editing.fit_cache`)."""
     from factedit.analysis.locate import config_for_model, locate
 
     cfg = cfg or EditConfig()
@@ -249,6 +253,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
             check_circuit(c, r, adapter, i)
     plans = [plan_for(c, cfg, adapter.n_layers) for c in circuits]
     check_one_token_sites(requests, targets, plans, mode, tok)
+    cache = None if fit_cache is None else FitCache(Path(fit_cache), fp)
     res = EditResult(WeightDelta(conv1d=adapter.spec.conv1d), requests, plans, cfg, mode, fp,
                      str(getattr(model, "name_or_path", "")), circuits=list(circuits))
     if cfg.method == "lora":
@@ -260,11 +265,11 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
 
         res.delta, res.nll = ft_l(adapter, tok, requests, cfg)
     elif mode == "batch":
-        _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log, reuse_fit)
+        _batch(adapter, tok, corpus, requests, circuits, cfg, res, progress, log, reuse_fit, cache)
     elif mode == "sequential" and cfg.sequential_strategy != "kept":
         _sequence(adapter, tok, corpus, requests, cfg, res, progress, log, sequence or SequenceState())
-    else:
-        _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log)
+    else:  # a kept sequence edits the model between fits: only a single edit's fit is cached
+        _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log, cache if mode == "single" else None)
     res.delta.check_finite()
     res.seconds = time.perf_counter() - t0
     return res
@@ -342,7 +347,8 @@ def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: 
                            "located for it")
 
 
-def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log) -> None:
+def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log,
+                cache: FitCache | None = None) -> None:
     stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
     stats.prepare([("mlp", p.mlp_layer) for p in res.plans if p.mlp_layer is not None]
                   + [("attn", la) for p in res.plans for la, _ in p.heads])
@@ -367,7 +373,7 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
             kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
             sites = ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position)
-            fitted = fit_values(adapter, tok, [req], prefixes, sites, cfg)
+            fitted = fit_values(adapter, tok, [req], prefixes, sites, cfg, cache=cache)
             res.nll.append({"before": fitted.base_nll[0], "after_fit": fitted.nll[0]})
             step = WeightDelta(conv1d=adapter.spec.conv1d)
             if plan.mlp_layer is not None:
@@ -476,7 +482,7 @@ def _reused(prior: EditResult | None, requests: list[EditRequest], site: tuple[i
 
 
 def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log,
-           reuse_fit: EditResult | None = None) -> None:
+           reuse_fit: EditResult | None = None, cache: FitCache | None = None) -> None:
     layers = batch_layers(cfg, res.plans)
     position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
     how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
@@ -541,7 +547,7 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
             z_layer = layers[-1]
             res.fit_site = (z_layer, str(position))
             fitted = _reused(reuse_fit, requests, res.fit_site, cfg, res.base_fingerprint) or fit_values(
-                adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg)
+                adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg, cache=cache)
             res.fit = fitted
             res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
             log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL "

@@ -31,6 +31,7 @@ import torch
 from factedit.analysis.hooks import Hooks, as_btd, first_output, pad_right, padding_safe, with_output
 from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.editing.config import EditConfig, MlpPosition
+from factedit.editing.fit_cache import FitCache, FittedValues
 from factedit.editing.requests import EditRequest
 from factedit.editing.targets import ScoredTargets
 from factedit.models.adapter import ModelAdapter
@@ -51,14 +52,6 @@ class ValueSites:
     mlp_layer: int | None  # add a delta to this layer's MLP output
     heads: list[tuple[int, int]]  # (layer, kv head) value vectors
     mlp_position: MlpPosition = MlpPosition.SUBJECT  # where the MLP delta goes: the last subject token | "last"
-
-
-@dataclass
-class FittedValues:
-    mlp: torch.Tensor | None  # (n, d) deltas of the MLP output
-    heads: torch.Tensor | None  # (n, n_heads, head_dim) deltas of the value vectors
-    nll: list[float]  # final mean target NLL per request
-    base_nll: list[float]
 
 
 def context_prefixes(tok, texts: list[str], cfg: EditConfig) -> list[str]:
@@ -174,11 +167,13 @@ def fit_chunk_size(adapter: ModelAdapter, rows_per_request: int, cfg: EditConfig
 
 @torch.enable_grad()
 def fit_values(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
-               sites: ValueSites, cfg: EditConfig, chunk: int = 64) -> FittedValues:
+               sites: ValueSites, cfg: EditConfig, chunk: int = 64, cache: FitCache | None = None) -> FittedValues:
     """Fit the deltas of ``requests`` (at most ``chunk`` requests per batch, fewer where the
-    batch would exceed ``edit.fit_memory_gib``: :func:`fit_chunk_size`)."""
+    batch would exceed ``edit.fit_memory_gib``: :func:`fit_chunk_size`). With ``cache`` (for
+    the model as it is now) a chunk fitted before is read back, and each new one is saved as
+    soon as it is fitted: a stopped fit resumes where it stopped."""
     chunk = fit_chunk_size(adapter, len(prefixes) + (cfg.kl_weight > 0), cfg, chunk)
-    parts = [_fit_chunk(adapter, tok, requests[i : i + chunk], prefixes, sites, cfg)
+    parts = [_cached_chunk(adapter, tok, requests[i : i + chunk], prefixes, sites, cfg, cache)
              for i in range(0, len(requests), chunk)]
 
     def cat(xs: list) -> torch.Tensor | None:
@@ -304,6 +299,19 @@ def last_token_only(rows: list[Row], sites: ValueSites) -> bool:
     return (sites.mlp_position == "last" and not sites.heads and sites.mlp_layer is not None
             and min(len(r.ids) for r in rows) >= 2
             and all(r.last == len(r.ids) - 1 and all(p == r.last for p, _ in r.targets) for r in rows))
+
+
+def _cached_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditConfig,
+                  cache: FitCache | None) -> FittedValues:
+    if cache is None:
+        return _fit_chunk(adapter, tok, requests, prefixes, sites, cfg)
+    p = next(adapter.model.parameters())
+    key = cache.key(requests, prefixes, sites, cfg, p.dtype, p.device)
+    fitted = cache.load(key, p.device)
+    if fitted is None:
+        fitted = _fit_chunk(adapter, tok, requests, prefixes, sites, cfg)
+        cache.save(key, fitted)
+    return fitted
 
 
 def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditConfig) -> FittedValues:

@@ -1,0 +1,108 @@
+"""Resumable value fits: each fitted chunk of requests is kept on disk under a key of
+everything its numbers depend on, so a long batch fit that stops (a crash, a session's end)
+resumes at the first chunk not yet fitted, and the same fit serves other insertions later.
+
+A fit of a chunk depends on: the model's weights (fingerprint), dtype and device type, the
+site (MLP layer, heads, position), the fit settings (``FIT_FIELDS``), the context prefixes,
+the chunk's requests, in order (the chunk stops early only when all of them are met), and the
+fitting code (``VERSION``, raised whenever ``values.py`` changes what it computes). The key is
+the SHA-256 of all of that; a file holds the deltas (safetensors) and the per-request NLLs
+(its metadata). Files are written to a temporary name and renamed, so a stopped run leaves no
+half-written entry. Only safetensors is read (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from factedit.errors import FactEditError
+
+VERSION = 1
+FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
+              "prefix_tokens", "seed", "fit_memory_gib")
+
+
+def check_fit_cache(root: str | Path) -> Path:
+    """``root`` as a Path, or an error when it exists and is not a directory."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise FactEditError(f"fit cache {root}: not a directory; give a directory for the fitted values")
+    return root
+
+
+@dataclass
+class FittedValues:
+    """The value fit of n requests (``values.fit_values``), or of one chunk of them."""
+
+    mlp: torch.Tensor | None  # (n, d) deltas of the MLP output
+    heads: torch.Tensor | None  # (n, n_heads, head_dim) deltas of the value vectors
+    nll: list[float]  # final mean target NLL per request
+    base_nll: list[float]
+
+
+@dataclass
+class FitCache:
+    """A directory of fitted chunks for one model (``fingerprint``: the weights the fits ran on)."""
+
+    root: Path
+    fingerprint: str
+    hits: int = 0
+    misses: int = 0
+
+    def __post_init__(self) -> None:
+        self.root = check_fit_cache(self.root)
+
+    def key(self, requests: list, prefixes: list[str], sites, cfg, dtype: torch.dtype, device: torch.device) -> str:
+        """The hex key of one chunk's fit (``requests``: EditRequest, ``sites``: ValueSites)."""
+        what = {
+            "version": VERSION, "model": self.fingerprint, "dtype": str(dtype), "device": torch.device(device).type,
+            "mlp_layer": sites.mlp_layer, "heads": [list(h) for h in sites.heads],
+            "position": str(getattr(sites.mlp_position, "value", sites.mlp_position)),
+            "settings": {f: getattr(cfg, f) for f in FIT_FIELDS}, "prefixes": list(prefixes),
+            "requests": [[r.prompt, r.subject, r.target_new] for r in requests],
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"fit-{key[:40]}.safetensors"
+
+    def load(self, key: str, device: torch.device) -> FittedValues | None:
+        """The chunk's fit, or None when it was never fitted."""
+        p = self.path(key)
+        if not p.is_file():
+            self.misses += 1
+            return None
+        try:
+            tensors = load_file(str(p), device=str(device))
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            nll, base_nll = json.loads(meta["nll"]), json.loads(meta["base_nll"])
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise FactEditError(f"fit cache entry {p} cannot be read ({exc}): "
+                                "delete it to fit that chunk again") from exc
+        if meta.get("key") != key:
+            raise FactEditError(f"fit cache entry {p} belongs to another fit: delete it to fit that chunk again")
+        self.hits += 1
+        return FittedValues(tensors.get("mlp"), tensors.get("heads"), nll, base_nll)
+
+    def save(self, key: str, fitted: FittedValues) -> None:
+        """Write the chunk's fit atomically (temporary file, then rename)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in (("mlp", fitted.mlp), ("heads", fitted.heads))
+                   if v is not None}
+        meta = {"key": key, "nll": json.dumps(fitted.nll), "base_nll": json.dumps(fitted.base_nll)}
+        p = self.path(key)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
