@@ -4,6 +4,7 @@
     python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0]
         [--methods circuit,rome,mlp,heads,lora,ft] [--batch 0] [--batch-methods circuit,memit]
         [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
+        [--fit-cache DIR] [--sequential N [--sequence-dir DIR --sequence-chunk 10]]
 
 Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
 - ``circuit``: factedit's edit of the fact's located circuit (MLP at the subject + extraction heads);
@@ -36,6 +37,7 @@ import dataclasses
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,7 +46,7 @@ from factedit.editing.api import edit_config_for_model
 from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit
 from factedit.editing.requests import RequestError
-from factedit.editing.weights import applied
+from factedit.editing.weights import WeightDelta, applied
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_text
 from factedit.models.fingerprint import model_fingerprint
@@ -66,6 +68,37 @@ def _mean_rows(rows: list[dict]) -> dict:
     out["n_SF"] = n_sf
     out["S"] = harmonic_s(out)
     return out
+
+
+def sequence_in_folder(seq: list, model, tok, cfg, stats_corpus: list[str], folder: str,
+                       chunk: int) -> tuple[WeightDelta, list[dict]]:
+    """Edit ``seq`` one after another through ``folder`` as a user continues a sequence
+    (``factedit.edit(..., append=True)``), ``chunk`` requests per call, each call locating its
+    facts on the model edited so far. Resumes from the edits the folder already holds (they
+    must be the first of ``seq``); each call's seconds go to ``<folder>.timings.json``.
+    Returns the sequence's composed update and the timings."""
+    from factedit.editing.api import edit
+    from factedit.editing.history import load_sequence
+
+    out, timings_file = Path(folder), Path(f"{folder}.timings.json")
+    done, timings = 0, []
+    if (out / "edits.json").exists():
+        held = [(r["prompt"], r["subject"], r["target_new"]) for r in load_sequence(out).manifest["requests"]]
+        done = len(held)
+        if held != [(r.prompt, r.subject, r.target_new) for r in seq[:done]]:
+            raise SystemExit(f"{out} holds another sequence than these requests' first {done}: give a new folder")
+        timings = json.loads(timings_file.read_text()) if timings_file.exists() else []
+        print(f"resuming the sequence in {out} after {done} edits", flush=True)
+    while done < len(seq):
+        part = seq[done : done + chunk]
+        t = time.perf_counter()
+        edit(part, model=model, tokenizer=tok, config=cfg, mode="sequential", stats_corpus=stats_corpus,
+             out=out, append=done > 0, progress=False)
+        timings.append({"first": done, "n": len(part), "seconds": round(time.perf_counter() - t, 2)})
+        atomic_write_text(timings_file, json.dumps(timings, indent=1))
+        done += len(part)
+        print(f"  sequence: {done}/{len(seq)} edits, {timings[-1]['seconds'] / len(part):.1f} s / edit", flush=True)
+    return load_sequence(out).delta(), timings
 
 
 def main() -> None:
@@ -90,6 +123,11 @@ def main() -> None:
     ap.add_argument("--fit-cache", default=None, metavar="DIR",
                     help="keep every value fit on the unedited model in DIR (chunk by chunk) and reuse what "
                          "is there: a stopped batch resumes its fit, a λ study refits nothing")
+    ap.add_argument("--sequence-dir", default=None, metavar="DIR",
+                    help="with --sequential: edit through DIR as `factedit edit --append` does, "
+                         "--sequence-chunk requests at a time, each chunk located on the model edited so far; "
+                         "a run that stops resumes from the edits DIR holds")
+    ap.add_argument("--sequence-chunk", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cases = [int(x) for x in args.cases.split(",")] if args.cases else None
@@ -116,7 +154,8 @@ def main() -> None:
     batch_methods = [m for m in args.batch_methods.split(",") if m and args.batch]
     # a site depends on the circuit for the circuit and heads methods, and for the MLP methods
     # when the recipe leaves them more than one candidate layer (or asks for the traced one)
-    site_free = (not {"circuit", "heads"} & {*methods, *batch_methods} and not args.sequential
+    site_free = (not {"circuit", "heads"} & {*methods, *batch_methods}
+                 and (not args.sequential or args.sequence_dir is not None)
                  and len(base.mlp_layers or []) == 1 and base.mlp_site != "trace")
     t0 = time.perf_counter()
     circuits = [None if site_free else
@@ -191,7 +230,19 @@ def main() -> None:
                      "sites": [res.plans[0].why]})
         print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
         save(rows, True)
-    if args.sequential:  # one after another, scored once at the end
+    if args.sequential and args.sequence_dir:  # through a folder, resumable
+        seq = requests[: args.sequential]
+        delta, timings = sequence_in_folder(seq, model, tok, base, args.stats_corpus, args.sequence_dir,
+                                            args.sequence_chunk)
+        with applied(model, delta):
+            m = score_requests(model, tok, seq, fluency=True, others=others)
+        first, last = timings[0], timings[-1]
+        rows.append({"method": f"circuit (sequential via --append, {base.sequential_strategy})", "n": len(seq), **m,
+                     "s_per_edit": round(sum(t["seconds"] for t in timings) / len(seq), 2),
+                     "s_per_edit_first_chunk": round(first["seconds"] / first["n"], 2),
+                     "s_per_edit_last_chunk": round(last["seconds"] / last["n"], 2), "chunks": timings})
+        print({k: v for k, v in rows[-1].items() if k != "chunks"}, flush=True)
+    elif args.sequential:  # one after another, scored once at the end
         seq = requests[: args.sequential]
         res = compute_edit(seq, model, tok, corpus, cfg=base, circuits=circuits[: len(seq)], mode="sequential",
                            progress=False)
