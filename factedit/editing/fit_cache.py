@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from factedit.errors import FactEditError
+from factedit.io import file_mode
 
 VERSION = 1
 FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
@@ -103,6 +104,7 @@ class FitCache:
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         try:
             save_file(tensors, str(tmp), metadata=meta)
+            os.chmod(tmp, file_mode())  # as the user's other files (safetensors writes 0600)
             os.replace(tmp, p)
         finally:
             tmp.unlink(missing_ok=True)
