@@ -7,7 +7,7 @@ site (MLP layer, heads, position), the fit settings (``FIT_FIELDS``), the contex
 the chunk's requests, in order (the chunk stops early only when all of them are met), and the
 fitting code (``VERSION``, raised whenever ``values.py`` changes what it computes). The key is
 the SHA-256 of all of that; a file holds the deltas (safetensors) and the per-request NLLs
-(its metadata). Files are written to a temporary name and renamed, so a stopped run leaves no
+(its metadata). Files are written to a temporary name and renamed (``factedit.io``), so a stopped run leaves no
 half-written entry. Only safetensors is read (no pickle).
 """
 
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from factedit.errors import FactEditError
-from factedit.io import file_mode
+from factedit.io import atomic_write_bytes, dumps_json
 
 VERSION = 1
 FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
@@ -49,6 +49,11 @@ class FittedValues:
     base_nll: list[float]
 
 
+def _floats(xs: list) -> list[float]:
+    """NLLs as stored (strict JSON: a non-finite one was written as null) back to floats."""
+    return [float("inf") if x is None else float(x) for x in xs]
+
+
 @dataclass
 class FitCache:
     """A directory of fitted chunks for one model (``fingerprint``: the weights the fits ran on)."""
@@ -70,7 +75,7 @@ class FitCache:
             "settings": {f: getattr(cfg, f) for f in FIT_FIELDS}, "prefixes": list(prefixes),
             "requests": [[r.prompt, r.subject, r.target_new] for r in requests],
         }
-        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        return hashlib.sha256(dumps_json(what, sort_keys=True, default=str).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
         return self.root / f"fit-{key[:40]}.safetensors"
@@ -85,7 +90,7 @@ class FitCache:
             tensors = load_file(str(p), device=str(device))
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
-            nll, base_nll = json.loads(meta["nll"]), json.loads(meta["base_nll"])
+            nll, base_nll = (_floats(json.loads(meta[k])) for k in ("nll", "base_nll"))
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             raise FactEditError(f"fit cache entry {p} cannot be read ({exc}): "
                                 "delete it to fit that chunk again") from exc
@@ -96,15 +101,7 @@ class FitCache:
 
     def save(self, key: str, fitted: FittedValues) -> None:
         """Write the chunk's fit atomically (temporary file, then rename)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in (("mlp", fitted.mlp), ("heads", fitted.heads))
                    if v is not None}
-        meta = {"key": key, "nll": json.dumps(fitted.nll), "base_nll": json.dumps(fitted.base_nll)}
-        p = self.path(key)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.chmod(tmp, file_mode())  # as the user's other files (safetensors writes 0600)
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
+        meta = {"key": key, "nll": dumps_json(fitted.nll), "base_nll": dumps_json(fitted.base_nll)}
+        atomic_write_bytes(self.path(key), safetensors_bytes(tensors, metadata=meta))
