@@ -105,9 +105,6 @@ class EditResult:
     fit_site: tuple[int, str] | None = None
 
 
-# the settings a value fit depends on (besides the requests, the model and the site)
-
-
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
     """"extraction" when blocking subject -> last edges hurts p(prediction) most in the upper
     half of the layers, by at least ``threshold`` % (the paper's mechanism: upper layers read
