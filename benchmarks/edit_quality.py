@@ -30,6 +30,12 @@ from factedit.studies.world_edits import WorldEdit, run_world_edits, sample_worl
 from factedit.world.generate import World
 
 
+def _cost(nll: list[dict]) -> dict[str, float] | None:
+    """Mean seconds per edit of each part of a sequential sweep (None where not recorded)."""
+    parts = [n["seconds"] for n in nll if "seconds" in n]
+    return {k: round(sum(p[k] for p in parts) / len(parts), 3) for k in parts[0]} if parts else None
+
+
 def run_sequential(model, tok, world: World, corpus, edits: list[WorldEdit], cfg) -> dict:
     """One edit after another on the model edited so far; scored once at the end."""
     t0 = time.perf_counter()
@@ -52,6 +58,9 @@ def run_sequential(model, tok, world: World, corpus, edits: list[WorldEdit], cfg
             "layers_per_edit_last": round(sum(map(len, lw[-k:])) / k, 2) if lw else None,
             "reasserted": sum(len(n.get("reasserted", [])) for n in res.nll),  # earlier edits swept again
             "reasserted_last_tenth": sum(len(n.get("reasserted", [])) for n in res.nll[-k:]),
+            # where an edit's seconds go (refit/nullspace): its own sweep, reading its keys, the
+            # re-assertion check and the re-sweeps, mean per edit over the first and the last tenth
+            "cost_first_tenth": _cost(res.nll[:k]), "cost_last_tenth": _cost(res.nll[-k:]),
             "kept_keys_mib": round(kept / 2**20, 1),
             "history_mib": round(len(sequence_bytes(res.steps, res.step_keys)) / 2**20, 1),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}

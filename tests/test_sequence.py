@@ -277,3 +277,41 @@ def test_reassertion_runs_on_the_demo_model(demo):
             assert a["nll"] > 0.7
     with pytest.raises(Exception, match="sequential_reassert_every must be zero or more"):
         EditConfig(sequential_reassert_every=-1).validate()
+
+
+@pytest.mark.parametrize("every,window", [(10, 30), (5, 7), (1, 3)])
+def test_the_check_window_rotates_over_every_earlier_edit(every, window):
+    """sequential_reassert_window W: each check reads W earlier edits (all while there are no
+    more), and the checks in turn cover every edit, each about once per n / W checks; a
+    window of 0 reads all of them, as before."""
+    checked = seqmod().checked
+    cfg = EditConfig(**{**FAST, "sequential_reassert_every": every, "sequential_reassert_window": window})
+    seen: dict[int, int] = {}  # edit -> the last check that read it
+    for n in range(every, 10 * every * window + 1, every):
+        idx = checked(n, cfg)
+        assert idx == sorted(set(idx)) and all(0 <= i < n for i in idx)
+        assert len(idx) == min(n, window)
+        for i in idx:
+            seen[i] = n
+        # no edit goes unread (since it was made, or since its last read) for longer than about
+        # two passes of the cursor over the sequence (a pass: n / W checks of `every` edits)
+        stale = [i for i in range(n) if n - seen.get(i, i) > 2 * every * n / window + every]
+        assert not stale, (n, stale[:5])
+    assert checked(500, EditConfig(**{**FAST, "sequential_reassert_every": every})) == list(range(500))
+
+
+def test_drifted_reads_only_the_check_window(demo):
+    """With a window, the check scores only the edits ``checked`` names: every edit here
+    drifted (new targets, NLL far above 0.5), so what it reports is exactly the window."""
+    from factedit.editing.stats import world_corpus
+    from factedit.editing.values import context_prefixes
+    from factedit.models.adapter import ModelAdapter
+
+    model, tok, world = demo
+    reqs = _requests(world, 10)
+    cfg = EditConfig(**{**FAST, "n_prefixes": 1, "sequential_reassert_nll": 0.5, "sequential_reassert_every": 5,
+                        "sequential_reassert_window": 3})
+    prefixes = context_prefixes(tok, list(world_corpus(world).texts), cfg)
+    st = SequenceState(edited=[(r, "last", 0.1) for r in reqs])
+    got = [i for i, _ in seqmod().drifted(ModelAdapter(model), tok, prefixes, st, 0, cfg)]
+    assert got == seqmod().checked(10, cfg) and len(got) == 3

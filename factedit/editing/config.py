@@ -133,6 +133,9 @@ class EditConfig:
     # again; that update belongs to the step of the edit at which the check ran
     sequential_reassert_every: int = 0
     sequential_reassert_nll: float = 0.7  # ~ p(target) < 0.5
+    # the check reads this many earlier edits, in rotation (0: all of them, a cost that grows
+    # with the sequence; see sequential.checked)
+    sequential_reassert_window: int = 0
     nullspace_threshold: float = 1e-3  # nullspace: eigenvalues of C below this times the largest span the null space
     batch_passes: int = 1  # sweeps over the batch layers (MEMIT: 1); more close the residual further
     # how a batch is shared among its layers: "spread" (MEMIT: one residual fitted at the top
@@ -177,7 +180,7 @@ class EditConfig:
                 raise RecipeError(f"edit.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_heads", "held_prompts", "kl_weight", "weight_decay", "ridge", "stop_nll",
                      "sequential_lambda", "sequential_keep", "sequential_reassert_every",
-                     "sequential_reassert_nll"):
+                     "sequential_reassert_nll", "sequential_reassert_window"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"edit.{name} must be zero or more, got {getattr(self, name)}")
         if not self.prefix_tokens or min(self.prefix_tokens) < 1:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -160,6 +161,23 @@ def _keep(adapter: ModelAdapter, tok, prefixes: list[str], req: EditRequest, pos
         added[site] = k if site not in added else torch.cat([added[site], k])
 
 
+def checked(n: int, cfg: EditConfig) -> list[int]:
+    """The earlier edits (indices among the ``n`` so far) that the re-assertion check after the
+    ``n``-th edit reads: all of them, or with ``sequential_reassert_window`` W, the next W in
+    rotation: a cursor walks the sequence, W edits per check, wrapping to the first edit at
+    the end (edits added since join the walk), so that a check costs the same at the 1,000th
+    edit as at the 100th and each edit is read about once per n / W checks. It depends on n
+    alone, so a sequence continued from its folder checks what it would have."""
+    w, every = cfg.sequential_reassert_window, max(1, cfg.sequential_reassert_every)
+    if not w or w >= n:
+        return list(range(n))
+    cursor = 0
+    for m in range(every, n + 1, every):  # the checks so far, each after the m-th edit
+        idx = [(cursor + t) % m for t in range(min(w, m))]
+        cursor = (cursor + w) % m
+    return sorted(idx)
+
+
 @torch.no_grad()
 def drifted(adapter: ModelAdapter, tok, prefixes: list[str], state: SequenceState, layer: int,
             cfg: EditConfig) -> list[tuple[int, float]]:
@@ -168,7 +186,8 @@ def drifted(adapter: ModelAdapter, tok, prefixes: list[str], state: SequenceStat
     sweep ended: the edits that later ones overwrote."""
     check = dataclasses.replace(cfg, steps=0, kl_weight=0.0)  # one scoring pass, no fit
     by_pos: dict[str, list[int]] = {}
-    for i, (_req, pos, after) in enumerate(state.edited):
+    for i in checked(len(state.edited), cfg):
+        _req, pos, after = state.edited[i]
         if after <= cfg.sequential_reassert_nll:
             by_pos.setdefault(pos, []).append(i)
     out = []
@@ -197,21 +216,28 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
         proj = {la: null_projector(stats(("mlp", la)), cfg.nullspace_threshold) for la in layers}
     steps, added, nlls, wrote = [], [], [], []
     for i, (req, pos) in enumerate(zip(requests, positions)):
+        t0 = time.perf_counter()
         held = held_for(req, state, cfg.held_prompts, cfg.seed, len(state.subjects))
         step = WeightDelta(conv1d=adapter.spec.conv1d)
         got: dict[Site, torch.Tensor] = {}
         first, last, used = _sweep_one(adapter, tok, prefixes, req, pos, held, layers, stats, cfg, state, proj,
                                        base, step)
+        t1 = time.perf_counter()
         _keep(adapter, tok, prefixes, req, pos, held, layers, state, got)
+        t2 = time.perf_counter()
         state.subjects.append((req.template, req.subject))
         state.edited.append((req, pos, last))
         nll = {"before": first, "after_fit": last}
+        cost = {"sweep": t1 - t0, "keep": t2 - t1, "check": 0.0, "reassert": 0.0}  # seconds
         msg = (f"edit {i + 1}/{len(requests)}: {req.filled_prompt!r} -> {req.target_new!r} "
                f"(NLL {first:.2f} -> {last:.2f}; layers {used})")
         every = cfg.sequential_reassert_every
         if every and len(state.edited) % every == 0:
             again = []
-            for j, now in drifted(adapter, tok, prefixes, state, layers[0], cfg):
+            found = drifted(adapter, tok, prefixes, state, layers[0], cfg)
+            t3 = time.perf_counter()
+            cost["check"] = t3 - t2
+            for j, now in found:
                 old, opos, _ = state.edited[j]
                 oheld = held_for(old, state, cfg.held_prompts, cfg.seed, j)
                 _, after, oused = _sweep_one(adapter, tok, prefixes, old, opos, oheld, layers, stats, cfg, state,
@@ -220,7 +246,9 @@ def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequ
                 state.edited[j] = (old, opos, after)
                 again.append({"edit": j, "nll": now, "after_fit": after, "layers": oused})
             nll["reasserted"] = again
+            cost["reassert"] = time.perf_counter() - t3
             msg += f"; re-asserted {len(again)} earlier edits"
+        nll["seconds"] = {k: round(v, 4) for k, v in cost.items()}
         steps.append(step)
         added.append(got)
         nlls.append(nll)
