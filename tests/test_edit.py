@@ -39,7 +39,7 @@ def test_choice_fields_are_str_enums_read_and_written_as_plain_strings():
     import dataclasses
 
     from factedit.editing.config import BatchStrategy, Method, MlpPosition
-    from factedit.editing.edit import EditPlan
+    from factedit.editing.plan import EditPlan
     from factedit.io import dumps_json
     from factedit.recipes import RecipeError, from_dict
 
@@ -199,7 +199,7 @@ def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
 
     from factedit.analysis.circuit import LocateConfig
     from factedit.analysis.locate import locate
-    from factedit.editing.edit import plan_for
+    from factedit.editing.plan import plan_for
 
     model, tok, _ = demo
     c = copy.deepcopy(locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,

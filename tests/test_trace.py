@@ -145,7 +145,7 @@ def test_edit_chooses_the_traced_mlp_layer(demo):
     from factedit.analysis.circuit import LocateConfig
     from factedit.analysis.locate import locate
     from factedit.editing.config import EditConfig
-    from factedit.editing.edit import plan_for
+    from factedit.editing.plan import plan_for
 
     model, tok, _ = demo
     c = locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,

@@ -15,7 +15,7 @@ The indirect effect of a state is p(token | corrupted, that state restored) - p(
 corrupted), averaged over the noise samples (the same samples for every row); the total
 effect is p(clean) - p(corrupted). ROME chose its edit layer where the MLP's indirect effect
 at the last subject token peaks; factedit's circuit method does the same per fact (see
-``editing.edit.plan_for``).
+``editing.plan.plan_for``).
 
 All rows run as batches of full forward passes with hooks (no rerun shortcut): a row costs
 one pass of the prompt, and a trace costs ``samples x (1 + layers x positions)`` rows.

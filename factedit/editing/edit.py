@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from factedit.analysis.circuit import CircuitError, RecallCircuit
-from factedit.analysis.knockout import window_layers
-from factedit.editing.config import EditConfig, InsertKeys, MlpPosition
+from factedit.editing.config import EditConfig, InsertKeys
 from factedit.editing.fit_cache import FIT_FIELDS, FitCache
 from factedit.editing.insert import (
     context_keys,
@@ -40,44 +39,15 @@ from factedit.editing.insert import (
     rank_one,
     residual_to_mlp,
 )
+from factedit.editing.plan import EditPlan, plan_for
 from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.sequential import SequenceState, sequential_sweep
 from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import FittedValues, ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
-from factedit.errors import FactEditError, shown
+from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter, context_length
 from factedit.models.fingerprint import model_fingerprint
-
-
-@dataclass
-class EditPlan:
-    mlp_layer: int | None
-    heads: list[tuple[int, int]]  # (layer, query head)
-    why: str  # where the sites came from
-    mlp_position: MlpPosition = MlpPosition.SUBJECT  # "subject" (ROME's site) | "last" (a lookup MLP there)
-    mechanism: str = ""  # "extraction" | "lookup", as read from the circuit
-    read_layers: list[int] = field(default_factory=list)  # where the last position reads the subject
-
-    def __post_init__(self) -> None:
-        self.mlp_position = MlpPosition.parse(self.mlp_position, "plan.mlp_position")
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "plan") -> EditPlan:
-        """A plan as ``edits.json`` holds it (``asdict``); only ``mlp_layer`` and ``heads`` are
-        required, the rest take their defaults. A malformed one is a one-line error."""
-        malformed = f"{where} is malformed (an object with 'mlp_layer' and 'heads' [[layer, head], ...])"
-        if not isinstance(data, dict):
-            raise FactEditError(f"{malformed}, not {shown(data)}")
-        mlp, heads, read = data.get("mlp_layer"), data.get("heads", []), data.get("read_layers") or []
-        if not (mlp is None or type(mlp) is int) or not isinstance(heads, list) or not all(
-                isinstance(h, (list, tuple)) and len(h) == 2 and all(type(x) is int for x in h) for h in heads):
-            raise FactEditError(malformed)
-        if not isinstance(read, list) or not all(type(x) is int for x in read):
-            raise FactEditError(f"{where}.read_layers must be a list of layers, not {shown(read)}")
-        return cls(mlp, [(h[0], h[1]) for h in heads], str(data.get("why", "")),
-                   MlpPosition.parse(data.get("mlp_position", MlpPosition.SUBJECT), f"{where}.mlp_position"),
-                   str(data.get("mechanism", "")), list(read))
 
 
 @dataclass
@@ -103,85 +73,6 @@ class EditResult:
     # another insertion of the same batch can reuse them (compute_edit's ``reuse_fit``)
     fit: FittedValues | None = None
     fit_site: tuple[int, str] | None = None
-
-
-def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
-    """"extraction" when blocking subject -> last edges hurts p(prediction) most in the upper
-    half of the layers, by at least ``threshold`` % (the paper's mechanism: upper layers read
-    the enriched subject); else "lookup" (the subject is read low down, and the fact is
-    computed at the last position)."""
-    ko = circuit.knockout.subject  # (L,)
-    worst = circuit.knockout.strongest("subject")
-    return "extraction" if worst >= len(ko) // 2 and ko[worst] <= -threshold else "lookup"
-
-
-def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> EditPlan:
-    """The sites to update for one fact, from its circuit (located on the fact as the model
-    recalls it now) and the recipe."""
-    cands = cfg.mlp_layers or list(range(n_layers))
-    mlp, position, why = None, MlpPosition.SUBJECT, []
-    mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
-    lookup_mlp = None
-    if cfg.method == "circuit" and mech == "lookup" and cfg.lookup_position == MlpPosition.SUBJECT:
-        read = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)[0]
-        why.append(f"lookup mechanism (the subject is read at L{read}), edited at the subject (edit.lookup_position)")
-    elif cfg.method == "circuit" and mech == "lookup":
-        # the MLP at the last position in the first block of the window where blocking the
-        # subject's edges hurts most: the first MLP after the attention that reads the subject.
-        # (Measured on the demo model: 100/100 single edits effective with this rule, 98.75/100
-        # when taking the layer of the first MLP extraction event instead.)
-        read_window = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)
-        read = read_window[0]
-        lookup_mlp = min(cands, key=lambda la: abs(la - read))
-        if lookup_mlp < read:
-            # no candidate MLP at or above the read: the last position there has not read the
-            # subject yet, so the update would key on the template alone (every subject asked
-            # this way, and no paraphrase); the subject's MLP (ROME's site) is edited instead
-            why.append(f"lookup mechanism (the subject is read at L{read}), but no candidate MLP at or above it "
-                       f"(mlp_layers {cands}): edited at the subject")
-            lookup_mlp = None
-    if lookup_mlp is not None:
-        position, mlp = MlpPosition.LAST, lookup_mlp
-        events = circuit.extraction_events["mlp"]
-        why.append(f"lookup mechanism (the subject is read low down, at L{read}): last-position MLP L{mlp}"
-                   + (f"; MLP extraction events at L{events}" if events else ""))
-    elif cfg.method in ("circuit", "mlp") and cfg.mlp_site == "trace" and circuit is not None \
-            and circuit.trace is not None:
-        t = circuit.trace  # traced at one position, the last subject token
-        mlp = t.best_layer(t.positions[0], cands)
-        why.append(f"subject MLP L{mlp}: largest causal-tracing indirect effect ({t.effect[mlp][0]:+.3f})"
-                   + (f" among layers {cands}" if cfg.mlp_layers else ""))
-    elif cfg.method in ("circuit", "mlp"):
-        located = circuit.enrichment_mlps[0].layer if circuit and circuit.enrichment_mlps else None
-        if cfg.mlp_site == "trace" and circuit is not None:
-            why.append("the circuit holds no causal trace (locate with analysis.trace: true)")
-        if located is None:
-            mlp = cands[0]
-            why.append(f"subject MLP L{mlp}: no enrichment MLP located, first candidate layer")
-        else:
-            mlp = min(cands, key=lambda la: abs(la - located))
-            why.append(f"subject MLP L{mlp}: " + ("located enrichment MLP" if mlp == located
-                                                  else f"candidate nearest to the located L{located}"))
-    heads: list[tuple[int, int]] = []
-    # heads: in the extraction mechanism (or when asked for alone); in a lookup the heads read
-    # raw subject tokens shared with other subjects, so a value edit there would not be specific
-    if circuit is not None and (cfg.method == "heads" or (cfg.method == "circuit" and mech == "extraction")):
-        if circuit.extraction_heads:
-            heads = [(h.layer, h.head) for h in circuit.extraction_heads[: cfg.max_heads]]
-            why.append("heads: located extraction heads")
-        elif cfg.method == "heads" and cfg.head_fallback == "attention" and circuit.subject_attention is not None:
-            # no head extracts the attribute on its own: the heads that carry the subject to
-            # the last position where blocking that flow hurts the prediction
-            ko = circuit.knockout.subject  # (L,)
-            att = circuit.subject_attention  # (L, H)
-            score = {(la, h): att[la][h] * max(0.0, -ko[la]) / 100.0
-                     for la in range(n_layers) for h in range(len(att[la]))}
-            heads = [lh for lh in sorted(score, key=lambda lh: -score[lh]) if score[lh] > 0][: cfg.max_heads]
-            why.append("heads: none extracts alone; the heads reading the subject where subject knockout hurts")
-    plan = EditPlan(mlp, heads, "; ".join(why), position, mech)
-    if position == MlpPosition.LAST:
-        plan.read_layers = [la for la in read_window if la <= mlp]
-    return plan
 
 
 class _Stats:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from factedit.analysis.circuit import LocateConfig, RecallCircuit
 from factedit.analysis.locate import locate
 from factedit.editing.config import MlpPosition
-from factedit.editing.edit import EditPlan
+from factedit.editing.plan import EditPlan
 from factedit.editing.requests import EditRequest
 from factedit.verify import metrics
 

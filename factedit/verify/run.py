@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.locate import config_for_model
-from factedit.editing.edit import EditPlan
 from factedit.editing.export import parse_peft_key, peft_key
+from factedit.editing.plan import EditPlan
 from factedit.editing.requests import EditRequest, load_requests, parse_record
 from factedit.editing.weights import WeightDelta, applied
 from factedit.errors import FactEditError, shown
