@@ -442,6 +442,23 @@ def test_lora_baseline_and_heads_only(demo, corpus):
     assert res.plans[0].heads and all(".attn.c_attn" in n for n in res.delta.modules())
 
 
+def test_an_edit_with_no_site_is_refused_by_name(demo, corpus):
+    """Method heads with max_heads 0 (how a recipe turns head updates off) is a recipe error,
+    and a fact whose plan has no site (no head located, no fallback) a RequestError naming
+    the request, raised before any fit (not the optimiser's "empty parameter list")."""
+    from factedit.recipes import RecipeError
+
+    model, tok, world = demo
+    _e, _rel, req = fact(world, 13, "pet")
+    with pytest.raises(RecipeError, match="max_heads is 0.*--set max_heads=2"):
+        compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST, method="heads", max_heads=0), progress=False)
+    c = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST, method="heads"), progress=False).circuits[0]
+    c.extraction_heads = []
+    cfg = EditConfig(**FAST, method="heads", head_fallback="none")
+    with pytest.raises(RequestError, match="request 0: method heads found no site to edit.*method circuit or mlp"):
+        compute_edit([req], model, tok, corpus, cfg=cfg, circuits=[c], progress=False)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_ft_l_matches_a_naive_constrained_fine_tune(family):
     """FT-L: Adam on one MLP output weight, the change clipped to ±ε after each step, on the

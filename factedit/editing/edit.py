@@ -48,6 +48,7 @@ from factedit.editing.weights import WeightDelta, apply, restore
 from factedit.errors import FactEditError
 from factedit.models.adapter import ModelAdapter, context_length
 from factedit.models.fingerprint import model_fingerprint
+from factedit.recipes import RecipeError
 
 
 @dataclass
@@ -157,6 +158,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     elif mode == "sequential" and cfg.sequential_strategy != "kept":
         _sequence(adapter, tok, corpus, requests, cfg, res, progress, log, sequence or SequenceState())
     else:  # a kept sequence edits the model between fits: only a single edit's fit is cached
+        check_sites(requests, plans, cfg)
         _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log, cache if mode == "single" else None)
     res.delta.check_finite()
     res.seconds = time.perf_counter() - t0
@@ -208,6 +210,20 @@ def check_one_token_sites(requests: list[EditRequest], targets: list[list[int]],
                 f"{_where(i, r)}: the target {r.target_new!r} is {len(t)} tokens {pieces}, but this edit updates an "
                 f"MLP at the prompt's last position (the model looks the fact up there), which sets one next "
                 f"token: give a one-token target, e.g. {pieces[0].strip()!r}")
+
+
+def check_sites(requests: list[EditRequest], plans: list[EditPlan], cfg: EditConfig) -> None:
+    """Every request of a one-at-a-time edit must have a site to write (an MLP or a head)."""
+    if cfg.method == "heads" and cfg.max_heads == 0:
+        raise RecipeError("edit.method 'heads' edits only heads, but edit.max_heads is 0 (no head gets an "
+                          "update; a recipe sets 0 to turn head updates off): set edit.max_heads to 1 or more, "
+                          "e.g. --set max_heads=2, or use method circuit or mlp")
+    for i, (r, p) in enumerate(zip(requests, plans)):
+        if p.mlp_layer is None and not p.heads:
+            raise RequestError(
+                f"{_where(i, r)}: method {cfg.method!s} found no site to edit ({p.why or 'no head located'}): no "
+                f"extraction head was located and no head reads the subject where subject knockout hurts; "
+                f"edit this fact with method circuit or mlp")
 
 
 def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: int) -> None:
