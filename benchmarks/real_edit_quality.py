@@ -128,6 +128,11 @@ def main() -> None:
                          "--sequence-chunk requests at a time, each chunk located on the model edited so far; "
                          "a run that stops resumes from the edits DIR holds")
     ap.add_argument("--sequence-chunk", type=int, default=10)
+    ap.add_argument("--neighbours", choices=("auto", "disjoint", "all"), default="auto",
+                    help="disjoint: no request's subject is another's neighbour (needed when edits are applied "
+                         "together, else NS scores neighbours the batch rewrote itself); all: every other known "
+                         "subject with the attribute (CounterFact's rule, for single edits); auto: disjoint with "
+                         "--batch or --sequential")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cases = [int(x) for x in args.cases.split(",")] if args.cases else None
@@ -139,11 +144,17 @@ def main() -> None:
         key, _, val = kv.partition("=")
         base = dataclasses.replace(base, **{key: json.loads(val)})
     facts = known_facts(model, tok)
-    requests = build_requests(facts, tok, max(args.n, args.batch, args.sequential), seed=args.seed)
+    disjoint = args.neighbours == "disjoint" or (args.neighbours == "auto" and bool(args.batch or args.sequential))
+    requests = build_requests(facts, tok, max(args.n, args.batch, args.sequential), seed=args.seed,
+                              disjoint=disjoint)
+    if max(args.batch, args.sequential) > len(requests):
+        ap.error(f"{max(args.batch, args.sequential)} requests asked for, {len(requests)} can be built "
+                 f"({'disjoint ' if disjoint else ''}neighbours, seed {args.seed})")
     others = subject_facts(facts, requests)
     fp = model_fingerprint(model)
     corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
-    print(f"{args.model}: {len(facts)} known facts, {len(requests)} requests (seed {args.seed}), corpus "
+    print(f"{args.model}: {len(facts)} known facts, {len(requests)} requests (seed {args.seed}, "
+          f"{'disjoint' if disjoint else 'all'} neighbours), corpus "
           f"{corpus.name}, settings {args.set or 'recipe'}", flush=True)
     single = requests[: args.n]
     if cases:
@@ -170,6 +181,7 @@ def main() -> None:
         if args.json:
             atomic_write_text(args.json, json.dumps(
                 {"model": args.model, "seed": args.seed, "settings": args.set, "cases": cases,
+                 "neighbours": "disjoint" if disjoint else "all",
                  "corpus": corpus.name, "locate_s": locate_s, "partial": partial, "rows": rows}, indent=1))
 
     unedited = single or requests  # the single edits' requests, else the batch's or sequence's

@@ -67,3 +67,38 @@ def test_subject_facts_are_the_other_relations_of_the_subject() -> None:
 def test_s_is_the_harmonic_mean() -> None:
     assert abs(harmonic_s({"ES": 100.0, "PS": 50.0, "NS": 100.0}) - 75.0) < 1e-9
     assert harmonic_s({"ES": 0.0, "PS": 100.0, "NS": 100.0}) < 1e-6
+
+
+def _many_facts() -> list[KnownFact]:
+    """Two templates of one relation, groups of several subjects per attribute, and a subject
+    (Paris) known in two relations."""
+    cities = {"France": ["Paris", "Lyon", "Nice", "Lille", "Brest"], "Italy": ["Rome", "Milan", "Turin", "Pisa"],
+              "Spain": ["Madrid", "Seville", "Bilbao"]}
+    out = [KnownFact(t.format(c), t, c, country, "P17")
+           for country, cs in cities.items() for c in cs for t in ("{} is located in", "{}, which is in")]
+    out += [KnownFact(f"{s} speaks", "{} speaks", s, lang, "P37")
+            for s, lang in (("Paris", "French"), ("Lyon", "French"), ("Rome", "Italian"), ("Milan", "Italian"))]
+    out += [KnownFact(f"{s} talks", "{} talks", s, lang, "P37")
+            for s, lang in (("Paris", "French"), ("Lyon", "French"), ("Rome", "Italian"), ("Milan", "Italian"))]
+    return out
+
+
+def test_disjoint_requests_never_score_a_neighbour_that_the_batch_edits() -> None:
+    facts = _many_facts()
+    subject_of = {f.prompt: f.subject for f in facts}
+    shared = build_requests(facts, WordTok(), n=100, seed=0)
+    # CounterFact's rule alone: edited together, some requests' neighbours are other requests' subjects
+    assert {subject_of[p] for r in shared for p in r.neighborhood_prompts} & {r.subject for r in shared}
+    for seed in range(4):
+        reqs = build_requests(facts, WordTok(), n=100, seed=seed, disjoint=True)
+        assert len(reqs) >= 3
+        edited = {r.subject for r in reqs}
+        for r in reqs:
+            f = next(g for g in facts if g.subject == r.subject and g.template == r.prompt)
+            assert r.neighborhood_prompts, "every request keeps a neighbour"
+            for p in r.neighborhood_prompts:
+                g = next(g for g in facts if g.prompt == p)
+                assert g.relation == f.relation and g.attribute == f.attribute and g.subject not in edited
+        # a prefix of the list (a smaller batch) is the same requests
+        assert [(r.subject, r.target_new) for r in build_requests(facts, WordTok(), n=3, seed=seed, disjoint=True)] \
+            == [(r.subject, r.target_new) for r in reqs[:3]]

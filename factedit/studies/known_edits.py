@@ -5,7 +5,8 @@ Built the way CounterFact was, from ROME's known_1000 (bundled):
 - target_new: the attribute of another known fact of the same relation whose first token differs;
 - paraphrase prompts: the relation's other known_1000 templates, filled with the subject;
 - neighbourhood prompts: other known subjects of the same relation with the same attribute
-  (their own prompts), up to 10.
+  (their own prompts), up to 10; for edits applied together (``disjoint=True``), only subjects
+  that no request edits.
 
 Scores, CounterFact's probability comparison (mean per-token NLL under teacher forcing):
 ES (edit prompt: new beats true), PS (paraphrases), NS (neighbours: true still beats new),
@@ -68,10 +69,19 @@ def known_facts(model, tok, limit: int | None = None, batch: int = 64) -> list[K
     return out
 
 
-def build_requests(facts: list[KnownFact], tok, n: int, seed: int = 0, max_neighbours: int = 10
-                   ) -> list[EditRequest]:
+def build_requests(facts: list[KnownFact], tok, n: int, seed: int = 0, max_neighbours: int = 10,
+                   disjoint: bool = False) -> list[EditRequest]:
     """Up to ``n`` requests (see the module docstring); facts without a paraphrase template or a
-    neighbour are skipped, as CounterFact has both for every record."""
+    neighbour are skipped, as CounterFact has both for every record.
+
+    ``disjoint=True`` builds requests that are applied together (a batch, a sequence): no
+    request's subject is another request's neighbour, else NS would score a neighbour that the
+    batch itself rewrote (on SmolLM2's 108 requests, every neighbour prompt is another request's
+    subject). Walking the facts in the seed's order, each (relation, attribute) group alternates:
+    a fact is held out as a neighbour while its group holds no more neighbours than edits, and
+    is edited otherwise, against the group's held-out facts so far. A subject held out (or
+    edited) in one relation is neither edited (nor held out) in another. Every prefix of the
+    list keeps this property."""
     rng = random.Random(seed)
     templates: dict[str, set[str]] = defaultdict(set)
     by_rel: dict[str, list[KnownFact]] = defaultdict(list)
@@ -82,17 +92,37 @@ def build_requests(facts: list[KnownFact], tok, n: int, seed: int = 0, max_neigh
     rng.shuffle(order)
     out: list[EditRequest] = []
     seen: set[tuple[str, str]] = set()
+    held: dict[tuple[str, str], list[KnownFact]] = defaultdict(list)  # (relation, attribute) -> held out
+    edits: dict[tuple[str, str], int] = defaultdict(int)
+    held_subjects: set[str] = set()
+    edited_subjects: set[str] = set()
     for i in order:
         f = facts[i]
         if (f.subject, f.relation) in seen:
             continue
         paraphrases = sorted(t.format(f.subject) for t in templates[f.relation] if t != f.template)
-        neighbours = [g.prompt for g in by_rel[f.relation] if g.attribute == f.attribute and g.subject != f.subject]
         others = sorted({g.attribute for g in by_rel[f.relation]
                          if first_token(tok, g.attribute) != first_token(tok, f.attribute)})
+        if disjoint:
+            group = (f.relation, f.attribute)
+            if f.subject in held_subjects:
+                continue
+            if len(held[group]) <= edits[group] and f.subject not in edited_subjects:
+                if any(g.subject != f.subject for g in by_rel[f.relation] if g.attribute == f.attribute):
+                    held[group].append(f)  # a neighbour for the group's later edits
+                    held_subjects.add(f.subject)
+                continue
+            neighbours = [g.prompt for g in held[group]]
+        else:
+            neighbours = [g.prompt for g in by_rel[f.relation] if g.attribute == f.attribute and g.subject != f.subject]
         if not paraphrases or not neighbours or not others:
+            if disjoint and f.subject not in edited_subjects and neighbours:
+                held[(f.relation, f.attribute)].append(f)  # cannot be a request: still a neighbour
+                held_subjects.add(f.subject)
             continue
         seen.add((f.subject, f.relation))
+        edits[(f.relation, f.attribute)] += 1
+        edited_subjects.add(f.subject)
         out.append(EditRequest(f.template, f.subject, rng.choice(others), f.attribute,
                                paraphrase_prompts=paraphrases,
                                neighborhood_prompts=sorted(set(neighbours))[:max_neighbours],
