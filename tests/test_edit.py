@@ -710,3 +710,59 @@ def test_value_fit_batches_stay_within_the_memory_budget():
     assert fit_chunk_size(big, 21, EditConfig(fit_memory_gib=1000.0)) == 64
     with pytest.raises(Exception, match="fit_memory_gib must be positive"):
         EditConfig(fit_memory_gib=0).validate()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_head_values_are_written_at_the_attended_subject_token(family):
+    """edit.head_position "attended": a head's value is written at the subject token it attends
+    to most from the last position (read here from the model's own attention weights), and the
+    update changes that head's value there by the same delta in every context (the insertion
+    for every context's key), not at the subject's last token."""
+    from factedit.analysis.circuit import ExtractionHead
+    from factedit.analysis.locate import locate
+    from factedit.analysis.spans import tokenize_with_subject
+    from factedit.editing.values import context_prefixes
+
+    from .test_locate import word_tokenizer
+
+    torch.manual_seed(0)
+    model = tiny_model(family).float()
+    tok = word_tokenizer()
+    tok.pad_token = tok.eos_token = "[UNK]"
+    adapter = ModelAdapter(model)
+    req = EditRequest("the capital of {} is", "beats music", "apple")
+    ids = torch.tensor([tokenize_with_subject(tok, req.filled_prompt, req.subject).input_ids])
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions  # L x (1, H, T, T)
+    # a head that attends more to "beats" (position 3) than to "music" (4), the last subject token
+    la, h = next((la, h) for la in range(adapter.n_layers) for h in range(adapter.n_heads)
+                 if att[la][0, h, -1, 3] > att[la][0, h, -1, 4] + 0.05)
+    circuit = locate(req.prompt, req.subject, model=model, tokenizer=tok)
+    circuit.extraction_heads = [ExtractionHead(la, h, 0.5, 1, None)]
+    corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
+    cfg = EditConfig(method="heads", head_position="attended", max_heads=1, stats_samples=200, n_prefixes=2,
+                     steps=5)
+    res = compute_edit([req], model, tok, corpus, cfg=cfg, circuits=[circuit], progress=False)
+    assert res.plans[0].heads == [(la, h)] and res.plans[0].head_offsets == [-1]
+
+    rows = adapter.value_rows(la, adapter.kv_head(h))
+
+    def values(prompt: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        tp = tokenize_with_subject(tok, prompt, req.subject)
+        got = {}
+        hook = adapter.v_proj(la).register_forward_hook(lambda m, a, o: got.update(v=o[0].clone()))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([tp.input_ids]))
+        hook.remove()
+        return got["v"][:, rows], tp.subject_span  # (T, head_dim)
+
+    prefixed = f"{context_prefixes(tok, list(corpus.texts), cfg)[1]} {req.filled_prompt}"
+    before = {p: values(p) for p in (req.filled_prompt, prefixed)}
+    with applied(model, res.delta):
+        after = {p: values(p)[0] for p in before}
+    change = {p: after[p] - v for p, (v, _span) in before.items()}
+    (s0, s1), (t0, _t1) = before[req.filled_prompt][1], before[prefixed][1]
+    delta = change[req.filled_prompt][s0]  # at "beats", the attended token
+    assert float(delta.norm()) > 1e-3
+    torch.testing.assert_close(change[prefixed][t0], delta, atol=1e-4, rtol=1e-3)  # every context alike
+    assert float((change[req.filled_prompt][s1 - 1] - delta).norm()) > 1e-2 * float(delta.norm())

@@ -42,6 +42,13 @@ class InsertKeys(Choice):
     CONTEXTS = "contexts"
 
 
+class HeadPosition(Choice):
+    """Where a head's value update is keyed: the subject's last token, or the subject token the
+    head attends to most from the last position (in the edit prompt)."""
+    LAST_SUBJECT = "last_subject"
+    ATTENDED = "attended"
+
+
 class MlpPosition(Choice):
     """Where an MLP update is keyed: the subject's last token (ROME's site) or the last position
     (a lookup MLP)."""
@@ -54,7 +61,7 @@ METHODS = Method.values()
 CHOICES: dict[str, type[Choice]] = {"method": Method, "mlp_site": MlpSite, "head_fallback": HeadFallback,
                                     "sequential_strategy": SequentialStrategy, "batch_strategy": BatchStrategy,
                                     "insert_keys": InsertKeys, "lookup_position": MlpPosition,
-                                    "batch_insert_keys": InsertKeys}
+                                    "batch_insert_keys": InsertKeys, "head_position": HeadPosition}
 
 
 @dataclass
@@ -83,6 +90,10 @@ class EditConfig:
     max_heads: int = 2  # extraction heads that get a value update
     # no located extraction head: "attention" (the heads reading the subject) | "none"
     head_fallback: HeadFallback = HeadFallback.ATTENTION
+    # where a head's value is written: "last_subject" (the subject's last token, as ROME keys an
+    # MLP) | "attended" (the subject token the head attends to most from the last position: a
+    # located head may put most of its subject attention on an earlier token)
+    head_position: HeadPosition = HeadPosition.LAST_SUBJECT
     # keys: the subject's last token, after random context prefixes
     n_prefixes: int = 10
     prefix_tokens: list[int] = field(default_factory=lambda: [5, 10])

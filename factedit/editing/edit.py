@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from factedit.analysis.circuit import CircuitError, RecallCircuit
-from factedit.editing.config import EditConfig, InsertKeys
+from factedit.editing.config import EditConfig, HeadPosition, InsertKeys
 from factedit.editing.fit_cache import FIT_FIELDS, FitCache
 from factedit.editing.insert import (
     context_keys,
@@ -39,7 +39,7 @@ from factedit.editing.insert import (
     rank_one,
     residual_to_mlp,
 )
-from factedit.editing.plan import EditPlan, plan_for
+from factedit.editing.plan import EditPlan, attended_offsets, plan_for
 from factedit.editing.requests import EditRequest, RequestError, held_requests
 from factedit.editing.sequential import SequenceState, sequential_sweep
 from factedit.editing.stats import Corpus, StatsReport, second_moments
@@ -266,7 +266,7 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             return None
         return torch.stack(done[site]), cfg.sequential_lambda
 
-    def ctx_keys(req: EditRequest, kind: str, layer: int, position: str = "subject") -> torch.Tensor | None:
+    def ctx_keys(req: EditRequest, kind: str, layer: int, position: str | int = "subject") -> torch.Tensor | None:
         """Each context's own key (edit.insert_keys "contexts"), else None (their mean is used)."""
         if cfg.insert_keys != "contexts":
             return None
@@ -275,8 +275,13 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
     try:
         t_step = time.perf_counter()
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
+            kv_of = {(la, adapter.kv_head(h)): i for i, (la, h) in reversed(list(enumerate(plan.heads)))}
             kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
-            sites = ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position)
+            if plan.heads and cfg.head_position == HeadPosition.ATTENDED and not plan.head_offsets:
+                plan.head_offsets = attended_offsets(adapter, tok, req, plan.heads)
+                plan.why += f"; head values at the subject tokens they attend to (offsets {plan.head_offsets})"
+            offsets = [plan.head_offsets[kv_of[s]] for s in kv_sites] if plan.head_offsets else []
+            sites = ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position, offsets)
             fitted = fit_values(adapter, tok, [req], prefixes, sites, cfg, cache=cache)
             res.nll.append({"before": fitted.base_nll[0], "after_fit": fitted.nll[0]})
             step = WeightDelta(conv1d=adapter.spec.conv1d)
@@ -298,8 +303,9 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                     base.setdefault(name, w)
             head_step = WeightDelta(conv1d=adapter.spec.conv1d)
             for j, (la, kv) in enumerate(kv_sites):  # keys read with the MLP update in place
-                K = ctx_keys(req, "attn", la)
-                k = K.mean(0) if K is not None else mean_keys(adapter, tok, [req], prefixes, "attn", la)[0]
+                at = offsets[j] if offsets else "subject"  # the token its value is written at
+                K = ctx_keys(req, "attn", la, at)
+                k = K.mean(0) if K is not None else mean_keys(adapter, tok, [req], prefixes, "attn", la, at)[0]
                 b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge, kept=kept(("attn", la)),
                                   context_keys=K)
                 done[("attn", la)].append(k)

@@ -75,6 +75,8 @@ class FitCache:
             "settings": {f: getattr(cfg, f) for f in FIT_FIELDS}, "prefixes": list(prefixes),
             "requests": [[r.prompt, r.subject, r.target_new] for r in requests],
         }
+        if any(getattr(sites, "head_offsets", [])):  # heads written before the subject's last token
+            what["head_offsets"] = list(sites.head_offsets)
         return hashlib.sha256(dumps_json(what, sort_keys=True, default=str).encode()).hexdigest()
 
     def path(self, key: str) -> Path:

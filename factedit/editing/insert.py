@@ -37,7 +37,7 @@ from factedit.models.adapter import ModelAdapter
 @torch.no_grad()
 def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
               modules: dict[Hashable, torch.nn.Module], where: str = "in", chunk: int = 256,
-              position: str = "subject", block_subject: list[int] | None = None,
+              position: str | int = "subject", block_subject: list[int] | None = None,
               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               per_prefix: bool = False) -> dict[Hashable, torch.Tensor]:
     """{key: (n, width)}: each module's input (or output) at the subject's last token (or the
@@ -71,13 +71,22 @@ def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
     return {key: s / len(prefixes) for key, s in sums.items()}
 
 
+def token_position(tp, position: str | int) -> int:
+    """Where a key is read in a tokenised prompt: "subject" (its last token), "last" (the
+    prompt's last token), or an offset (<= 0) from the subject's last token, kept within the
+    subject."""
+    if isinstance(position, int):
+        return max(tp.subject_span[0], tp.last_subject + position)
+    return tp.last_subject if position == "subject" else tp.last
+
+
 def _read_chunk(adapter: ModelAdapter, tps: list, modules: dict[Hashable, torch.nn.Module], where: str,
-                position: str, block_subject: list[int] | None, pad: int, device) -> dict[Hashable, torch.Tensor]:
+                position: str | int, block_subject: list[int] | None, pad: int, device) -> dict[Hashable, torch.Tensor]:
     """{key: (b, width)}: one padded batch's reads at each prompt's token (see :func:`at_tokens`)."""
     ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)  # (b, T)
     nb, T = ids.shape
     rows = torch.arange(nb, device=device)
-    pos = torch.tensor([tp.last_subject if position == "subject" else tp.last for tp in tps], device=device)
+    pos = torch.tensor([token_position(tp, position) for tp in tps], device=device)
     masks = {}
     for la in block_subject or []:
         blocked = causal_mask(nb, T, torch.float32, device, adapter.attn_window(la))
@@ -115,7 +124,7 @@ def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: 
 
 
 def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], kind: str,
-              layer: int, position: str = "subject", block_subject: list[int] | None = None,
+              layer: int, position: str | int = "subject", block_subject: list[int] | None = None,
               per_prefix: bool = False) -> torch.Tensor:
     """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn");
     with ``per_prefix`` (n, n_prefixes, n_in), each context's own."""
@@ -125,7 +134,7 @@ def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
 
 
 def context_keys(adapter: ModelAdapter, tok, request: EditRequest, prefixes: list[str], kind: str, layer: int,
-                 position: str = "subject") -> torch.Tensor:
+                 position: str | int = "subject") -> torch.Tensor:
     """(n_prefixes, n_in): one request's key in each context (prefix), in the order of
     ``prefixes``; their mean is :func:`mean_keys`'s."""
     module = adapter.mlp_out(layer) if kind == "mlp" else adapter.attn(layer)

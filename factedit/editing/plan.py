@@ -6,10 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.knockout import window_layers
+from factedit.analysis.rerun import clean_run
+from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.config import EditConfig, MlpPosition
+from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError, shown
+from factedit.models.adapter import ModelAdapter
 
 
 @dataclass
@@ -20,6 +26,8 @@ class EditPlan:
     mlp_position: MlpPosition = MlpPosition.SUBJECT  # "subject" (ROME's site) | "last" (a lookup MLP there)
     mechanism: str = ""  # "extraction" | "lookup", as read from the circuit
     read_layers: list[int] = field(default_factory=list)  # where the last position reads the subject
+    # per head, where its value is written: tokens before the subject's last (0: the last one)
+    head_offsets: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.mlp_position = MlpPosition.parse(self.mlp_position, "plan.mlp_position")
@@ -37,9 +45,12 @@ class EditPlan:
             raise FactEditError(malformed)
         if not isinstance(read, list) or not all(type(x) is int for x in read):
             raise FactEditError(f"{where}.read_layers must be a list of layers, not {shown(read)}")
+        offsets = data.get("head_offsets") or []
+        if not isinstance(offsets, list) or not all(type(x) is int and x <= 0 for x in offsets):
+            raise FactEditError(f"{where}.head_offsets must be a list of token offsets <= 0, not {shown(offsets)}")
         return cls(mlp, [(h[0], h[1]) for h in heads], str(data.get("why", "")),
                    MlpPosition.parse(data.get("mlp_position", MlpPosition.SUBJECT), f"{where}.mlp_position"),
-                   str(data.get("mechanism", "")), list(read))
+                   str(data.get("mechanism", "")), list(read), list(offsets))
 
 
 def mechanism_of(circuit: RecallCircuit, threshold: float) -> str:
@@ -119,3 +130,16 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     if position == MlpPosition.LAST:
         plan.read_layers = [la for la in read_window if la <= mlp]
     return plan
+
+
+@torch.no_grad()
+def attended_offsets(adapter: ModelAdapter, tok, request: EditRequest, heads: list[tuple[int, int]]) -> list[int]:
+    """For each (layer, query head): the subject token it attends to most from the last position
+    of the edit prompt, as an offset (<= 0) from the subject's last token (one clean pass, eager
+    attention; with no attention weights to read, the last subject token: 0)."""
+    tp = tokenize_with_subject(tok, request.filled_prompt, request.subject)
+    pattern = clean_run(adapter, tp.input_ids).attn_pattern  # (L, H, T) at the last position
+    if pattern is None:
+        return [0 for _ in heads]
+    s0, s1 = tp.subject_span
+    return [int(pattern[la, h, s0:s1].argmax()) - (s1 - 1 - s0) for la, h in heads]

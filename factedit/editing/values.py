@@ -45,6 +45,12 @@ class Row:
     req: int  # index of the request in the batch
     targets: list[tuple[int, int]]  # (position whose next-token prediction is scored, token id)
     kl: bool = False
+    s_first: int = 0  # the subject's first token
+
+    def head_position(self, offset: int) -> int:
+        """The subject token ``offset`` tokens before its last one (0: the last), kept within
+        the subject (a context may tokenise the subject's first word differently)."""
+        return max(self.s_first, self.s_last + offset)
 
 
 @dataclass
@@ -52,6 +58,12 @@ class ValueSites:
     mlp_layer: int | None  # add a delta to this layer's MLP output
     heads: list[tuple[int, int]]  # (layer, kv head) value vectors
     mlp_position: MlpPosition = MlpPosition.SUBJECT  # where the MLP delta goes: the last subject token | "last"
+    # per head site, where its delta goes: this many tokens before the subject's last (0, <= 0);
+    # empty: every head at the subject's last token
+    head_offsets: list[int] = dataclasses.field(default_factory=list)
+
+    def offset(self, j: int) -> int:
+        return self.head_offsets[j] if self.head_offsets else 0
 
 
 def context_prefixes(tok, texts: list[str], cfg: EditConfig) -> list[str]:
@@ -82,10 +94,10 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt:
             tgt = target_token_ids(tok, tp.prompt, r.target_new)
             n = len(tp.input_ids)
             rows.append(Row(tp.input_ids + tgt[:-1], tp.last_subject, tp.last, i,
-                            [(n - 1 + j, t) for j, t in enumerate(tgt)]))
+                            [(n - 1 + j, t) for j, t in enumerate(tgt)], s_first=tp.subject_span[0]))
         if kl_prompt:
             tp = tokenize_with_subject(tok, kl_prompt, r.subject)
-            rows.append(Row(tp.input_ids, tp.last_subject, tp.last, i, [], kl=True))
+            rows.append(Row(tp.input_ids, tp.last_subject, tp.last, i, [], kl=True, s_first=tp.subject_span[0]))
     return rows
 
 
@@ -93,7 +105,7 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt:
 def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], mlp_delta, head_delta,
                    ) -> Iterator[None]:
     """Add each row's request's deltas: the MLP delta at ``sites.mlp_position`` (the subject's
-    last token or the last position), the head deltas at the subject's last token."""
+    last token or the last position), each head's delta at its subject token (``sites.offset``)."""
     device = next(adapter.model.parameters()).device
     B = len(rows)
     b_idx = torch.arange(B, device=device)
@@ -108,12 +120,15 @@ def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ml
         o[b_idx, m_idx] = o[b_idx, m_idx] + mlp_delta[req].to(o.dtype)
         return with_output(out, o.reshape(shape))
 
+    h_idx = [torch.tensor([r.head_position(sites.offset(j)) for r in rows], device=device)
+             for j in range(len(sites.heads))]
+
     def v_hook(m, a, out, js, layer):
         o = out.clone()
         for j in js:
             cols = torch.tensor(adapter.value_rows(layer, sites.heads[j][1]), device=o.device)
-            sel = o[b_idx, s_idx][:, cols] + head_delta[req, j].to(o.dtype)  # (B, dh)
-            o[b_idx[:, None], s_idx[:, None], cols[None, :]] = sel
+            sel = o[b_idx, h_idx[j]][:, cols] + head_delta[req, j].to(o.dtype)  # (B, dh)
+            o[b_idx[:, None], h_idx[j][:, None], cols[None, :]] = sel
         return o
 
     by_layer: dict[int, list[int]] = {}
@@ -141,7 +156,8 @@ def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], forward)
         store["mlp"] = as_btd(first_output(out), B)[b_idx, m_idx].detach()
 
     def keep_v(m, a, out, j, layer, kv):
-        store[f"v{j}"] = out[b_idx, s_idx][:, adapter.value_rows(layer, kv)].detach()
+        h_idx = torch.tensor([r.head_position(sites.offset(j)) for r in rows], device=device)
+        store[f"v{j}"] = out[b_idx, h_idx][:, adapter.value_rows(layer, kv)].detach()
 
     with Hooks() as hooks:
         if sites.mlp_layer is not None:
@@ -323,13 +339,13 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
     suffix = None
     if last_token_only(rows, sites):
         run = _LastTokenRun(adapter, rows, pad, device)
-        hook_rows = [dataclasses.replace(r, last=0, s_last=0) for r in rows]  # positions in the one-token run
+        hook_rows = [dataclasses.replace(r, last=0, s_last=0, s_first=0) for r in rows]  # one-token run positions
 
         def forward() -> torch.Tensor:
             return run()[:, None]  # (B, 1, V): the last token sits at position 0
-    elif _SuffixRun.usable(adapter, rows):
+    elif _SuffixRun.usable(adapter, rows) and not any(o < 0 for o in sites.head_offsets):
         # positions in the suffix run: the subject's last token is its first token
-        hook_rows = [dataclasses.replace(r, s_last=0, last=r.last - r.s_last,
+        hook_rows = [dataclasses.replace(r, s_last=0, s_first=0, last=r.last - r.s_last,
                                          targets=[(p - r.s_last, t) for p, t in r.targets]) for r in rows]
         scored = [p for h in hook_rows for p, _ in h.targets] + [h.last for h, r in zip(hook_rows, rows) if r.kl]
         suffix = _SuffixRun(adapter, rows, pad, device, scored)
