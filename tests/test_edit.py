@@ -766,3 +766,25 @@ def test_head_values_are_written_at_the_attended_subject_token(family):
     assert float(delta.norm()) > 1e-3
     torch.testing.assert_close(change[prefixed][t0], delta, atol=1e-4, rtol=1e-3)  # every context alike
     assert float((change[req.filled_prompt][s1 - 1] - delta).norm()) > 1e-2 * float(delta.norm())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attended_offsets_skip_the_first_token(family):
+    """A subject at the start of the prompt: its first token is also the prompt's first, where
+    heads park attention (the sink), and is never chosen; the choice is the naive argmax of the
+    attention weights over the subject's other tokens, for every head."""
+    from factedit.editing.plan import attended_offsets
+
+    from .test_locate import word_tokenizer
+
+    torch.manual_seed(0)
+    model = tiny_model(family).float()
+    tok = word_tokenizer()
+    adapter = ModelAdapter(model)
+    req = EditRequest("{} is owned by", "the capital of france", "apple")  # subject = tokens 0..3
+    ids = torch.tensor([tok(req.filled_prompt)["input_ids"]])
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions  # L x (1, H, T, T)
+    heads = [(la, h) for la in range(adapter.n_layers) for h in range(adapter.n_heads)]
+    want = [int(att[la][0, h, -1, 1:4].argmax()) + 1 - 3 for la, h in heads]
+    assert attended_offsets(adapter, tok, req, heads) == want and min(want) >= -2

@@ -136,10 +136,13 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
 def attended_offsets(adapter: ModelAdapter, tok, request: EditRequest, heads: list[tuple[int, int]]) -> list[int]:
     """For each (layer, query head): the subject token it attends to most from the last position
     of the edit prompt, as an offset (<= 0) from the subject's last token (one clean pass, eager
-    attention; with no attention weights to read, the last subject token: 0)."""
+    attention; with no attention weights to read, the last subject token: 0). The prompt's first
+    token is never chosen: heads park attention there (the attention sink), and its state is
+    its token alone, so a key there would fire on every prompt that starts with that token."""
     tp = tokenize_with_subject(tok, request.filled_prompt, request.subject)
     pattern = clean_run(adapter, tp.input_ids).attn_pattern  # (L, H, T) at the last position
+    s0, s1 = tp.subject_span
+    first = max(s0, 1) if s1 - 1 >= 1 else s1 - 1  # a one-token subject at position 0 keeps its token
     if pattern is None:
         return [0 for _ in heads]
-    s0, s1 = tp.subject_span
-    return [int(pattern[la, h, s0:s1].argmax()) - (s1 - 1 - s0) for la, h in heads]
+    return [first + int(pattern[la, h, first:s1].argmax()) - (s1 - 1) for la, h in heads]
