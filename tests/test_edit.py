@@ -133,7 +133,7 @@ def test_rank_one_hits_the_key_and_least_squares_matches_normal_equations():
     # with earlier edits' keys kept (sequential): the least change under C + Kp^T Kp / lam,
     # solved naively here, and the kept keys move less than under C alone
     Kp = torch.randn(3, 12, generator=g)
-    b, a = rank_one(C, k, delta, ridge=0.0, kept=(Kp, 0.5))
+    b, a = rank_one(C, k, delta, ridge=0.0, kept=(Kp.T @ Kp, 0.5))  # their Gram matrix
     Cp = C.double() + Kp.double().T @ Kp.double() / 0.5
     u = torch.linalg.solve(Cp, k.double())
     torch.testing.assert_close((b @ a).double(), delta.double()[:, None] * (u / (k.double() @ u))[None],

@@ -315,3 +315,23 @@ def test_drifted_reads_only_the_check_window(demo):
     st = SequenceState(edited=[(r, "last", 0.1) for r in reqs])
     got = [i for i, _ in seqmod().drifted(ModelAdapter(model), tok, prefixes, st, 0, cfg)]
     assert got == seqmod().checked(10, cfg) and len(got) == 3
+
+
+def test_a_kept_sequence_continued_from_its_folder_keeps_the_earlier_keys(demo, tmp_path):
+    """``kept`` (one rank-one update per edit, solved against C + KₚᵀKₚ/λ): a sequence edited
+    in two calls, the second continuing the folder (``append``), writes the same updates as
+    one call with every request, because the folder's history hands the earlier edits' keys to
+    the later ones. Tolerance 1e-4 relative: the folder stores keys in float32 and the later
+    fits run on the folder's composed update instead of the update kept in memory."""
+    model, tok, world = demo
+    reqs = _requests(world, 3)
+    cfg = EditConfig(**{**FAST, "sequential_strategy": "kept"})
+    edit(reqs, model=model, tokenizer=tok, config=cfg, mode="sequential", out=tmp_path / "one", progress=False)
+    edit(reqs[:1], model=model, tokenizer=tok, config=cfg, mode="sequential", out=tmp_path / "two", progress=False)
+    edit(reqs[1:], model=model, tokenizer=tok, config=cfg, out=tmp_path / "two", progress=False, append=True)
+    one, two = load_sequence(tmp_path / "one"), load_sequence(tmp_path / "two")
+    assert one.state().counts == two.state().counts and sum(one.state().counts.values()) >= 3
+    for a, b in zip(one.steps, two.steps, strict=True):
+        assert a.modules() == b.modules()
+        for name in a.modules():
+            torch.testing.assert_close(b.dense(name), a.dense(name), atol=1e-6, rtol=1e-4)

@@ -159,7 +159,8 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
         _sequence(adapter, tok, corpus, requests, cfg, res, progress, log, sequence or SequenceState())
     else:  # a kept sequence edits the model between fits: only a single edit's fit is cached
         check_sites(requests, plans, cfg)
-        _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log, cache if mode == "single" else None)
+        _one_by_one(adapter, tok, corpus, requests, cfg, res, progress, log, cache if mode == "single" else None,
+                    sequence if mode == "sequential" else None)
     res.delta.check_finite()
     res.seconds = time.perf_counter() - t0
     return res
@@ -252,19 +253,20 @@ def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: 
 
 
 def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log,
-                cache: FitCache | None = None) -> None:
+                cache: FitCache | None = None, sequence: SequenceState | None = None) -> None:
     stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
     stats.prepare([("mlp", p.mlp_layer) for p in res.plans if p.mlp_layer is not None]
                   + [("attn", la) for p in res.plans for la, _ in p.heads])
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     base: dict[str, torch.Tensor] = {}
-    # sequential: each site's keys of the edits made so far, which later edits must move little
-    done: dict[tuple[str, int], list[torch.Tensor]] = collections.defaultdict(list)
+    # sequential: per site, the keys of the edits made so far (those of a folder's earlier steps
+    # included, when the sequence is continued), which later edits must move little
+    state = sequence or SequenceState()
 
-    def kept(site: tuple[str, int]) -> tuple[torch.Tensor, float] | None:
-        if not cfg.sequential_lambda or not done[site]:
+    def kept(site: tuple[str, int, str]) -> tuple[torch.Tensor, float] | None:
+        if not cfg.sequential_lambda or site not in state.gram:
             return None
-        return torch.stack(done[site]), cfg.sequential_lambda
+        return state.gram[site], cfg.sequential_lambda
 
     def ctx_keys(req: EditRequest, kind: str, layer: int, position: str | int = "subject") -> torch.Tensor | None:
         """Each context's own key (edit.insert_keys "contexts"), else None (their mean is used)."""
@@ -285,6 +287,7 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             fitted = fit_values(adapter, tok, [req], prefixes, sites, cfg, cache=cache)
             res.nll.append({"before": fitted.base_nll[0], "after_fit": fitted.nll[0]})
             step = WeightDelta(conv1d=adapter.spec.conv1d)
+            added: dict[tuple[str, int, str], torch.Tensor] = {}  # site -> the keys this step writes, (n, in)
             if plan.mlp_layer is not None:
                 K = ctx_keys(req, "mlp", plan.mlp_layer, plan.mlp_position)
                 k = K.mean(0) if K is not None else mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer,
@@ -295,9 +298,9 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                     # fire the update: the new attribute is then read from the subject
                     null = mean_keys(adapter, tok, [req], prefixes, "mlp", plan.mlp_layer, "last",
                                      block_subject=plan.read_layers)
-                site = ("mlp", plan.mlp_layer)
-                b, a = rank_one(stats[site], k, fitted.mlp[0], cfg.ridge, null, kept(site), context_keys=K)
-                done[site].append(k)
+                site = ("mlp", plan.mlp_layer, str(plan.mlp_position))
+                b, a = rank_one(stats[site[:2]], k, fitted.mlp[0], cfg.ridge, null, kept(site), context_keys=K)
+                added[site] = k[None]
                 step.add(adapter.module_name(plan.mlp_layer, adapter.spec.mlp_out), b, a)
                 for name, w in apply(adapter.model, step).items():
                     base.setdefault(name, w)
@@ -306,9 +309,9 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
                 at = offsets[j] if offsets else "subject"  # the token its value is written at
                 K = ctx_keys(req, "attn", la, at)
                 k = K.mean(0) if K is not None else mean_keys(adapter, tok, [req], prefixes, "attn", la, at)[0]
-                b_h, a = rank_one(stats[("attn", la)], k, fitted.heads[0, j], cfg.ridge, kept=kept(("attn", la)),
-                                  context_keys=K)
-                done[("attn", la)].append(k)
+                site = ("attn", la, "subject" if at == "subject" else f"subject{at}")
+                b_h, a = rank_one(stats[site[:2]], k, fitted.heads[0, j], cfg.ridge, kept=kept(site), context_keys=K)
+                added[site] = k[None] if site not in added else torch.cat([added[site], k[None]])
                 name = adapter.module_name(la, adapter.spec.v_proj)
                 b = torch.zeros(adapter.out_weight(adapter.v_proj(la)).shape[0], 1)
                 b[adapter.value_rows(la, kv)] = b_h
@@ -319,7 +322,9 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
             res.delta.extend(head_step)
             step.extend(head_step)
             res.steps.append(step)
-            res.step_keys.append({})
+            for site, keys in added.items():
+                state.keep(site, keys)
+            res.step_keys.append(added)
             res.step_seconds.append(time.perf_counter() - t_step)
             t_step = time.perf_counter()
             if len(requests) > 1:

@@ -221,13 +221,12 @@ def rank_one(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, ridge: flo
     r_i = k^T C^-1 k_i / k^T C^-1 k (1 on average). With ``null_keys`` (m, in), also
     (B A) null_keys = 0: the C-smallest update that fires on the key(s) and not on those
     (u = C^-1 K (K^T C^-1 K)^-1 t, K = [keys, null_keys], t = [1.., 0..]). With ``kept`` =
-    (earlier edits' keys (p, in), λ), C becomes C + K_p^T K_p / λ: the update also moves the
-    keys of earlier edits little (their weight against the corpus's keys is MEMIT's, as in
-    ``least_squares``)."""
+    (K_p^T K_p (in, in), the Gram matrix of earlier edits' keys, λ), C becomes C + K_p^T K_p / λ:
+    the update also moves the keys of earlier edits little (their weight against the corpus's
+    keys is MEMIT's, as in ``least_squares``)."""
     Creg = regularised(C, ridge)
-    if kept is not None and len(kept[0]):
-        Kp = kept[0].double()
-        Creg = Creg + Kp.T @ Kp / kept[1]
+    if kept is not None:
+        Creg = Creg + kept[0].to(Creg) / kept[1]
     hit = key.double()[None] if context_keys is None or not len(context_keys) else context_keys.double()
     if len(hit) == 1:  # ROME's
         Ci_k = _solve(Creg, hit[0])  # (in,)
