@@ -277,7 +277,7 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
     try:
         t_step = time.perf_counter()
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
-            kv_of = {(la, adapter.kv_head(h)): i for i, (la, h) in reversed(list(enumerate(plan.heads)))}
+            kv_of = {(la, adapter.kv_head(h)): n for n, (la, h) in reversed(list(enumerate(plan.heads)))}
             kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
             if plan.heads and cfg.head_position == HeadPosition.ATTENDED and not plan.head_offsets:
                 plan.head_offsets = attended_offsets(adapter, tok, req, plan.heads)
