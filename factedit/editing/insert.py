@@ -41,7 +41,8 @@ def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               per_prefix: bool = False) -> dict[Hashable, torch.Tensor]:
     """{key: (n, width)}: each module's input (or output) at the subject's last token (or the
-    last position) of each request's prompt, averaged over the context prefixes (with
+    last position, or another subject token: :func:`token_position`) of each request's prompt,
+    averaged over the context prefixes (with
     ``per_prefix``: (n, n_prefixes, width), each context's own, in the order of ``prefixes``);
     every module read in the same forward passes. With ``block_subject`` (layers), the edges last position
     -> subject are blocked there, as in attention knockout. ``fn(x, req)`` maps the rows read
