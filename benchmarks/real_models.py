@@ -140,6 +140,40 @@ def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
     return med
 
 
+def flops_of(fn: Callable) -> float:
+    """Floating-point operations of the matrix products ``fn`` runs (torch's own count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fn()
+    return float(fc.get_total_flops())
+
+
+def bench_arithmetic(model, tok, cfg, f: dict) -> dict:
+    """How much arithmetic ``locate`` does, in plain forward passes of the same prompt (FLOPs
+    counted by torch), and the best time that arithmetic could take on this machine: at the rate
+    of a rerun-shaped matrix product (512 rows by the MLP's input width and hidden width), the
+    fastest shape the reruns use. Time cannot go below ``flops / peak``."""
+    ids = torch.tensor([tok(f["prompt"])["input_ids"]], device=model.device)
+    one = flops_of(lambda: model(input_ids=ids))
+    with torch.no_grad():
+        fwd_s = statistics.median(timed(lambda: model(input_ids=ids))[0] for _ in range(5))
+    loc = flops_of(lambda: locate(f["prompt"], f["subject"], model=model, tokenizer=tok, config=cfg))
+    lean = flops_of(lambda: locate(f["prompt"], f["subject"], model=model, tokenizer=tok, config=cfg,
+                                   extraction=False, heads="extraction"))
+    c = model.config
+    d, ff = c.hidden_size, getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+    a = torch.randn(512, d, device=model.device, dtype=next(model.parameters()).dtype)
+    w = torch.randn(d, ff, device=a.device, dtype=a.dtype)
+    for _ in range(3):
+        a @ w
+    t, _ = timed(lambda: [a @ w for _ in range(20)])
+    peak = 2 * 512 * d * ff * 20 / t  # FLOP/s
+    return {"pass_gflop": one / 1e9, "pass_rate": one / fwd_s / 1e9, "peak": peak / 1e9,
+            "locate_ar": loc / one, "lean_ar": lean / one,
+            "locate_floor": loc / peak / fwd_s, "lean_floor": lean / peak / fwd_s}
+
+
 def bench_audit(model, tok, cfg, n: int) -> tuple[float, int]:
     from factedit.audit.dataset import load_facts
     from factedit.audit.run import run_audit
@@ -205,6 +239,15 @@ def main() -> None:
     if "reference" in m:
         print(f"| knockout sweep, one pass per intervention (plain transformers hooks, {1 + 3 * L} passes) | "
               f"{m['reference']:.1f} forward passes (max diff from factedit's curves {m['max_diff']:.1e} points) |")
+    ar = bench_arithmetic(model, tok, cfg, facts[0])
+    print(f"| arithmetic of one plain forward pass (first fact; torch's count of matrix-product FLOPs) | "
+          f"{ar['pass_gflop']:.2f} GFLOP, run at {ar['pass_rate']:.1f} GFLOP/s |")
+    print(f"| arithmetic of `locate`, whole circuit / as the audit runs it | {ar['locate_ar']:.1f} / "
+          f"{ar['lean_ar']:.1f} forward passes |")
+    print(f"| this machine's rate for a rerun-shaped product (512 x {model.config.hidden_size} by the MLP) | "
+          f"{ar['peak']:.1f} GFLOP/s ({ar['peak'] / ar['pass_rate']:.1f}x the plain pass's) |")
+    print(f"| least time that arithmetic can take at that rate: whole circuit / as the audit runs it | "
+          f"{ar['locate_floor']:.1f} / {ar['lean_floor']:.1f} forward passes |")
     audit_fps = known_n = audit_passes = None
     if args.audit:
         audit_fps, known_n = bench_audit(model, tok, cfg, args.audit)
@@ -228,7 +271,8 @@ def main() -> None:
         return "n/a" if x is None else f"{x:.2f}{unit}"
 
     print(f"ratios ({args.model}, {args.threads} thread(s)), in forward passes: knockout sweep {m['sweep']:.1f}, "
-          f"locate {m['locate']:.1f} (as the audit runs it: {fmt(m.get('lean'))}), "
+          f"locate {m['locate']:.1f} (as the audit runs it: {fmt(m.get('lean'))}; arithmetic {ar['locate_ar']:.1f}, "
+          f"least time at this machine's product rate {ar['locate_floor']:.1f}), "
           f"one-pass-per-intervention reference {fmt(m.get('reference'))}; audit {fmt(audit_passes)} per record "
           f"({fmt(audit_fps)} records/s); statistics of all layers {fmt(stats_ratio, 'x')} a plain forward")
 
