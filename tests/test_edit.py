@@ -216,6 +216,27 @@ def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
     assert "edited at the subject" in plan.why
 
 
+def test_max_heads_zero_edits_no_head_and_says_none(demo):
+    """With ``max_heads: 0`` (Gemma-3's recipe) a circuit's located extraction heads are not
+    edited, and the plan's explanation does not claim them."""
+    import copy
+
+    from factedit.analysis.circuit import ExtractionHead, LocateConfig
+    from factedit.analysis.locate import locate
+    from factedit.editing.plan import plan_for
+
+    model, tok, _ = demo
+    c = copy.deepcopy(locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,
+                             config=LocateConfig(knockout_window=3)))
+    c.knockout.subject = [0.0] * 8
+    c.knockout.subject[6] = -50.0  # read high up: the extraction mechanism
+    c.extraction_heads = [ExtractionHead(6, 1, 0.4, 1)]
+    plan = plan_for(c, EditConfig(method="circuit"), 8)
+    assert plan.mechanism == "extraction" and plan.heads == [(6, 1)] and "heads: located" in plan.why
+    plan = plan_for(c, EditConfig(method="circuit", max_heads=0), 8)
+    assert plan.heads == [] and "heads:" not in plan.why
+
+
 def test_second_moments_match_naive_and_are_cached(demo, tmp_path):
     model, tok, _ = demo
     adapter = ModelAdapter(model)

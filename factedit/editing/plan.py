@@ -116,7 +116,8 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     if circuit is not None and (cfg.method == "heads" or (cfg.method == "circuit" and mech == "extraction")):
         if circuit.extraction_heads:
             heads = [(h.layer, h.head) for h in circuit.extraction_heads[: cfg.max_heads]]
-            why.append("heads: located extraction heads")
+            if heads:  # none with max_heads 0
+                why.append("heads: located extraction heads")
         elif cfg.method == "heads" and cfg.head_fallback == "attention" and circuit.subject_attention is not None:
             # no head extracts the attribute on its own: the heads that carry the subject to
             # the last position where blocking that flow hurts the prediction
@@ -125,7 +126,8 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
             score = {(la, h): att[la][h] * max(0.0, -ko[la]) / 100.0
                      for la in range(n_layers) for h in range(len(att[la]))}
             heads = [lh for lh in sorted(score, key=lambda lh: -score[lh]) if score[lh] > 0][: cfg.max_heads]
-            why.append("heads: none extracts alone; the heads reading the subject where subject knockout hurts")
+            if heads:
+                why.append("heads: none extracts alone; the heads reading the subject where subject knockout hurts")
     plan = EditPlan(mlp, heads, "; ".join(why), position, mech)
     if position == MlpPosition.LAST:
         plan.read_layers = [la for la in read_window if la <= mlp]
