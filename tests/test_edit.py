@@ -659,6 +659,40 @@ def test_spread_conversions_under_a_post_mlp_norm():
     assert len(res.delta.modules()) == 2
 
 
+@pytest.mark.usefixtures("fp64_norms")
+def test_a_zero_post_norm_gain_asks_no_change_there():
+    """Gemma-3-270M's post-MLP norms have weight -1 (gain 0) in some dimensions: no MLP output
+    moves the residual there. `residual_to_mlp` asks for no change in such a dimension, and the
+    other dimensions are divided by their own gain as before; a MEMIT-style batch through
+    such a layer stays finite (it was inf/NaN)."""
+    from factedit.editing.insert import at_token, residual_to_mlp
+
+    from .test_locate import word_tokenizer
+
+    tok = word_tokenizer()
+    tok.pad_token = "[UNK]"
+    req = EditRequest("the capital of {} is", "beats music", "apple")
+    model = tiny_model("gemma3_text")
+    adapter = ModelAdapter(model)
+    layer, dead = 1, 3
+    norm = adapter.post_norm("mlp", layer)
+    with torch.no_grad():
+        norm.weight[dead] = -1.0  # gain exactly 0 in that dimension
+        m = at_token(adapter, tok, [req], [""], adapter.mlp(layer), "out").double()  # (1, d)
+        torch.manual_seed(1)
+        dr = 0.1 * torch.randn_like(m)
+        delta = residual_to_mlp(adapter, tok, [req], [""], layer, dr).double()
+        gain = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight.double())  # naive
+        assert torch.isfinite(delta).all() and delta[0, dead] == 0
+        live = torch.arange(m.shape[-1]) != dead
+        torch.testing.assert_close(delta[:, live], (dr / gain)[:, live], rtol=1e-6, atol=0)
+    corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
+    reqs = [req, EditRequest("{} is owned by", "france", "paris")]
+    res = compute_edit(reqs, model.float(), tok, corpus, progress=False, mode="batch",
+                       cfg=EditConfig(method="mlp", stats_samples=200, n_prefixes=2, steps=5, batch_layers=[0, 1]))
+    res.delta.check_finite()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_batch_contexts_insertion_is_the_weighted_least_squares_over_every_context(family):
     """edit.batch_insert_keys "contexts": one layer, no post-norm, so each context's residual

@@ -181,7 +181,17 @@ def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], pre
         return resid
     gain = at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position,
                     fn=lambda m, req: adapter.post_gain("mlp", layer, m), per_prefix=resid.dim() == 3)
-    return resid / gain.to(resid.device)  # (n, d), or (n, n_prefixes, d): each context's own gain
+    return resid * gain_inverse(gain.to(resid.device))  # (n, d), or (n, n_prefixes, d): each context's own gain
+
+
+def gain_inverse(gain: torch.Tensor) -> torch.Tensor:
+    """1 / gain elementwise, and 0 where the gain is (relative to the largest of its row) zero:
+    the pseudo-inverse of the diagonal map. A norm weight can make a dimension's gain exactly
+    zero (Gemma-3-270M's post-MLP norms at layers 1, 3 and 4 have weight -1 in some dimension),
+    and the MLP cannot move the residual there at all: it is asked for no change there, instead
+    of an infinite one."""
+    ok = gain.abs() > 1e-6 * gain.abs().amax(-1, keepdim=True)
+    return torch.where(ok, 1.0 / torch.where(ok, gain, torch.ones_like(gain)), torch.zeros_like(gain))
 
 
 class SingularSolveError(FactEditError):
