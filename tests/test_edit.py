@@ -463,6 +463,28 @@ def test_lora_baseline_and_heads_only(demo, corpus):
     assert res.plans[0].heads and all(".attn.c_attn" in n for n in res.delta.modules())
 
 
+def test_lora_batch_in_chunks_equals_one_batch(demo, corpus):
+    """A LoRA batch too large for ``edit.fit_memory_gib`` is trained in chunks whose gradients
+    accumulate into each Adam step: the same loss as one batch, so the same factors up to
+    float32 rounding of other batch shapes (tolerance 1e-4 relative)."""
+    from factedit.editing.lora_ft import lora_finetune
+    from factedit.editing.values import fit_chunk_size
+
+    model, tok, world = demo
+    reqs = [fact(world, i, "pet")[2] for i in (13, 14, 15)]
+    adapter = ModelAdapter(model)
+    whole = EditConfig(**FAST, method="lora", lora_steps=5)
+    tiny = EditConfig(**FAST, method="lora", lora_steps=5, fit_memory_gib=1e-4)
+    assert fit_chunk_size(adapter, 4, tiny) == 1 and fit_chunk_size(adapter, 4, whole) >= 3
+    d1, nll1 = lora_finetune(adapter, tok, reqs, corpus, whole)
+    d2, nll2 = lora_finetune(adapter, tok, reqs, corpus, tiny)
+    assert d1.modules() == d2.modules()
+    for name in d1.modules():
+        torch.testing.assert_close(d2.dense(name), d1.dense(name), rtol=1e-4, atol=1e-6)
+    for a, b in zip(nll1, nll2, strict=True):
+        assert a["before"] == pytest.approx(b["before"], rel=1e-5) and a["after_fit"] == pytest.approx(b["after_fit"], rel=1e-4)
+
+
 def test_an_edit_with_no_site_is_refused_by_name(demo, corpus):
     """Method heads with max_heads 0 (how a recipe turns head updates off) is a recipe error,
     and a fact whose plan has no site (no head located, no fallback) a RequestError naming
