@@ -57,7 +57,7 @@ SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_ke
           "mlp": {"method": "mlp"}, "heads": {"method": "heads"},
           "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}, "ft": {"method": "ft"}}
 BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_insert_keys": "mean"},
-         "lora": {"method": "lora", "mlp_layers": None}}
+         "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}}  # the bare prompts, as single
 
 
 def _mean_rows(rows: list[dict]) -> dict:
