@@ -639,15 +639,26 @@ def test_suffix_fit_matches_the_full_prompt_fit(family, monkeypatch):
     assert float(fast.mlp.norm()) > 0 and float(fast.heads.norm()) > 0
 
 
-@pytest.mark.usefixtures("fp64_norms")
-def test_spread_conversions_under_a_post_mlp_norm():
-    """MEMIT's spread works in residual space; under a post-MLP norm (Gemma) the residual
-    receives norm(m) for the MLP output m. `mlp_to_residual` is norm(m + delta) - norm(m), and
-    `residual_to_mlp` (frozen gain) gives the MLP change whose normed output is the wanted
-    residual up to the one thing no MLP output can change: the RMS of norm(.) / (1 + w), which
-    the norm fixes at 1 (eps aside). Written out here from the norm's formula; one prompt, so
-    the prefix average is that prompt's value. Tolerance 1e-4 relative (float32 keys, eps)."""
-    from factedit.editing.insert import at_token, mlp_to_residual, residual_to_mlp
+def _nearest_normed(norm, m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Naive reference: the output norm(u) nearest ``target`` over all inputs u, by L-BFGS
+    from u = m in float64 (no use of the ellipsoid or its Lagrange condition)."""
+    u = m.detach().clone().double().requires_grad_()
+    opt = torch.optim.LBFGS([u], max_iter=2000, tolerance_grad=1e-14, tolerance_change=1e-18,
+                            line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        out = (norm(u) - target).pow(2).sum()
+        out.backward()
+        return out
+
+    for _ in range(5):
+        opt.step(loss)
+    return norm(u).detach()
+
+
+def _spread_setup(dead: list[int] | None = None, tiny: list[int] | None = None):
+    from factedit.editing.insert import at_token
 
     from .test_locate import word_tokenizer
 
@@ -658,17 +669,38 @@ def test_spread_conversions_under_a_post_mlp_norm():
     adapter = ModelAdapter(model)
     layer = 1
     norm = adapter.post_norm("mlp", layer)
+    with torch.no_grad():
+        for i in dead or []:
+            norm.weight[i] = -1.0  # gain exactly 0 there
+        for i in tiny or []:
+            norm.weight[i] = -1.0 + 1e-4  # gain 1e-4 there
     m = at_token(adapter, tok, [req], [""], adapter.mlp(layer), "out").double()  # (1, d)
+    return tok, req, model, adapter, layer, norm, m
+
+
+@pytest.mark.usefixtures("fp64_norms")
+def test_spread_conversions_under_a_post_mlp_norm():
+    """MEMIT's spread works in residual space; under a post-MLP norm (Gemma) the residual
+    receives norm(m) for the MLP output m. `mlp_to_residual` is norm(m + delta) - norm(m);
+    `residual_to_mlp` gives the MLP change whose normed output is the reachable one nearest
+    norm(m) + resid: exactly norm(m) + resid where that is reachable (the normed output of
+    another input), else the naive L-BFGS optimum over all inputs. One prompt, so the prefix
+    average is that prompt's value. Tolerance 1e-5 relative (float32 model reads, eps)."""
+    from factedit.editing.insert import mlp_to_residual, residual_to_mlp
+
+    tok, req, model, adapter, layer, norm, m = _spread_setup()
     with torch.no_grad():
         r = norm(m)
         torch.manual_seed(1)
-        dr = 0.3 * torch.randn_like(r) * r.norm() / r.shape[-1] ** 0.5
+        other = m + 0.5 * torch.randn_like(m) * m.norm() / m.shape[-1] ** 0.5
+        dr = norm(other) - r  # reachable: another input's output
         delta = residual_to_mlp(adapter, tok, [req], [""], layer, dr).double()
-        g = 1 + norm.weight
-        want = (r + dr) / ((r + dr) / g).pow(2).mean().sqrt()
-        torch.testing.assert_close(norm(m + delta), want, atol=0, rtol=1e-4)
+        torch.testing.assert_close(norm(m + delta), norm(other), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(mlp_to_residual(adapter, tok, [req], [""], layer, delta).double(),
                                    norm(m + delta) - r, atol=1e-6, rtol=1e-4)
+        dr = 0.3 * torch.randn_like(r) * r.norm() / r.shape[-1] ** 0.5  # in general not reachable
+        delta = residual_to_mlp(adapter, tok, [req], [""], layer, dr).double()
+    torch.testing.assert_close(norm(m + delta), _nearest_normed(norm, m, r + dr), atol=1e-5, rtol=1e-5)
     # no post-norm: both are the identity
     plain = ModelAdapter(tiny_model("llama"))
     assert residual_to_mlp(plain, tok, [req], [""], layer, dr) is dr
@@ -683,32 +715,30 @@ def test_spread_conversions_under_a_post_mlp_norm():
 
 
 @pytest.mark.usefixtures("fp64_norms")
-def test_a_zero_post_norm_gain_asks_no_change_there():
-    """Gemma-3-270M's post-MLP norms have weight -1 (gain 0) in some dimensions: no MLP output
-    moves the residual there. `residual_to_mlp` asks for no change in such a dimension, and the
-    other dimensions are divided by their own gain as before; a MEMIT-style batch through
-    such a layer stays finite (it was inf/NaN)."""
-    from factedit.editing.insert import at_token, residual_to_mlp
+def test_near_zero_post_norm_gains_ask_a_bounded_change():
+    """Gemma-3-270M's post-MLP norms have weight -1 (gain 0) in some dimensions and gains under
+    1e-3 in others: the MLP cannot move the residual there (or barely). Dividing the wanted
+    change by the frozen gain asked for a change ~1e4 times the MLP output there, which raised
+    rms(m) and shrank every other dimension: the Gemma batch failed. `residual_to_mlp` asks for a
+    bounded change whose output is the naive optimum (L-BFGS), much nearer the target than the
+    frozen-gain inverse's; a MEMIT-style batch through such a layer stays finite."""
+    from factedit.editing.insert import residual_to_mlp
 
-    from .test_locate import word_tokenizer
-
-    tok = word_tokenizer()
-    tok.pad_token = "[UNK]"
-    req = EditRequest("the capital of {} is", "beats music", "apple")
-    model = tiny_model("gemma3_text")
-    adapter = ModelAdapter(model)
-    layer, dead = 1, 3
-    norm = adapter.post_norm("mlp", layer)
+    dead, tiny = [3], [5]
+    tok, req, model, adapter, layer, norm, m = _spread_setup(dead, tiny)
     with torch.no_grad():
-        norm.weight[dead] = -1.0  # gain exactly 0 in that dimension
-        m = at_token(adapter, tok, [req], [""], adapter.mlp(layer), "out").double()  # (1, d)
+        r = norm(m)
         torch.manual_seed(1)
-        dr = 0.1 * torch.randn_like(m)
+        dr = 0.1 * torch.randn_like(m) * m.norm() / m.shape[-1] ** 0.5
         delta = residual_to_mlp(adapter, tok, [req], [""], layer, dr).double()
-        gain = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight.double())  # naive
-        assert torch.isfinite(delta).all() and delta[0, dead] == 0
-        live = torch.arange(m.shape[-1]) != dead
-        torch.testing.assert_close(delta[:, live], (dr / gain)[:, live], rtol=1e-6, atol=0)
+        assert torch.isfinite(delta).all()
+        assert float(delta.norm()) < 3 * float(m.norm())
+        frozen = dr * torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm.eps) ** -1 / (1 + norm.weight.double())
+        frozen[:, dead] = 0.0  # the old pseudo-inverse: no change where the gain is exactly 0
+        assert float(frozen.norm()) > 100 * float(m.norm())  # what the frozen gain asked for
+        err, err_frozen = (norm(m + delta) - r - dr).norm(), (norm(m + frozen) - r - dr).norm()
+        assert float(err) < 0.5 * float(err_frozen), (float(err), float(err_frozen))
+    torch.testing.assert_close(norm(m + delta), _nearest_normed(norm, m, r + dr), atol=1e-5, rtol=1e-5)
     corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
     reqs = [req, EditRequest("{} is owned by", "france", "paris")]
     res = compute_edit(reqs, model.float(), tok, corpus, progress=False, mode="batch",

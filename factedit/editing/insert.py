@@ -171,27 +171,75 @@ def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], pre
                     resid: torch.Tensor, position: str = "subject") -> torch.Tensor:
     """(n, d): the MLP output change at ``layer`` that gives the residual change ``resid``
     (n, d); for ``resid`` (n, n_prefixes, d), each context's own. The same without a post-MLP
-    norm. With an RMS post-norm, ``resid / gain`` with the norm's gain frozen at the current MLP
-    output m (the definition factedit uses for per-head outputs), averaged over the prefixes
-    (or each context's own). For one prompt that is exact up to what no MLP output
-    can change: norm(m + delta) = (r + resid) / rms((r + resid) / (1 + w)) with r = norm(m)
-    (eps aside), i.e. the wanted residual rescaled to the norm's fixed output size. MEMIT's
-    spread re-measures what is left after each layer."""
+    norm. With an RMS post-norm (Gemma 2/3) the residual receives norm(m) = g * m / rms(m),
+    which lies on the ellipsoid {g * v : rms(v) = 1} whatever m is: each prompt's change is
+    :func:`through_rms_norm`'s, the MLP output whose normed value is the point of that set
+    nearest norm(m) + resid, averaged over the prefixes (or each context's own). MEMIT's spread
+    re-measures what is left after each layer."""
     if adapter.post_norm("mlp", layer) is None:
         return resid
-    gain = at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position,
-                    fn=lambda m, req: adapter.post_gain("mlp", layer, m), per_prefix=resid.dim() == 3)
-    return resid * gain_inverse(gain.to(resid.device))  # (n, d), or (n, n_prefixes, d): each context's own gain
+    per_prefix = resid.dim() == 3
+    flat = resid.flatten(0, 1) if per_prefix else resid  # (n m, d) in at_tokens' row order, or (n, d)
+    rows: list[torch.Tensor] = []  # per_prefix: the rows read so far, to index each context's own
+
+    def change(m: torch.Tensor, req: torch.Tensor) -> torch.Tensor:  # m (b, d) MLP outputs of requests req (b,)
+        if per_prefix:
+            idx = torch.arange(len(rows), len(rows) + len(req), device=req.device)
+            rows.extend(req.tolist())
+        else:
+            idx = req
+        gain = adapter.post_gain("mlp", layer, m).double()  # (b, d): g / rms(m), frozen at m
+        m = m.double()
+        g = gain * m.pow(2).mean(-1, keepdim=True).sqrt()  # (b, d) the norm's gain g (eps aside)
+        return through_rms_norm(m, g, flat[idx.to(flat.device)].to(m)) - m
+
+    return at_token(adapter, tok, requests, prefixes, adapter.mlp(layer), "out", position=position,
+                    fn=change, per_prefix=per_prefix).to(resid)
 
 
-def gain_inverse(gain: torch.Tensor) -> torch.Tensor:
-    """1 / gain elementwise, and 0 where the gain is (relative to the largest of its row) zero:
-    the pseudo-inverse of the diagonal map. A norm weight can make a dimension's gain exactly
-    zero (Gemma-3-270M's post-MLP norms at layers 1, 3 and 4 have weight -1 in some dimension),
-    and the MLP cannot move the residual there at all: it is asked for no change there, instead
-    of an infinite one."""
-    ok = gain.abs() > 1e-6 * gain.abs().amax(-1, keepdim=True)
-    return torch.where(ok, 1.0 / torch.where(ok, gain, torch.ones_like(gain)), torch.zeros_like(gain))
+def through_rms_norm(m: torch.Tensor, g: torch.Tensor, resid: torch.Tensor, iters: int = 200) -> torch.Tensor:
+    """(b, d) a new input m' of the RMS norm x -> g * x / rms(x) whose output is the point of the
+    norm's output set {g * v : rms(v) = 1} nearest to norm(m) + resid, for inputs m (b, d),
+    gains g (b, d) and wanted output changes resid (b, d).
+
+    Nearest point: minimise |g v - t|^2 over |v|^2 = d, with t = g m / rms(m) + resid. Its
+    Lagrange condition gives v_i = g_i t_i / (g_i^2 + mu), with the one mu > -min g^2 at which
+    mean(v^2) = 1 (found by bisection: mean(v^2) falls as mu grows). A dimension with a gain
+    near 0 gets a bounded v_i: the norm cannot move the output there, so it is not asked to,
+    where dividing by the gain (a frozen-gain inverse) asks for a huge input there, which then
+    raises rms(m') and shrinks every other dimension. The norm ignores the input's scale, so
+    m' = s v with the s nearest m (s = v.m / d), kept at least a tenth of rms(m) so that the
+    norm's eps stays negligible. Exact when the wanted output is reachable.
+
+    With gains exactly 0 the reachable set is the filled ellipsoid in the other dimensions
+    (the ignored ones absorb the rest of the length); its inside is met exactly too."""
+    m, g, t = m.double(), g.double(), (g.double() * m.double() / m.double().pow(2).mean(-1, keepdim=True).sqrt()
+                                       + resid.double())
+    gt = g * t  # (b, d)
+    g2 = g.pow(2)
+
+    def v_at(mu: torch.Tensor) -> torch.Tensor:  # mu (b,) -> v (b, d); 0 where g t is 0 (also at mu = -g^2)
+        den = g2 + mu[:, None]
+        return torch.where(gt == 0, torch.zeros_like(gt), gt / torch.where(den == 0, torch.ones_like(den), den))
+
+    lo = -g2.amin(-1)  # (b,) mean(v^2) -> inf as mu -> lo (where t is non-zero at the smallest gain)
+    hi = lo + gt.pow(2).mean(-1).sqrt() + 1e-30  # g^2 + mu >= mu - lo there, so mean(v^2) <= 1
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        big = v_at(mid).pow(2).mean(-1) > 1
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    v = v_at(hi)  # (b, d), rms 1 up to the bisection's width
+    # the hard case: short of rms 1 even at mu = -min g^2. Then the dimensions of that smallest
+    # gain where g t = 0 (a zero gain: the norm ignores them) take the rest of the length, along m
+    free = (g2 == g2.amin(-1, keepdim=True)) & (gt == 0)  # (b, d)
+    short = (v.shape[-1] - v.pow(2).sum(-1, keepdim=True)).clamp_min(0)  # (b, 1)
+    along = torch.where(free, torch.where(m == 0, torch.ones_like(m), m), torch.zeros_like(m))
+    hard = free.any(-1, keepdim=True) & (short > 1e-9 * v.shape[-1])
+    v = v + torch.where(hard, along * (short / along.pow(2).sum(-1, keepdim=True).clamp_min(1e-300)).sqrt(), 0.0)
+    v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
+    rms = m.pow(2).mean(-1, keepdim=True).sqrt()
+    s = torch.maximum((v * m).mean(-1, keepdim=True), rms / 10)  # (b, 1)
+    return s * v
 
 
 class SingularSolveError(FactEditError):
