@@ -715,6 +715,26 @@ def test_spread_conversions_under_a_post_mlp_norm():
 
 
 @pytest.mark.usefixtures("fp64_norms")
+def test_spread_conversion_per_context_is_each_contexts_own():
+    """With edit.batch_insert_keys "contexts" the spread asks each context (prefix) for its own
+    residual change (n, n_prefixes, d); `residual_to_mlp` answers each from that context's own
+    MLP output: reachable targets are met exactly, context by context, for two requests."""
+    from factedit.editing.insert import at_token, residual_to_mlp
+
+    tok, req, model, adapter, layer, norm, _ = _spread_setup()
+    reqs = [req, EditRequest("{} is owned by", "france", "paris")]
+    prefixes = ["", "the capital is paris .", "apple"]
+    m = at_token(adapter, tok, reqs, prefixes, adapter.mlp(layer), "out", per_prefix=True).double()  # (2, 3, d)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        other = m + 0.5 * torch.randn_like(m) * m.norm(dim=-1, keepdim=True) / m.shape[-1] ** 0.5
+        dr = norm(other) - norm(m)  # (2, 3, d), each context's own reachable change
+        delta = residual_to_mlp(adapter, tok, reqs, prefixes, layer, dr).double()
+        assert delta.shape == m.shape
+        torch.testing.assert_close(norm(m + delta), norm(other), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("fp64_norms")
 def test_near_zero_post_norm_gains_ask_a_bounded_change():
     """Gemma-3-270M's post-MLP norms have weight -1 (gain 0) in some dimensions and gains under
     1e-3 in others: the MLP cannot move the residual there (or barely). Dividing the wanted
