@@ -17,8 +17,10 @@ and head h's output there is (z_h @ W_O[h]) * gain(a). The heads' outputs then a
 exactly to what the residual receives from MHSA. The knockout and the sublayer knockout act
 on (and read) the post-norm output, the OV check scales by the gain of the last position in
 the clean run, and the value edits are fitted through the model itself. The MLP's output
-is read after its post-norm likewise; MEMIT's spread turns a wanted residual change into an
-MLP output change with the same frozen gain (see factedit.editing.insert).
+is read after its post-norm likewise; MEMIT's spread turns a wanted residual change into the
+MLP output whose normed value is the reachable one nearest the wanted residual (see
+factedit.editing.insert.through_rms_norm: the norm's gain is 0 or near 0 in some dimensions
+of Gemma-3-270M, where dividing by it asks for unbounded changes).
 
 The attention modules' query/key norms act inside attention and need nothing here; the
 sliding windows come from the config's ``sliding_window`` and ``layer_types`` (the adapter's
