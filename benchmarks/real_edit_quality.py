@@ -20,7 +20,7 @@ Methods (each from the model's recipe, ``edit:`` section, with the overrides bel
   recipe's ``mlp_layers``), Adam 25 steps at 5e-4, change clipped to ±5e-4 (ROME's baseline).
 With ``--batch N`` one batch of N requests per batch method: ``circuit`` (the circuit's
 positions, the recipe's batch settings, e.g. ``batch_insert_keys``) and ``memit`` (method mlp
-over the recipe's ``batch_layers``, one mean key per request as MEMIT). A batch method whose
+over the recipe's ``batch_layers``, one mean key per request and one pass as MEMIT). A batch method whose
 value fit is the one before it (same top layer, position and fit settings) reuses it
 (``compute_edit(reuse_fit=...)``): its seconds per edit then exclude the fit (``fit_shared``).
 
@@ -56,7 +56,8 @@ from factedit.studies.known_edits import build_requests, harmonic_s, known_facts
 SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
           "mlp": {"method": "mlp"}, "heads": {"method": "heads"},
           "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}, "ft": {"method": "ft"}}
-BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_insert_keys": "mean"},
+BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_insert_keys": "mean",
+                                                        "batch_passes": 1},
          "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}}  # the bare prompts, as single
 
 
