@@ -180,14 +180,13 @@ def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], pre
         return resid
     per_prefix = resid.dim() == 3
     flat = resid.flatten(0, 1) if per_prefix else resid  # (n m, d) in at_tokens' row order, or (n, d)
-    rows: list[torch.Tensor] = []  # per_prefix: the rows read so far, to index each context's own
+    read = [0]  # per_prefix: how many rows were read before this chunk, to index each context's own
 
     def change(m: torch.Tensor, req: torch.Tensor) -> torch.Tensor:  # m (b, d) MLP outputs of requests req (b,)
+        idx = req
         if per_prefix:
-            idx = torch.arange(len(rows), len(rows) + len(req), device=req.device)
-            rows.extend(req.tolist())
-        else:
-            idx = req
+            idx = torch.arange(read[0], read[0] + len(req), device=req.device)
+            read[0] += len(req)
         gain = adapter.post_gain("mlp", layer, m).double()  # (b, d): g / rms(m), frozen at m
         m = m.double()
         g = gain * m.pow(2).mean(-1, keepdim=True).sqrt()  # (b, d) the norm's gain g (eps aside)
@@ -213,9 +212,10 @@ def through_rms_norm(m: torch.Tensor, g: torch.Tensor, resid: torch.Tensor, iter
 
     With gains exactly 0 the reachable set is the filled ellipsoid in the other dimensions
     (the ignored ones absorb the rest of the length); its inside is met exactly too."""
-    m, g, t = m.double(), g.double(), (g.double() * m.double() / m.double().pow(2).mean(-1, keepdim=True).sqrt()
-                                       + resid.double())
-    gt = g * t  # (b, d)
+    m, g = m.double(), g.double()
+    rms = m.pow(2).mean(-1, keepdim=True).sqrt()  # (b, 1)
+    t = g * m / rms + resid.double()  # (b, d) the wanted output
+    gt = g * t
     g2 = g.pow(2)
 
     def v_at(mu: torch.Tensor) -> torch.Tensor:  # mu (b,) -> v (b, d); 0 where g t is 0 (also at mu = -g^2)
@@ -237,7 +237,6 @@ def through_rms_norm(m: torch.Tensor, g: torch.Tensor, resid: torch.Tensor, iter
     hard = free.any(-1, keepdim=True) & (short > 1e-9 * v.shape[-1])
     v = v + torch.where(hard, along * (short / along.pow(2).sum(-1, keepdim=True).clamp_min(1e-300)).sqrt(), 0.0)
     v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
-    rms = m.pow(2).mean(-1, keepdim=True).sqrt()
     s = torch.maximum((v * m).mean(-1, keepdim=True), rms / 10)  # (b, 1)
     return s * v
 
