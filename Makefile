@@ -1,11 +1,13 @@
 # factedit: two commands for a fresh machine.
 #   make demo   set up, then run the demo on the embedded demo model
-#   make test   set up, then run the test suite
+#   make test   set up, then run the test suite (what CI runs)
+#   make test-fast  the tests that take under a minute on 2 cores (no slow or real-model tests)
+#   make docs   build the documentation site into site/ (make docs-serve: preview it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup models demo test lint train-world clean
+.PHONY: setup models demo test test-fast lint docs docs-serve docs-check train-world clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,docs]"
 	touch $@
 
 demo: models
@@ -27,6 +29,11 @@ demo: models
 test: models
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal tests
 	$(BIN)/ruff check factedit tests benchmarks
+	$(MAKE) --no-print-directory docs-check
+
+# Tests marked neither `slow` nor `real_model` (pyproject.toml): a minute on 2 cores.
+test-fast: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow and not real_model" tests
 
 lint: setup
 	$(BIN)/ruff check factedit tests benchmarks
@@ -35,5 +42,16 @@ lint: setup
 train-world: setup
 	$(BIN)/factedit world train --recipe recipes/demo-world.yaml --out checkpoints/demo-world --overwrite
 
+# The documentation site (mkdocs.yml, docs/). --strict: a broken link or reference fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	$(BIN)/mkdocs serve
+
+# What `make test` runs: the strict build, into a temporary folder.
+docs-check: setup
+	@d=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet --site-dir "$$d"; rc=$$?; rm -rf "$$d"; exit $$rc
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output .pytest_cache site
