@@ -7,10 +7,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+import factedit
 from factedit.analysis.spans import SubjectNotFoundError, fill_prompt, tokenize_with_subject
 from factedit.errors import FactEditError
 
-KNOWN = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_1000.json"
+KNOWN = Path(factedit.__file__).resolve().parent / "data" / "known_1000.json"  # shipped in the package
 
 
 def word_level_tokenizer():
@@ -70,7 +71,6 @@ def test_errors(demo):
         tokenize_with_subject(tok, "I love {}", "Paris")
 
 
-@pytest.mark.skipif(not KNOWN.is_file(), reason="shared/data/known_1000.json is not beside the project")
 def test_known_facts_spans_cover_the_subject_exactly(demo):
     _, tok, _ = demo
     facts = json.loads(KNOWN.read_text())
