@@ -199,6 +199,7 @@ def _cli(*args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_kill_9_loses_nothing(tmp_path):
     """SIGKILL an audit at a few points (before any record, after 3, 9 and 14 records, the
     last one after a further random delay); each rerun resumes, and the final result equals
@@ -229,6 +230,7 @@ def test_kill_9_loses_nothing(tmp_path):
     assert json.loads((out / "summary.json").read_text())["facts"] == 20
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) shards the facts and merges the shards;
     with the same thread count per process the records are byte-identical to one process."""

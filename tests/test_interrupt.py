@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGKILL"),
-                                reason="needs fork and SIGKILL")
+pytestmark = [pytest.mark.slow,  # real processes killed at random points: about two minutes
+              pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGKILL"),
+                                 reason="needs fork and SIGKILL")]
 
 PAUSE = 0.3  # seconds the helper waits before each write, the commit and the swap (and after the swap)
 HELPER = """

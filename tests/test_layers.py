@@ -68,6 +68,7 @@ def test_version_matches_pyproject():
     assert factedit.__version__ == version
 
 
+@pytest.mark.slow
 def test_the_public_api_imports_in_a_fresh_interpreter():
     """``factedit.verify`` is the stage's function beside ``locate`` and ``edit`` (exported in
     ``__all__``), and importing the package (or any stage first) runs into no import cycle."""

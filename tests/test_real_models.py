@@ -41,6 +41,7 @@ MODELS = {
 }
 NAMES = [n.strip() for n in os.environ.get("FACTEDIT_REAL_MODELS", "smollm2-135m").split(",") if n.strip()]
 TOL = 1e-2
+pytestmark = pytest.mark.real_model  # loads pulled real models (`factedit models pull`)
 
 
 @pytest.fixture(scope="module", params=NAMES)
