@@ -88,8 +88,9 @@ def audit_fact(fact: AuditFact, model, tok, config: LocateConfig, fingerprint: s
 def audit_facts(facts: Sequence[AuditFact], model, tok, config: LocateConfig, fingerprint: str,
                 related_of=None) -> Iterator[dict]:
     """The facts' records, in order, as they are computed. Their clean passes are shared (one
-    forward pass per prompt length: no padding, so each record is the one the fact gives alone;
-    tested); each fact the model knows is then located on its own clean run."""
+    forward pass per prompt length: no padding, so each record is the one the fact gives alone up
+    to float32 rounding, see :mod:`factedit.audit.compare`); each fact the model knows is then
+    located on its own clean run."""
     adapter = ModelAdapter(model)
     recs, ready = [], []
     for fact in facts:
