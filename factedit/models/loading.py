@@ -136,7 +136,7 @@ def load_model(
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``None`` loads the embedded demo model. A named real model (``smollm2-135m``,
-    ``gemma3-270m``; see :mod:`factedit.models.zoo`) or a ``.gguf`` file is provisioned on first
+    ``gemma3-270m``; see ``factedit.models.zoo``) or a ``.gguf`` file is provisioned on first
     use and then loaded from its cached folder. Weights load from safetensors only unless
     ``allow_pickle``; ``trust_remote_code`` is off unless asked. Analysis hooks need
     ``attn_implementation="eager"`` (the default here), so that attention masks added
