@@ -44,14 +44,14 @@ train-world: setup
 
 # The documentation site (mkdocs.yml, docs/). --strict: a broken link or reference fails the build.
 docs: setup
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: setup
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # What `make test` runs: the strict build, into a temporary folder.
 docs-check: setup
-	@d=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet --site-dir "$$d"; rc=$$?; rm -rf "$$d"; exit $$rc
+	@d=$$(mktemp -d); NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir "$$d"; rc=$$?; rm -rf "$$d"; exit $$rc
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache site
