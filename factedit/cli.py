@@ -261,6 +261,8 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
         cfg = dataclasses.replace(cfg, trace=True)
     cfg.validate()
     circuit = run_locate(prompt, subject, target, model=model, tokenizer=tok, related=related, config=cfg)
+    if (warning := circuit.target_warning()) is not None:
+        click.echo(f"warning: {warning}", err=True)
     if out is not None:
         from factedit.plots import circuit_figures
 

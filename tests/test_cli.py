@@ -73,7 +73,7 @@ def test_locate_bad_input_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "loc"
     cases = [
         (["--prompt", "{} was born in", "--subject", ""], "subject is empty"),
-        (["--prompt", "Ada was born in", "--subject", "Roric Dunnford"], "does not occur in prompt"),
+        (["--prompt", "Ada was born in", "--subject", "Roric Dunnford"], "does not occur in the prompt"),
         ([*FACT, "--window", "9"], "larger than the model's 8 layers"),
         ([*FACT, "--target", " "], "target is empty"),
         ([*FACT, "--related", "x", "--related-file", "y"], "not both"),
@@ -87,3 +87,27 @@ def test_locate_bad_input_exits_2_and_writes_nothing(tmp_path):
     bad.write_text("analysis: {knockout_windw: 3}\n")
     res = CliRunner().invoke(main, ["locate", *FACT, "--recipe", str(bad)])
     assert res.exit_code == 2 and "knockout_windw" in res.output
+
+
+def test_locate_warns_when_it_follows_a_function_word_or_an_unlikely_token():
+    """A prompt that does not end where the attribute comes next: the demo model's prediction
+    is then not an attribute, and locate says so on stderr with how to pass --target; the
+    well-formed fact and a given --target are not flagged."""
+    import dataclasses
+
+    from factedit.analysis.circuit import RecallCircuit
+    from factedit.analysis.locate import locate
+
+    res = CliRunner().invoke(main, ["locate", *FACT, "--window", "2"])
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    c = locate(FACT[1], FACT[3], config=None)
+    assert isinstance(c, RecallCircuit) and c.target_warning() is None
+    flagged = dataclasses.replace(c, prediction=" the", prediction_prob=0.21)
+    assert "' the' (p 0.21), a function word" in flagged.target_warning() and "--target" in flagged.target_warning()
+    assert "below p 0.1" in dataclasses.replace(c, prediction_prob=0.05).target_warning()
+    assert dataclasses.replace(flagged, target=" the").target_warning() is None  # asked for: followed as given
+    res = CliRunner().invoke(main, ["locate", "--prompt", "{} was born in the city of", "--subject", FACT[3],
+                                    "--window", "2"])
+    assert res.exit_code == 0, res.output
+    circuit_pred = locate("{} was born in the city of", FACT[3]).target_warning()
+    assert ("warning: " in res.stderr) == (circuit_pred is not None)

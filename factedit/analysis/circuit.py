@@ -105,6 +105,16 @@ class ExtractionHead:
     ov_rank: int | None = None  # rank in the head's OV map applied to the subject (parameter check)
 
 
+# The model's own prediction is followed unless a target is given; a prediction that is one of
+# these (or punctuation), or less likely than LOW_TARGET_PROB, is flagged by
+# RecallCircuit.target_warning. English function words: the tokens a prompt that does not end
+# right before its attribute most often predicts.
+FUNCTION_WORDS = frozenset(
+    "a an the of in on at to for from by with and or but as is are was were be been being it its this that "
+    "these those he she they his her their which who what when where not no".split())
+LOW_TARGET_PROB = 0.1
+
+
 @dataclass
 class RecallCircuit:
     prompt: str
@@ -201,6 +211,24 @@ class RecallCircuit:
         from factedit.io import read_text
 
         return cls.from_json(read_text(path, "circuit file", error=CircuitError), where=str(path))
+
+    def target_warning(self, min_prob: float = LOW_TARGET_PROB) -> str | None:
+        """Why the followed token may not be the fact's attribute, or None: the model's own
+        prediction was followed and it is a function word or punctuation (" the", ","), or its
+        probability is below ``min_prob``. The circuit is then that of a token, not of a fact."""
+        if self.target is not None:
+            return None
+        word = self.prediction.strip()
+        why = []
+        if word.lower() in FUNCTION_WORDS or not any(ch.isalnum() for ch in word):
+            why.append("a function word or punctuation")
+        if self.prediction_prob < min_prob:
+            why.append(f"below p {min_prob:g}")
+        if not why:
+            return None
+        return (f"the circuit follows the model's prediction {self.prediction!r} (p {self.prediction_prob:.2f}), "
+                f"{' and '.join(why)}: it may not be the fact's attribute. Pass --target ATTRIBUTE (the Python "
+                "API: target=...) to follow the attribute instead, or end the prompt where the attribute comes next")
 
     def summary(self) -> str:
         """A short human summary."""

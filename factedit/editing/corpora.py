@@ -21,9 +21,11 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from factedit.analysis.rerun import last_logits_only, output_cache, with_cache
 from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
@@ -135,6 +137,8 @@ def sample_texts(model, tok, n_texts: int, new_tokens: int = 128, seed: int = 0,
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
+            bar = tqdm(total=n_texts, desc="sampling statistics text", unit="text", file=sys.stderr,
+                       disable=None, dynamic_ncols=True)  # shown on a terminal only, with its estimate
             for start in range(0, n_texts, batch):
                 openings = [OPENINGS[i % len(OPENINGS)] for i in range(start, min(n_texts, start + batch))]
                 enc = tok(openings, return_tensors="pt", padding=True).to(device)
@@ -148,6 +152,8 @@ def sample_texts(model, tok, n_texts: int, new_tokens: int = 128, seed: int = 0,
                     new = row.tolist()
                     cut = [new.index(s) for s in (stop if own else {tok.eos_token_id}) if s in new]
                     texts.append(opening + tok.decode(new[:min(cut, default=len(new))], skip_special_tokens=True))
+                bar.update(len(openings))
+            bar.close()
     finally:
         tok.padding_side = side
     return texts
