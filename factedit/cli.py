@@ -8,6 +8,7 @@ import traceback
 
 import click
 
+from factedit.cli_recipe import recipe
 from factedit.editing.config import METHODS
 from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, FactEditError, shown
 from factedit.io import dumps_json
@@ -56,6 +57,12 @@ def main() -> None:
     Exit codes: 0 done (every edit passed); 1 an edit failed (verify judged it failed, or edit
     could not move its target); 2 bad input (one line `error: ...`, nothing written); 3 an
     internal error (a bug: please report it)."""
+    from factedit.recipes import warning_lines
+
+    warning_lines()  # a recipe warning as one line `warning: ...`
+
+
+main.add_command(recipe)
 
 
 @main.group()
@@ -386,7 +393,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
 
     from factedit.analysis.circuit import RecallCircuit
     from factedit.editing.api import edit, edit_config_for_model
-    from factedit.editing.config import load_edit_config
+    from factedit.editing.config import check_options, load_edit_config, with_method
     from factedit.editing.fit_cache import check_fit_cache
     from factedit.editing.requests import EditRequest, load_requests
     from factedit.errors import FactEditError
@@ -407,13 +414,20 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     else:
         raise FactEditError("give --prompt, --subject and --target-new (or --requests FILE)")
     check_output_dir(out, overwrite or append, model_dir(model_path))
+    given = [o for o, on in (("--circuit", circuit_paths), ("--fit-cache", fit_cache is not None), ("--append", append),
+                             ("--mode sequential", mode == "sequential"), ("--stats-corpus", stats_corpus),
+                             ("--seed", seed is not None)) if on]
+    cfg = load_edit_config(recipe_path, method) if recipe_path else None
+    if cfg is not None or method is not None:
+        check_options(method or cfg.method, given)  # before the model is loaded
     if fit_cache is not None:
         check_fit_cache(fit_cache)
     circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    cfg = load_edit_config(recipe_path) if recipe_path else edit_config_for_model(model)
-    if method is not None:
-        cfg = dataclasses.replace(cfg, method=method)
+    if cfg is None:
+        cfg = edit_config_for_model(model)
+        cfg = with_method(cfg, method) if method is not None else cfg
+        check_options(cfg.method, given)
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
     cfg.validate()

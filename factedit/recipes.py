@@ -1,15 +1,19 @@
 """Recipes: YAML files of hyperparameters, loaded into validated dataclasses.
 
-Unknown keys and wrong types are errors that name the key and the file, so a typo never
-silently falls back to a default. YAML is read with ``yaml.safe_load`` only.
+Unknown keys and sections and wrong types are errors that name the key, the file and the
+closest valid name, so a typo never silently falls back to a default. YAML is read with
+``yaml.safe_load`` only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import sys
 import types
 import typing
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,8 +27,60 @@ T = TypeVar("T")
 C = TypeVar("C", bound="Choice")
 
 
+# the top-level sections a recipe may hold: a world recipe all of them, a model's recipe
+# analysis and edit (read by `factedit locate`/`audit` and `factedit edit`)
+SECTIONS = ("world", "model", "train", "analysis", "edit")
+
+
 class RecipeError(FactEditError, ValueError):
     """A recipe file or section is malformed."""
+
+
+class RecipeWarning(UserWarning):
+    """A recipe setting that is still read, but should be written another way."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, RecipeWarning, stacklevel=3)
+
+
+def warning_lines() -> None:
+    """Show recipe warnings as one line ``warning: ...`` on stderr each (the command line's
+    form), as they happen; other warnings as Python does."""
+    default = warnings.showwarning
+    if getattr(default, "recipe_lines", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, RecipeWarning):
+            (file or sys.stderr).write(f"warning: {message}\n")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.recipe_lines = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
+def suggestion(name: str, candidates: typing.Iterable[str], shown_as: dict[str, str] | None = None) -> str:
+    """`` (did you mean X?)`` for the candidate closest to ``name``, shown through ``shown_as``
+    (e.g. an old name as its new one); empty when none is close."""
+    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {(shown_as or {}).get(close[0], close[0])}?)"
+
+
+def unknown_keys(where: str, unknown: typing.Iterable[str], allowed: typing.Iterable[str], what: str = "key(s)",
+                 shown_as: dict[str, str] | None = None, extra: typing.Iterable[str] = ()) -> RecipeError:
+    """The error for keys not among ``allowed``: each with the closest name among ``allowed``
+    and ``extra`` (e.g. old names), shown through ``shown_as``; then the allowed names."""
+    allowed = list(allowed)
+    candidates = allowed + [k for k in extra if k not in allowed]
+    names = sorted(str(k) for k in unknown)
+    each = [(k if len(k) <= 40 else shown(k)) + suggestion(k, candidates, shown_as) for k in names[:10]]
+    more = ", ..." if len(names) > 10 else ""
+    return RecipeError(f"{where}: unknown {what} {', '.join(each)}{more}; "
+                       f"allowed {what.removesuffix('(s)')}s are {', '.join(allowed)}")
 
 
 class Choice(str, Enum):
@@ -55,7 +111,7 @@ class Choice(str, Enum):
         raise RecipeError(f"{where}: expected one of {', '.join(cls.values())}, got {shown(value)}")
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
+def check_type(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
@@ -67,7 +123,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _check_type(value, a, where)
+                return check_type(value, a, where)
             except RecipeError:
                 continue
         raise RecipeError(f"{where}: expected {hint}, got {shown(value)}")
@@ -75,7 +131,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {shown(value)}")
         (arg,) = typing.get_args(hint) or (Any,)
-        return [_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {shown(value)}")
@@ -106,19 +162,21 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Any, where: str = "recipe") -> T:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types. A class
+    with its own reader (a ``from_recipe(data, where)`` class method) is read by it."""
+    reader = getattr(cls, "from_recipe", None)
+    if reader is not None:
+        return reader(data, where)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted((str(k) for k in set(data) - fields), key=str)
+    unknown = set(data) - fields
     if unknown:
-        listed = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:10])
-        listed += ", ..." if len(unknown) > 10 else ""
-        raise RecipeError(f"{where}: unknown key(s) {listed}; allowed keys are {', '.join(sorted(fields))}")
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        raise unknown_keys(where, unknown, sorted(fields))
+    kwargs = {k: check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
@@ -171,6 +229,9 @@ def load_yaml(path: str | Path) -> dict:
                           "repeated?): a recipe is a few keys; check the file")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise unknown_keys(f"recipe file {path}", unknown, SECTIONS, what="section(s)")
     return data
 
 

@@ -210,7 +210,7 @@ def test_lookup_edit_needs_a_candidate_mlp_at_or_above_the_read(demo):
     assert (plan.mechanism, plan.mlp_position, plan.mlp_layer, plan.read_layers) == ("lookup", "last", 5, [5])
     plan = plan_for(c, EditConfig(method="circuit", lookup_position="subject"), 8)  # the real models' recipes
     assert (plan.mechanism, plan.mlp_position, plan.read_layers) == ("lookup", "subject", [])
-    assert "edited at the subject (edit.lookup_position)" in plan.why and "read at L5" in plan.why
+    assert "edited at the subject (edit.site.lookup_position)" in plan.why and "read at L5" in plan.why
     plan = plan_for(c, EditConfig(method="circuit", mlp_layers=[1, 2], lookup_position="last"), 8)
     assert (plan.mlp_position, plan.heads) == ("subject", []) and plan.mlp_layer in (1, 2)
     assert "edited at the subject" in plan.why

@@ -169,7 +169,8 @@ def test_sigkill_leaves_old_or_complete_new(demo, tmp_path):
     model, tok, _ = demo
     seed = int(os.environ.get("FACTEDIT_KILL_SEED", time.time_ns() % 10**6))  # printed; set it to replay
     rng = random.Random(seed)
-    (tmp_path / "fast.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5, lookup_position: last}\n")
+    (tmp_path / "fast.yaml").write_text("edit: {stats: {samples: 2000}, keys: {n_prefixes: 2}, fit: {steps: 5}, "
+                                        "site: {lookup_position: last}}\n")
     env = {**os.environ, "FACTEDIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     fact = ["edit", "--recipe", str(tmp_path / "fast.yaml"), "--prompt", "{} was born in", "--subject",
             "Roric Dunnford", "--merge", "--seed", "1"]

@@ -77,7 +77,8 @@ def art(tmp_path_factory):
     root = tmp_path_factory.mktemp("art")
     demo_tok = tf.AutoTokenizer.from_pretrained(DEMO)
     a = {"root": root}
-    (root / "fast.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5, lookup_position: last}\n")
+    (root / "fast.yaml").write_text("edit: {stats: {samples: 2000}, keys: {n_prefixes: 2}, fit: {steps: 5}, "
+                                    "site: {lookup_position: last}}\n")
     (root / "corpus.txt").write_text("ada was born in rome. bob was born in oslo. " * 40)
 
     torch.manual_seed(0)
@@ -568,7 +569,7 @@ CASES_2 = [
     ("device-cuda-not-here", lambda A, Out: ["locate", *FACT, "--device", "cuda:99"], ["--device cuda:99", "GPU"],
      None),
     ("singular-statistics", lambda A, Out: ["edit", "--recipe", str(A["root"] / "singular.yaml"), *EDIT, "--out", Out],
-     ["singular", "edit.ridge", "edit.stats_samples"], None),
+     ["singular", "edit.insert.ridge", "edit.stats.samples"], None),
     ("mechanism-facts-0", lambda A, Out: ["world", "mechanism", "--facts", "0"], ["--facts", "at least 1"], None),
     ("demo-facts-0", lambda A, Out: ["demo", "--facts", "0", "--real-model", "none", "--out", Out], ["--facts"], None),
     ("demo-out-dev-null", lambda A, Out: ["demo", "--real-model", "none", "--out", "/dev/null"], ["not a folder"],
@@ -738,7 +739,7 @@ EXIT_CODES = [
      None, 0, None),
     ("a-fit-that-did-not-move-its-target", lambda A, Out: ["edit", "--recipe", str(A["root"] / "diverge.yaml"), *EDIT,
                                                            "--out", Out],
-     None, 1, ["did not move its target", "NLL", "nothing was saved", "edit.lr"]),
+     None, 1, ["did not move its target", "NLL", "nothing was saved", "edit.fit.lr"]),
     ("bad-input", lambda A, Out: ["verify", "--adapter", str(A["root"] / "loc"), "--out", Out], None, 2,
      ["not a PEFT adapter folder"]),
     ("internal-error", lambda A, Out: ["verify", "--adapter", str(A["adapter"]), "--out", Out], _crash, 3,

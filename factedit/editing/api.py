@@ -135,7 +135,7 @@ def check_moved(result: EditResult) -> None:
     if bad:
         raise EditFailedError(f"the edit did not move its target ({'; '.join(bad[:3])}"
                               + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-                              + "): nothing was saved; check edit.lr and edit.steps in the recipe "
+                              + "): nothing was saved; check edit.fit.lr and edit.fit.steps in the recipe "
                               "(a diverging fit leaves the target where it was), or the target")
 
 

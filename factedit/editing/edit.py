@@ -191,7 +191,7 @@ def check_requests(requests: list[EditRequest], model, tok, prefixes: list[str],
         if limit is not None and longest > limit:
             raise RequestError(
                 f"{_where(i, r)}: the prompt with the target and a context prefix is {longest} tokens long, more "
-                f"than the model's context of {limit}: shorten the prompt (or lower edit.prefix_tokens)")
+                f"than the model's context of {limit}: shorten the prompt (or lower edit.keys.prefix_tokens)")
         targets.append(target)
     return targets
 
@@ -216,9 +216,9 @@ def check_one_token_sites(requests: list[EditRequest], targets: list[list[int]],
 def check_sites(requests: list[EditRequest], plans: list[EditPlan], cfg: EditConfig) -> None:
     """Every request of a one-at-a-time edit must have a site to write (an MLP or a head)."""
     if cfg.method == "heads" and cfg.max_heads == 0:
-        raise RecipeError("edit.method 'heads' edits only heads, but edit.max_heads is 0 (no head gets an "
-                          "update; a recipe sets 0 to turn head updates off): set edit.max_heads to 1 or more, "
-                          "e.g. --set max_heads=2, or use method circuit or mlp")
+        raise RecipeError("edit.method 'heads' edits only heads, but edit.site.max_heads is 0 (no head gets "
+                          "an update; a recipe sets 0 to turn head updates off): set edit.site.max_heads to 1 or "
+                          "more, e.g. --set max_heads=2, or use method circuit or mlp")
     for i, (r, p) in enumerate(zip(requests, plans)):
         if p.mlp_layer is None and not p.heads:
             raise RequestError(

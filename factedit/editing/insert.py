@@ -252,8 +252,8 @@ def _solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve(A, B)
     except RuntimeError as exc:  # torch.linalg.LinAlgError
         raise SingularSolveError(
-            "the key statistics are singular, so the update cannot be solved for: raise edit.ridge above 0 "
-            f"(e.g. 1e-4) or edit.stats_samples in the recipe ({str(exc).splitlines()[0][:120]})") from None
+            "the key statistics are singular, so the update cannot be solved for: raise edit.insert.ridge above 0 "
+            f"(e.g. 1e-4) or edit.stats.samples in the recipe ({str(exc).splitlines()[0][:120]})") from None
 
 
 def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -72,7 +72,8 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     lookup_mlp = None
     if cfg.method == "circuit" and mech == "lookup" and cfg.lookup_position == MlpPosition.SUBJECT:
         read = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)[0]
-        why.append(f"lookup mechanism (the subject is read at L{read}), edited at the subject (edit.lookup_position)")
+        why.append(f"lookup mechanism (the subject is read at L{read}), edited at the subject "
+                   "(edit.site.lookup_position)")
     elif cfg.method == "circuit" and mech == "lookup":
         # the MLP at the last position in the first block of the window where blocking the
         # subject's edges hurts most: the first MLP after the attention that reads the subject.

@@ -69,8 +69,8 @@ class WeightDelta:
             for b, a in parts:
                 if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
                     raise NonFiniteEditError(
-                        f"the update of {name} contains NaN or inf: nothing was saved; lower edit.lr or "
-                        "edit.clamp, or check the request's target"
+                        f"the update of {name} contains NaN or inf: nothing was saved; lower edit.fit.lr or "
+                        "edit.fit.clamp, or check the request's target"
                     )
 
     def norms(self) -> dict[str, float]:
