@@ -215,6 +215,7 @@ def _kernel_families() -> list[str]:
     return ["default", *(["avx2"] if have in ("AVX2", "AVX512") else []), *(["avx512"] if have == "AVX512" else [])]
 
 
+@pytest.mark.slow  # a fresh interpreter per CPU kernel family
 @pytest.mark.parametrize("kernels", _kernel_families())
 def test_an_extended_audit_agrees_across_cpu_kernels(reference, tmp_path, kernels):
     ref_out = reference[0]
