@@ -509,7 +509,8 @@ def art2(art):
     (root / "latin1.json").write_bytes('[{"prompt": "{} was born in", "subject": "Caf\xe9", "attribute": "Paris"}]'
                                        .encode("latin-1"))
     (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    (root / "singular.yaml").write_text("edit: {stats_samples: 1, ridge: 0, n_prefixes: 2, steps: 5}\n")
+    (root / "singular.yaml").write_text("edit: {stats: {samples: 1}, insert: {ridge: 0}, keys: {n_prefixes: 2}, "
+                                        "fit: {steps: 5}}\n")
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
         for p, c in zip("abcdefgh", "bcdefghi"))
@@ -750,7 +751,8 @@ EXIT_CODES = [
 @pytest.mark.parametrize("case", EXIT_CODES, ids=[c[0] for c in EXIT_CODES])
 def test_exit_codes_say_what_happened(case, art, tmp_path, monkeypatch):
     name, make_args, setup, code, words = case
-    (art["root"] / "diverge.yaml").write_text("edit: {stats_samples: 2000, n_prefixes: 2, steps: 5, lr: 1.0e+30}\n")
+    (art["root"] / "diverge.yaml").write_text("edit: {stats: {samples: 2000}, keys: {n_prefixes: 2}, "
+                                              "fit: {steps: 5, lr: 1.0e+30}}\n")
     if setup is not None:
         setup(monkeypatch)
     out = tmp_path / "out"
