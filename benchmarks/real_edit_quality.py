@@ -1,7 +1,7 @@
 """Edit quality on a real model, CounterFact-style requests built from its known facts
 (factedit/studies/known_edits.py), every method run by the same code on the same requests.
 
-    python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0]
+    python benchmarks/real_edit_quality.py --model smollm2-135m [--n 100] [--seed 0] [--pool known_1000]
         [--methods circuit,rome,mlp,heads,lora,ft] [--batch 0] [--batch-methods circuit,memit]
         [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
         [--fit-cache DIR] [--sequential N [--sequence-dir DIR --sequence-chunk 10]]
@@ -23,6 +23,10 @@ positions, the recipe's batch settings, e.g. ``batch_insert_keys``) and ``memit`
 over the recipe's ``batch_layers``, one mean key per request and one pass as MEMIT). A batch method whose
 value fit is the one before it (same top layer, position and fit settings) reuses it
 (``compute_edit(reuse_fit=...)``): its seconds per edit then exclude the fit (``fit_shared``).
+
+``--pool places`` takes the requests from a named request pool (docs/pools.md: pairwise-disjoint
+subjects, none of them another's neighbour, whatever ``--neighbours`` says; SF from each
+record's other known facts); the default, known_1000, builds them here as before.
 
 Each fact's circuit is located once (recipe analysis settings) and shared by the methods that
 read it; its time is reported separately. Prints one row per method (ES, PS, NS, S by
@@ -51,7 +55,15 @@ from factedit.errors import FactEditError
 from factedit.io import atomic_write_text
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
-from factedit.studies.known_edits import build_requests, harmonic_s, known_facts, score_requests, subject_facts
+from factedit.studies.known_edits import (
+    KnownFact,
+    build_requests,
+    harmonic_s,
+    known_facts,
+    score_requests,
+    subject_facts,
+)
+from factedit.studies.pools import build_pool
 
 SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
           "mlp": {"method": "mlp"}, "heads": {"method": "heads"},
@@ -69,6 +81,17 @@ def _mean_rows(rows: list[dict]) -> dict:
     out["n_SF"] = n_sf
     out["S"] = harmonic_s(out)
     return out
+
+
+def pool_requests(name: str, model, tok, seed: int, n: int) -> tuple[int, list, dict]:
+    """The pool's known facts (all it scanned), its first ``n`` requests (cached per model and
+    seed) and their subjects' other known facts, for SF."""
+    built = build_pool(name, model, tok, seed=seed, limit=n, log=lambda m: print(m, flush=True))
+    requests = [p.request for p in built.requests]
+    others = {p.request.case_id: [KnownFact(f["prompt"], f["prompt"].replace(p.request.subject, "{}", 1),
+                                            p.request.subject, f["attribute"], f["relation"]) for f in p.other_facts]
+              for p in built.requests}
+    return sum(built.stats.get("known", {}).values()), requests, others
 
 
 def sequence_in_folder(seq: list, model, tok, cfg, stats_corpus: list[str], folder: str,
@@ -134,6 +157,9 @@ def main() -> None:
                          "together, else NS scores neighbours the batch rewrote itself); all: every other known "
                          "subject with the attribute (CounterFact's rule, for single edits); auto: disjoint with "
                          "--batch or --sequential")
+    ap.add_argument("--pool", default="known_1000",
+                    help="the requests' source: known_1000 (built here, as before) or a named pool (factedit pools "
+                         "list; places: real facts the model knows); insertion has no true target to score")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cases = [int(x) for x in args.cases.split(",")] if args.cases else None
@@ -144,17 +170,24 @@ def main() -> None:
     for kv in args.set:
         key, _, val = kv.partition("=")
         base = dataclasses.replace(base, **{key: json.loads(val)})
-    facts = known_facts(model, tok)
-    disjoint = args.neighbours == "disjoint" or (args.neighbours == "auto" and bool(args.batch or args.sequential))
-    requests = build_requests(facts, tok, max(args.n, args.batch, args.sequential), seed=args.seed,
-                              disjoint=disjoint)
+    wanted = max(args.n, args.batch, args.sequential)
+    if args.pool == "known_1000":
+        facts = known_facts(model, tok)
+        n_known = len(facts)
+        disjoint = args.neighbours == "disjoint" or (args.neighbours == "auto" and bool(args.batch or args.sequential))
+        requests = build_requests(facts, tok, wanted, seed=args.seed, disjoint=disjoint)
+        others = subject_facts(facts, requests)
+    else:
+        if args.pool == "insertion":
+            ap.error("--pool insertion: its requests have no true target, which ES / PS / NS compare against")
+        n_known, requests, others = pool_requests(args.pool, model, tok, args.seed, wanted)
+        disjoint = True
     if max(args.batch, args.sequential) > len(requests):
         ap.error(f"{max(args.batch, args.sequential)} requests asked for, {len(requests)} can be built "
                  f"({'disjoint ' if disjoint else ''}neighbours, seed {args.seed})")
-    others = subject_facts(facts, requests)
     fp = model_fingerprint(model)
     corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
-    print(f"{args.model}: {len(facts)} known facts, {len(requests)} requests (seed {args.seed}, "
+    print(f"{args.model}: {args.pool}, {n_known} known facts, {len(requests)} requests (seed {args.seed}, "
           f"{'disjoint' if disjoint else 'all'} neighbours), corpus "
           f"{corpus.name}, settings {args.set or 'recipe'}", flush=True)
     single = requests[: args.n]
@@ -181,7 +214,7 @@ def main() -> None:
         after every edit, so that a run cut short keeps what it measured."""
         if args.json:
             atomic_write_text(args.json, json.dumps(
-                {"model": args.model, "seed": args.seed, "settings": args.set, "cases": cases,
+                {"model": args.model, "pool": args.pool, "seed": args.seed, "settings": args.set, "cases": cases,
                  "neighbours": "disjoint" if disjoint else "all",
                  "corpus": corpus.name, "locate_s": locate_s, "partial": partial, "rows": rows}, indent=1))
 

@@ -8,6 +8,7 @@ import traceback
 
 import click
 
+from factedit.cli_pools import pools
 from factedit.cli_recipe import recipe
 from factedit.editing.config import METHODS
 from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, FactEditError, shown
@@ -665,3 +666,6 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
                f"{s['seconds']['total']:.0f} s")
     click.echo(format_table(s["table"], str(model_path or "demo world")))
     click.echo(f"wrote {out}/study.json, table.md and figures")
+
+
+main.add_command(pools)
