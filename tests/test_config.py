@@ -164,7 +164,8 @@ def test_explain_covers_every_setting(tmp_path):
         assert f"{group}: " in text
     cfg = load_edit_config(ROOT / "recipes" / "smollm2-135m.yaml")
     batch = explain(cfg, group="batch")
-    assert "batch.lambda (float, weight of C, positive)" in batch and "default 15000.0; recipe 50.0" in batch
+    assert "batch.lambda (float, weight of C, positive)" in batch and "default 15000.0; recipe 50.0;" in batch
+    assert "default spread; recipe: the default;" in batch
     assert "site." not in batch
     with pytest.raises(RecipeError, match=r"unknown settings group 'bath' \(did you mean batch\?\)"):
         explain_rows(group="bath")

@@ -365,7 +365,9 @@ def explain(config: EditConfig | None = None, group: str | None = None, source: 
             last = r["group"]
             lines += ([""] if lines else []) + [f"{last}: {GROUPS[last]}"]
         kind = ", ".join(x for x in (r["type"], r["unit"], r["valid"]) if x)
-        facts = [f"default {r['default']}"] + ([f"{source} {r['value']}"] if "value" in r else [])
+        facts = [f"default {r['default']}"]
+        if "value" in r:
+            facts.append(f"{source}: the default" if r["value"] == r["default"] else f"{source} {r['value']}")
         facts += [f"methods: {r['methods']}"] + (["EXPERIMENTAL"] if r["experimental"] else [])
         facts += [f"Python: {r['attribute']}"] if r["attribute"] != r["key"] else []
         lines += [f"  {r['key']} ({kind})", f"      {r['help']}", f"      {'; '.join(facts)}"]
