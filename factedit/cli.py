@@ -120,11 +120,13 @@ def world() -> None:
 @click.option("--save-every-eval", is_flag=True, help="Save a checkpoint at every evaluation.")
 def world_train(recipe_path: str, out: str, overwrite: bool, save_every_eval: bool) -> None:
     """Train the demo model on a freshly generated world."""
+    from factedit.editing.config import EditConfig
     from factedit.paths import check_output_dir
     from factedit.world.recipe import WorldRecipe
     from factedit.world.train import train_world
 
     recipe = WorldRecipe.load(recipe_path)
+    EditConfig.from_recipe(recipe.edit, f"{recipe_path}: edit")  # the model carries it: checked before training
     check_output_dir(out, overwrite)
     train_world(recipe, out, save_every=save_every_eval, log=lambda m: click.echo(m, err=True))
 

@@ -202,3 +202,10 @@ def test_the_configuration_page_is_not_stale():
 
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == page(), f"docs/configuration.md is stale: regenerate it with `{REGENERATE}`"
+
+
+def test_world_train_checks_the_edit_section_before_training(tmp_path):
+    bad = recipe(tmp_path, "edit: {fit: {stpes: 5}}\n")
+    res = CliRunner().invoke(main, ["world", "train", "--recipe", str(bad), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "edit.fit: unknown key(s) stpes (did you mean fit.steps?)" in res.output
+    assert not (tmp_path / "out").exists()
