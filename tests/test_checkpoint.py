@@ -49,6 +49,7 @@ def sample_recall():
     return _sample_recall()
 
 
+@pytest.mark.slow
 def test_recall_matches_what_the_checkpoint_records(sample_recall):
     recorded = World.load(CKPT).meta["recall"]
     for split, acc in sample_recall.items():
@@ -56,6 +57,7 @@ def test_recall_matches_what_the_checkpoint_records(sample_recall):
         assert abs(acc - recorded[f"recall_{split}"]) < 0.08, (split, acc, recorded)
 
 
+@pytest.mark.slow
 def test_recall_floors(sample_recall):
     for split, floor in FLOORS.items():
         assert sample_recall[split] >= floor, (split, sample_recall[split])

@@ -940,6 +940,7 @@ RESUMES = [  # (id, change between the two runs -> the facts of the second run)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RESUMES, ids=[c[0] for c in RESUMES])
 def test_resumed_audit_keeps_only_records_of_the_current_facts(case, demo, tmp_path):
     from factedit.analysis.circuit import LocateConfig
