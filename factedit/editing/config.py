@@ -277,7 +277,7 @@ class EditConfig:
         replaces the section's, and the settings are checked against it."""
         kwargs = read_section(cls, data, where, method)
         if method is not None:
-            kwargs["method"] = Method.parse(method, "--method")
+            kwargs["method"] = Method.parse(method, f"{where}: --method")
         return cls(**kwargs)
 
     def _parse_choices(self) -> None:

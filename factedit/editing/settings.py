@@ -197,8 +197,8 @@ def _read_group(cls: type, group: str, data: Any, where: str, given: dict[str, t
     unknown = [k for k in data if k not in own]
     if unknown:  # the closest among this group's keys, then the other groups' and the old flat names
         others = [s for s in specs(cls) if s.group != group]
-        shown_as = {**{s.name: s.path for s in others}, **{s.key: s.path for s in others}, **{k: f"{group}.{k}"
-                                                                                              for k in own}}
+        shown_as = {**{s.name: s.path for s in others}, **{s.key: s.path for s in others},
+                    **{k: f"{group}.{k}" for k in own}}
         raise unknown_keys(f"{where}.{group}", unknown, list(own), shown_as=shown_as,
                            extra=[s.key for s in others] + [s.name for s in others])
     for k, v in data.items():
@@ -218,6 +218,8 @@ def read_section(cls: type, data: Any, where: str, method: str | None = None) ->
     everything = specs(cls)
     top = {s.key: s for s in everything if s.group == GENERAL}
     by_name = {s.name: s for s in everything}
+    if method is not None:
+        method = check_type(method, by_name[SELECTOR].hint, "--method")
     given: dict[str, tuple[str, Any]] = {}
     flat, unknown = [], []
     for k, v in data.items():
