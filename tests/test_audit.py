@@ -171,6 +171,7 @@ def test_torn_last_line_is_recomputed_and_nothing_doubled(demo, reference, tmp_p
     assert not audit_differences(out, ref_out)
 
 
+@pytest.mark.slow
 def test_a_larger_limit_extends_the_audit(demo, reference, tmp_path):
     model, tok, world = demo
     ref_out, _, facts = reference

@@ -415,7 +415,8 @@ def test_non_finite_update_is_refused_and_nothing_written(demo, corpus, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("mode,strategy", [("sequential", "spread"), ("batch", "spread"), ("batch", "refit")])
+@pytest.mark.parametrize("mode,strategy", [("sequential", "spread"), ("batch", "spread"),
+                                           pytest.param("batch", "refit", marks=pytest.mark.slow)])
 def test_many_edits(demo, corpus, mode, strategy):
     model, tok, world = demo
     reqs, ents = [], []

@@ -1,5 +1,6 @@
 """A micro-world trains in seconds, its loss falls, and the saved folder loads without factedit."""
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factedit.world.recipe import ModelSpec, TrainSpec, WorldRecipe, WorldSpec
@@ -15,6 +16,7 @@ def micro_recipe(steps=80):
     )
 
 
+@pytest.mark.slow
 def test_micro_world_loss_falls_and_saves(tmp_path):
     res = train_world(micro_recipe(), tmp_path / "m", progress=False, log=lambda m: None)
     losses = res["losses"]
