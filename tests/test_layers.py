@@ -1,6 +1,6 @@
 """The package layout is the data flow: no module imports from a layer above its own.
 
-Layers, bottom to top (README, "Layout"): shared utilities; model families; the demo world's
+Layers, bottom to top (docs/development.md, "Layout"): shared utilities; model families; the demo world's
 data; the three stages (analysis, editing, verify); audit; studies; the entry points. Imports
 inside functions count too: a lazy import is still a dependency.
 """
@@ -50,7 +50,7 @@ MODULES = sorted(PKG.rglob("*.py"))
 
 def test_every_unit_has_a_layer():
     units = {p.relative_to(PKG).parts[0].removesuffix(".py") for p in MODULES}
-    assert units <= set(RANK), f"place {sorted(units - set(RANK))} in LAYERS (and in the README's layout)"
+    assert units <= set(RANK), f"place {sorted(units - set(RANK))} in LAYERS (and in the layout of docs/development.md)"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
