@@ -119,7 +119,7 @@ class EditConfig:
     # last-position MLP just after the read, keyed on subject and template together). Measured:
     # on the demo model "last" is the only site that works (its subject-site edits score ES 2);
     # on SmolLM2-135M a last-position edit moves the edit prompt and no paraphrase (PS 12.4 on 8
-    # lookup facts, 91.7 at the subject; README, "Edit quality on real models"), so the real
+    # lookup facts, 91.7 at the subject; docs/results/real-edits.md), so the real
     # models' recipes ask for "subject". The default stays "last": the shipped demo checkpoint
     # carries its recipe without this field
     lookup_position: MlpPosition = setting(MlpPosition.LAST, group="site", methods=("circuit",),
@@ -170,7 +170,7 @@ class EditConfig:
     # the share r_i = k*^T C^-1 k_i / k*^T C^-1 k* of the change, the bare prompt included) |
     # "contexts" (the C-smallest rank-one update that gives every prompt the value was fitted
     # on all of it). Measured on SmolLM2-135M (20 single ROME-setting edits at L3, the same
-    # fitted values): ES 85 -> 100, PS up, NS kept (README, "Edit quality on real models")
+    # fitted values): ES 85 -> 100, PS up, NS kept (docs/results/real-edits.md)
     insert_keys: InsertKeys = setting(InsertKeys.CONTEXTS, group="insert", key="keys", methods=LOCATED,
                                       help="which keys a single or sequential edit maps to the value: their mean "
                                            "over the contexts (ROME), or each context's own")

@@ -136,7 +136,7 @@ Command-line options that do nothing for the method are refused as well:
 {options}
 
 *Experimental* settings are choices still under study: they work and are tested, but the
-measurements so far do not settle them (the README's edit-quality sections), and they may
+measurements so far do not settle them ([Results](results/index.md)), and they may
 change or go.
 
 `factedit recipe explain [--recipe FILE] [--group G]` prints the same as these tables (with a

@@ -264,7 +264,7 @@ def regularised(C: torch.Tensor, ridge: float) -> torch.Tensor:
 
 # a null-key constraint is dropped where it would cost more than this many times ROME's
 # update (measured on the demo model: 1,000 sequential edits 54.9 -> 90.9% efficacy, single
-# edits unchanged; see README, "Edit quality")
+# edits unchanged; see docs/results/demo-edits.md)
 NULL_MAX_COST = 25.0
 
 
