@@ -27,7 +27,7 @@ def _fail(message: str, code: int) -> None:
 
 class _Group(click.Group):
     """Turns every failure into one line ``error: ...`` and an exit code that says what happened
-    (README, "What factedit promises"): 0 done (every edit passed), 1 an edit failed, 2 bad input
+    (docs/reliability.md): 0 done (every edit passed), 1 an edit failed, 2 bad input
     (factedit's own errors, and files or folders the system refuses), 3 an internal error."""
 
     def invoke(self, ctx: click.Context):

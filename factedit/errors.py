@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reprlib
 
-# exit codes of the ``factedit`` command (README, "What factedit promises")
+# exit codes of the ``factedit`` command (docs/reliability.md)
 EXIT_OK = 0  # done; every edit passed
 EXIT_EDIT_FAILED = 1  # an edit failed: `verify` judged it failed, or `edit` could not move its target
 EXIT_BAD_INPUT = 2  # bad input or environment: nothing was computed or written (one line `error: ...`)
