@@ -1,6 +1,8 @@
-"""Where an edit's time goes on the demo model: key statistics, single edits, one batch.
+"""Where an edit's time goes: key statistics, single edits, one batch (the demo model), or a
+real model's single edits phase by phase, as ratios to one forward pass of the same prompt.
 
     python benchmarks/edit_cost.py [--single 20] [--batch 1000]
+    python benchmarks/edit_cost.py --model smollm2-135m [--single 10] [--seed 0]
 
 Profiles the runs (cProfile) and prints, per phase, the cumulative seconds spent in the
 functions that implement it: locating the fact, fitting the new values (the optimisation),
@@ -59,7 +61,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--single", type=int, default=20)
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--model", default=None, help="a real model (e.g. smollm2-135m): its single edits, phase by phase")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.model:
+        from real_edit_cost import real_model_cost
+
+        return real_model_cost(args.model, args.single, args.seed)
     torch.manual_seed(0)
     model, tok = load_model()
     world = World.load(model.name_or_path)
