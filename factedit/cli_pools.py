@@ -26,12 +26,18 @@ def _model(name: str, model_path: str | None, dtype: str, device: str | None):
     return load_model(model_path, dtype=dtype, device=device)
 
 
+def _relations(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(r.strip() for r in text.split(",") if r.strip())
+
+
 def _options(f):
     f = click.option("--device", default=None, help="Device, e.g. cuda:0 (default: CPU).")(f)
     f = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")(f)
     f = click.option("--no-cache", is_flag=True, help="Build anew, neither reading nor writing the pool cache.")(f)
     f = click.option("--max-neighbours", type=int, default=10, show_default=True,
                      help="Held-out neighbours per (relation, attribute): each request's neighbourhood prompts.")(f)
+    f = click.option("--relations", default=None, metavar="A,B",
+                     help="places: only these relations (e.g. leave out the continents, which a model may guess).")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Order, roles and new targets.")(f)
     f = click.option("--model", "model_path", default=None,
                      help="The model whose knowledge filters the pool: a named model (smollm2-135m, gemma3-270m) "
@@ -70,7 +76,8 @@ def pools_list(as_json: bool) -> None:
 @click.option("--limit", type=int, default=None, help="The first N requests only (the same as the full pool's).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Request file to write (JSONL).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def pools_build(name, model_path, seed, max_neighbours, no_cache, dtype, device, limit, out, overwrite) -> None:
+def pools_build(name, model_path, seed, relations, max_neighbours, no_cache, dtype, device, limit, out,
+                overwrite) -> None:
     """Write the pool's requests as a request file for `factedit edit --requests`."""
     from factedit.studies.pools import build_pool
 
@@ -81,7 +88,7 @@ def pools_build(name, model_path, seed, max_neighbours, no_cache, dtype, device,
         raise FactEditError(f"--out {out} is a folder: give a file path, e.g. {path / 'requests.jsonl'}")
     model, tok = _model(name, model_path, dtype, device)
     built = build_pool(name, model, tok, seed=seed, limit=limit, max_neighbours=max_neighbours,
-                       cache=not no_cache, log=_log)
+                       cache=not no_cache, log=_log, relations=_relations(relations))
     if not built.requests:
         raise FactEditError(f"the {name} pool holds no request for this model: it knows none of the pool's facts")
     atomic_write_text(path, "".join(dumps_json(r, ensure_ascii=False) + "\n" for r in built.records()))
@@ -94,13 +101,15 @@ def pools_build(name, model_path, seed, max_neighbours, no_cache, dtype, device,
 @_options
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the counts as JSON to this file.")
-def pools_count(name, model_path, seed, max_neighbours, no_cache, dtype, device, json_path) -> None:
+def pools_count(name, model_path, seed, relations, max_neighbours, no_cache, dtype, device, json_path) -> None:
     """Per relation: facts, known facts, requests; and the requests with pairwise-disjoint subjects."""
     from factedit.studies.pools import build_pool, count_table, pool_relations
 
     model, tok = _model(name, model_path, dtype, device)
-    built = build_pool(name, model, tok, seed=seed, max_neighbours=max_neighbours, cache=not no_cache, log=_log)
-    table = count_table(built, pool_relations(name))
+    chosen = _relations(relations)
+    built = build_pool(name, model, tok, seed=seed, max_neighbours=max_neighbours, cache=not no_cache, log=_log,
+                       relations=chosen)
+    table = count_table(built, [r for r in pool_relations(name) if chosen is None or r["name"] in chosen])
     table["max_neighbours"] = max_neighbours
     click.echo(format_counts(table))
     if json_path:
@@ -110,12 +119,11 @@ def pools_count(name, model_path, seed, max_neighbours, no_cache, dtype, device,
 
 def format_counts(t: dict) -> str:
     lines = [f"{t['pool']} on {t['model'] or 'no model'}, seed {t['seed']}", "",
-             "| relation | subject | known / facts | requests |", "|---|---|---|---|"]
+             "| relation | subject | known / facts | one answer | requests |", "|---|---|---|---|---|"]
     for r in t["relations"]:
-        known = "—" if r["known"] is None else f"{r['known']} / {r['facts']}"
-        if t["model"] is None:
-            known = f"— / {r['facts']}"
-        lines.append(f"| {r['relation']} | {r['subject_kind'] or '—'} | {known} | {r['requests']} |")
+        known = f"— / {r['facts']}" if r["known"] is None else f"{r['known']} / {r['facts']}"
+        one = "—" if r.get("one_answer") is None else r["one_answer"]
+        lines.append(f"| {r['relation']} | {r['subject_kind'] or '—'} | {known} | {one} | {r['requests']} |")
     if t["model"] is not None:
         lines += ["", f"subjects: {t['subjects_known']} known of {t['subjects']}; held out as neighbours: "
                       f"{'—' if t['held_out_neighbours'] is None else t['held_out_neighbours']}"]

