@@ -330,33 +330,59 @@ def _cached_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: Edit
     return fitted
 
 
-def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditConfig) -> FittedValues:
+def _pick_run(adapter: ModelAdapter, rows: list[Row], sites: ValueSites, pad: int, device):
+    """(hook rows, forward, suffix run or None): the cheapest forward pass the fit can take. The
+    last tokens alone; else the suffix from the subject's last token on, over a cached prefix;
+    else the full prompts, right-padded. The hook rows are ``rows`` in that run's positions."""
     model = adapter.model
-    device = next(model.parameters()).device
-    rows = build_rows(tok, requests, prefixes, cfg.kl_prompt if cfg.kl_weight > 0 else None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    n = len(requests)
-    suffix = None
     if last_token_only(rows, sites):
         run = _LastTokenRun(adapter, rows, pad, device)
         hook_rows = [dataclasses.replace(r, last=0, s_last=0, s_first=0) for r in rows]  # one-token run positions
 
         def forward() -> torch.Tensor:
             return run()[:, None]  # (B, 1, V): the last token sits at position 0
-    elif _SuffixRun.usable(adapter, rows) and not any(o < 0 for o in sites.head_offsets):
+        return hook_rows, forward, None
+    if _SuffixRun.usable(adapter, rows) and not any(o < 0 for o in sites.head_offsets):
         # positions in the suffix run: the subject's last token is its first token
         hook_rows = [dataclasses.replace(r, s_last=0, s_first=0, last=r.last - r.s_last,
                                          targets=[(p - r.s_last, t) for p, t in r.targets]) for r in rows]
         scored = [p for h in hook_rows for p, _ in h.targets] + [h.last for h, r in zip(hook_rows, rows) if r.kl]
         suffix = _SuffixRun(adapter, rows, pad, device, scored)
-        forward = suffix
-    else:
-        hook_rows = rows
-        ids, mask = pad_right([r.ids for r in rows], pad, device)
+        return hook_rows, suffix, suffix
+    ids, mask = pad_right([r.ids for r in rows], pad, device)
 
-        def forward() -> torch.Tensor:
-            with padding_safe(adapter, mask):
-                return model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    def forward() -> torch.Tensor:
+        with padding_safe(adapter, mask):
+            return model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    return rows, forward, None
+
+
+def _free_deltas(adapter: ModelAdapter, sites: ValueSites, cur: dict, req_of: torch.Tensor, n: int, device):
+    """(dm, dh, v_norm_mlp, v_norm_h): the zero deltas to fit, (n, d_model) at the MLP site and
+    (n, J, head_dim) at the J head sites (None where there is no such site), and the norms of the
+    current values there, per request (the mean over its rows)."""
+    def mean_over(idx, vals):  # per-request mean of per-row values
+        return torch.zeros(n, device=device, dtype=vals.dtype).index_add_(0, idx, vals)
+
+    nrows = torch.zeros(n, device=device).index_add_(0, req_of, torch.ones(len(req_of), device=device))
+    dm = dh = v_norm_mlp = v_norm_h = None
+    if sites.mlp_layer is not None:
+        v_norm_mlp = mean_over(req_of, cur["mlp"].float().norm(dim=-1)) / nrows  # (n,)
+        dm = torch.zeros(n, adapter.d_model, device=device, requires_grad=True)
+    if sites.heads:
+        v_norm_h = torch.stack([mean_over(req_of, cur[f"v{j}"].float().norm(dim=-1)) / nrows
+                                for j in range(len(sites.heads))], 1)  # (n, J)
+        dh = torch.zeros(n, len(sites.heads), adapter.head_dim, device=device, requires_grad=True)
+    return dm, dh, v_norm_mlp, v_norm_h
+
+
+def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditConfig) -> FittedValues:
+    model = adapter.model
+    device = next(model.parameters()).device
+    rows = build_rows(tok, requests, prefixes, cfg.kl_prompt if cfg.kl_weight > 0 else None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n = len(requests)
+    hook_rows, forward, suffix = _pick_run(adapter, rows, sites, pad, device)
     with torch.no_grad():
         cur, base_logits = _current(adapter, sites, hook_rows, forward)
     req_of = torch.tensor([r.req for r in rows], device=device)
@@ -370,24 +396,8 @@ def _fit_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: EditCon
         ((b, pos - r.last + h.last, t, r.req) for b, (r, h) in enumerate(zip(rows, hook_rows)) for pos, t in r.targets)
         if suffix is None else
         ((b, pos, t, r.req) for b, (r, h) in enumerate(zip(rows, score_rows)) for pos, t in h.targets), n, device)
-
-    def mean_over(idx, vals):  # per-request mean of per-row values
-        return torch.zeros(n, device=device, dtype=vals.dtype).index_add_(0, idx, vals)
-
-    # norms of the current values, per request (mean over its rows)
-    nrows = torch.zeros(n, device=device).index_add_(0, req_of, torch.ones(len(rows), device=device))
-    dm = dh = None
-    params = []
-    if sites.mlp_layer is not None:
-        v_norm_mlp = mean_over(req_of, cur["mlp"].float().norm(dim=-1)) / nrows  # (n,)
-        dm = torch.zeros(n, adapter.d_model, device=device, requires_grad=True)
-        params.append(dm)
-    if sites.heads:
-        v_norm_h = torch.stack([mean_over(req_of, cur[f"v{j}"].float().norm(dim=-1)) / nrows
-                                for j in range(len(sites.heads))], 1)  # (n, J)
-        dh = torch.zeros(n, len(sites.heads), adapter.head_dim, device=device, requires_grad=True)
-        params.append(dh)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    dm, dh, v_norm_mlp, v_norm_h = _free_deltas(adapter, sites, cur, req_of, n, device)
+    opt = torch.optim.Adam([d for d in (dm, dh) if d is not None], lr=cfg.lr)
     was = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     base_nll = None
