@@ -11,8 +11,9 @@ import click
 from factedit.cli_pools import pools
 from factedit.cli_recipe import recipe
 from factedit.editing.config import METHODS
-from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, FactEditError, shown
+from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, FactEditError, shown
 from factedit.io import dumps_json
+from factedit.validate import BOUNDS, number
 
 MAX_ERROR_LINE = 1000  # characters of an error line: a message never echoes a whole (huge) value
 
@@ -23,6 +24,25 @@ def _fail(message: str, code: int) -> None:
         line = line[: MAX_ERROR_LINE - 3] + "..."
     click.echo(f"error: {line}", err=True)
     sys.exit(code)
+
+
+class _Bounded(click.ParamType):
+    """A numeric option within ``factedit.validate.BOUNDS[key]`` (finite; NaN and infinities are
+    refused), checked as the Python API checks the same argument."""
+
+    def __init__(self, key: str, integer: bool = True):
+        self.key, self.integer = key, integer
+        self.name = "integer" if integer else "number"
+
+    def convert(self, value, param, ctx):
+        label = param.opts[0] if param is not None and param.opts else self.key
+        if isinstance(value, str):
+            try:
+                value = int(value) if self.integer else float(value)
+            except ValueError:
+                raise FactEditError(f"{label} must be {'an integer' if self.integer else 'a number'}, got "
+                                    f"{shown(value)}") from None
+        return number(value, label, *BOUNDS[self.key], integer=self.integer)
 
 
 class _Group(click.Group):
@@ -39,7 +59,13 @@ class _Group(click.Group):
             where = f" {exc.filename}" if exc.filename else ""
             _fail(f"cannot use{where}: {exc.strerror or exc} (check the path, its permissions and free space)",
                   EXIT_BAD_INPUT)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except click.UsageError as exc:  # an option out of range, missing or unknown: one line too
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{where}", EXIT_BAD_INPUT)
+        except KeyboardInterrupt:  # Ctrl-C: what was being written is removed on the way out (atomic writes)
+            _fail("interrupted (Ctrl-C): stopped; nothing half-written was left (an output is either as it was "
+                  "or complete)", EXIT_INTERRUPTED)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except RecursionError:
             _fail("an input is nested too deeply to be processed: check the files given", EXIT_BAD_INPUT)
@@ -94,7 +120,7 @@ def models_pull(names: tuple[str, ...], force: bool) -> None:
     from factedit.models.zoo import ZOO, pull
 
     for name in names or tuple(ZOO):
-        folder = pull(name, force=force, echo=lambda m: click.echo(m, err=True))
+        folder = pull(name, force=force, echo=lambda m: click.echo(m, err=True), verify=True)
         click.echo(f"{name}: {folder}")
 
 
@@ -133,7 +159,7 @@ def world_train(recipe_path: str, out: str, overwrite: bool, save_every_eval: bo
 
 @world.command("eval")
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
-@click.option("--limit", type=int, default=None, help="Only the first N entities.")
+@click.option("--limit", type=_Bounded("limit"), default=None, help="Only the first N entities.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def world_eval(model_path: str | None, limit: int | None, as_json: bool) -> None:
     """Recall on the training templates and on the held-out templates."""
@@ -142,8 +168,6 @@ def world_eval(model_path: str | None, limit: int | None, as_json: bool) -> None
     from factedit.world.evaluate import evaluate_recall
     from factedit.world.generate import World
 
-    if limit is not None and limit < 1:
-        raise FactEditError(f"--limit must be at least 1, got {limit} (leave it out for every entity)")
     model, tok = load_model(model_path)
     world = World.load(model.name_or_path)
     rec = evaluate_recall(model, tok, world, max_entities=limit)
@@ -158,8 +182,8 @@ def world_eval(model_path: str | None, limit: int | None, as_json: bool) -> None
 
 @world.command("mechanism")
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
-@click.option("--facts", "n_facts", type=int, default=200, show_default=True, help="Facts to sample.")
-@click.option("--window", type=int, default=None, help="Knockout window (default: the recipe's).")
+@click.option("--facts", "n_facts", type=_Bounded("facts"), default=200, show_default=True, help="Facts to sample.")
+@click.option("--window", type=_Bounded("window"), default=None, help="Knockout window (default: the recipe's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as_json: bool) -> None:
     """Measure the recall mechanism: knockout, attribute rate, extraction heads."""
@@ -168,8 +192,6 @@ def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as
     from factedit.studies.world_mechanism import measure_mechanism
     from factedit.world.generate import World
 
-    if n_facts < 1:
-        raise FactEditError(f"--facts must be at least 1, got {n_facts}")
     model, tok = load_model(model_path)
     world = World.load(model.name_or_path)
     if window is None:
@@ -226,7 +248,8 @@ def _check_one_token(tok, prompt: str, subject: str, target: str) -> None:
 @click.option("--target", default=None, help="Follow this attribute instead of the model's prediction.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
               help="Recipe YAML whose 'analysis:' section sets the options.")
-@click.option("--window", type=int, default=None, help="Attention-knockout window k (overrides the recipe).")
+@click.option("--window", type=_Bounded("window"), default=None,
+              help="Attention-knockout window k (overrides the recipe).")
 @click.option("--related", default=None, help="Text about the subject, for the attribute rate.")
 @click.option("--related-file", default=None, type=click.Path(dir_okay=False),
               help="File with text about the subject, for the attribute rate.")
@@ -247,16 +270,19 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
     from factedit.analysis.locate import config_for_model
     from factedit.analysis.locate import locate as run_locate
     from factedit.errors import FactEditError
+    from factedit.io import read_text
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir
+    from factedit.validate import MAX_RELATED_BYTES, check_prompt, check_text
 
+    check_prompt(prompt, subject, target)  # before any model work, as the Python API checks them
     if related is not None and related_file is not None:
         raise FactEditError("give --related or --related-file, not both")
     if related_file is not None:
-        p = Path(related_file)
-        if not p.is_file():
-            raise FactEditError(f"--related-file {p} does not exist")
-        related = p.read_text()
+        related = read_text(Path(related_file), "--related-file", limit=MAX_RELATED_BYTES)
+        check_text(related, f"--related-file {related_file}")
+    elif related is not None:
+        check_text(related, "--related")
     if out is not None:
         check_output_dir(out, overwrite, model_dir(model_path))
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
@@ -293,11 +319,12 @@ def locate(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, s
 @click.option("--target", default=None, help="Follow this attribute instead of the model's prediction.")
 @click.option("--kinds", default="hidden,mlp,attn", show_default=True,
               help="States to restore, comma-separated: hidden, mlp, attn.")
-@click.option("--window", type=int, default=10, show_default=True, help="Layers restored per row (mlp, attn).")
-@click.option("--samples", type=int, default=10, show_default=True, help="Noise samples per row.")
-@click.option("--noise", type=float, default=None,
+@click.option("--window", type=_Bounded("window"), default=10, show_default=True,
+              help="Layers restored per row (mlp, attn).")
+@click.option("--samples", type=_Bounded("samples"), default=10, show_default=True, help="Noise samples per row.")
+@click.option("--noise", type=_Bounded("noise", integer=False), default=None,
               help="Noise standard deviation (default: 3x the input embeddings' standard deviation).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=_Bounded("seed"), default=0, show_default=True)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write trace.json and trace.png here.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the trace JSON only.")
@@ -312,16 +339,13 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
     from factedit.io import atomic_write_text
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir
+    from factedit.validate import check_prompt
 
     chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
     bad = [k for k in chosen if k not in KINDS]
     if bad or not chosen:
-        raise FactEditError(f"--kinds {kinds!r}: each must be one of {', '.join(KINDS)}")
-    for name, v in (("--window", window), ("--samples", samples)):
-        if v < 1:
-            raise FactEditError(f"{name} must be at least 1, got {v}")
-    if noise is not None and not noise > 0:
-        raise FactEditError(f"--noise must be positive, got {noise}")
+        raise FactEditError(f"--kinds {shown(kinds)}: each must be one of {', '.join(KINDS)}")
+    check_prompt(prompt, subject, target)  # before any model work, as the Python API checks them
     if out is not None:
         check_output_dir(out, overwrite, model_dir(model_path))
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
@@ -380,10 +404,10 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
                    "text for a world model, text sampled from the model otherwise).")
 @click.option("--merge", is_flag=True, help="Also write DIR/merged/, a full edited checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
-@click.option("--seed", type=int, default=None, help="Random seed (prefix sampling, LoRA init).")
+@click.option("--seed", type=_Bounded("seed"), default=None, help="Random seed (prefix sampling, LoRA init).")
 @click.option("--append", is_flag=True,
               help="OUT holds a sequence (--mode sequential): continue it with these requests, in place.")
-@click.option("--undo", type=int, default=None, metavar="K",
+@click.option("--undo", type=_Bounded("undo"), default=None, metavar="K",
               help="Undo the last K edits of the sequence in OUT, in place (bit for bit; no requests).")
 @click.option("--fit-cache", type=click.Path(), default=None,
               help="Keep the value fits in this folder, chunk by chunk: a stopped batch resumes its fit, "
@@ -424,8 +448,11 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     if cfg is not None or method is not None:
         check_options(method or cfg.method, given)  # before the model is loaded
     if fit_cache is not None:
-        check_fit_cache(fit_cache)
-    circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
+        check_fit_cache(fit_cache, model_dir(model_path))
+    try:
+        circuits = [RecallCircuit.load(p) for p in circuit_paths] or None
+    except FactEditError as exc:
+        raise FactEditError(f"--circuit: {exc}") from None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
     if cfg is None:
         cfg = edit_config_for_model(model)
@@ -459,11 +486,11 @@ def _undo(k, out, model_path, dtype, device, allow_pickle, trust_remote_code, wi
 
     if with_requests:
         raise FactEditError("--undo takes no requests (nor --append): it only removes edits from the sequence in OUT")
-    n = len(load_sequence(out).steps)  # checked before any model is loaded
+    n = len(load_sequence(out, what="--undo: --out").steps)  # checked before any model is loaded
     model = tok = None
     if (Path(out) / "merged").is_dir():
         model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    kept = undo(out, k, model, tok)
+    kept = undo(out, k, model, tok, log=lambda m: click.echo(m, err=True))
     click.echo(f"undid the last {k} of {n} edits in {out}: {len(kept.steps)} remain"
                + (" (merged/ rebuilt)" if model is not None else ""))
 
@@ -483,6 +510,7 @@ def _undo(k, out, model_path, dtype, device, allow_pickle, trust_remote_code, wi
 def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_dir, edited_dir, requests_path, out,
            overwrite, no_fail, no_fluency) -> None:
     """Check edits: metrics and the flow re-analysis on the edited model, with a verdict each."""
+    from factedit.editing.requests import load_requests
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir
     from factedit.verify.checks import VerifyOptions
@@ -490,8 +518,9 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
     from factedit.verify.run import write_report
 
     check_output_dir(out, overwrite, model_dir(model_path))
+    requests = load_requests(requests_path) if requests_path is not None else None  # before the model is loaded
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    report = run_verify(model=model, tokenizer=tok, adapter=adapter_dir, edited=edited_dir, requests=requests_path,
+    report = run_verify(model=model, tokenizer=tok, adapter=adapter_dir, edited=edited_dir, requests=requests,
                         options=VerifyOptions(fluency=not no_fluency), log=lambda m: click.echo(m, err=True))
     write_report(report, out)
     s = report.summary
@@ -511,7 +540,7 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
 @main.command()
 @click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
-@click.option("--facts", "n_facts", type=int, default=8, show_default=True)
+@click.option("--facts", "n_facts", type=_Bounded("facts"), default=8, show_default=True)
 @click.option("--real-model", default="smollm2-135m", show_default=True,
               help="Named real model for the paper's picture beside the demo world's ('none' to skip).")
 def demo(model_path: str | None, out: str, n_facts: int, real_model: str) -> None:
@@ -533,15 +562,16 @@ def demo(model_path: str | None, out: str, n_facts: int, real_model: str) -> Non
                    "(default: the demo world's facts).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder; rerun with the same folder to resume.")
-@click.option("--limit", type=int, default=None, help="Only the first N facts (after --relations).")
+@click.option("--limit", type=_Bounded("limit"), default=None, help="Only the first N facts (after --relations).")
 @click.option("--relations", default=None, help="Comma-separated relation ids to keep.")
 @click.option("--heldout", is_flag=True, help="World datasets: add the held-out templates.")
-@click.option("--paraphrases", type=int, default=0, show_default=True,
+@click.option("--paraphrases", type=_Bounded("paraphrases"), default=0, show_default=True,
               help="Add up to N paraphrases after each fact (its relation's other templates in the dataset) for "
                    "the robustness aggregate; --limit counts them.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
               help="Recipe YAML whose 'analysis:' section sets the options.")
-@click.option("--window", type=int, default=None, help="Attention-knockout window k (overrides the recipe).")
+@click.option("--window", type=_Bounded("window"), default=None,
+              help="Attention-knockout window k (overrides the recipe).")
 @click.option("--overwrite", is_flag=True, help="Restart: remove factedit's audit files in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map, dataset, out, limit, relations,
@@ -557,14 +587,11 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
     from factedit.models.loading import load_model
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir, world_file
+    from factedit.validate import check_facts
     from factedit.world.generate import World
 
-    if limit is not None and limit < 1:
-        raise FactEditError(f"--limit must be at least 1, got {limit}")
-    if paraphrases < 0:
-        raise FactEditError(f"--paraphrases must be 0 or more, got {paraphrases}")
     check_output_dir(out, True, model_dir(model_path))  # never inside the base model's folder
-    facts = load_facts(dataset) if dataset else None
+    facts = check_facts(load_facts(dataset), f"--dataset {dataset}", bundled(dataset)) if dataset else None
     shard = current_shard()
     if device is None and device_map is None and shard.state is not None:
         device = str(shard.state.device)
@@ -604,14 +631,15 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
                    "(default for a world model: its world's facts).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: study.json, table.md, figures.")
-@click.option("--limit", type=int, default=None, help="Only the first N facts (one per subject and relation).")
+@click.option("--limit", type=_Bounded("limit"), default=None,
+              help="Only the first N facts (one per subject and relation).")
 @click.option("--related", default="auto", show_default=True,
               help="Text about each subject for the attribute rate: 'model' (a short article the model writes), "
                    "'dataset' (the subject's attributes in the dataset), 'world' (a world model's attributes), or a "
                    "JSON file {subject: text}; 'auto': world for a world model, else model.")
-@click.option("--paraphrases", type=int, default=2, show_default=True,
+@click.option("--paraphrases", type=_Bounded("paraphrases"), default=2, show_default=True,
               help="Paraphrase prompts (the relation's other templates) located per known fact; 0 skips them.")
-@click.option("--description-tokens", type=int, default=64, show_default=True,
+@click.option("--description-tokens", type=_Bounded("description_tokens"), default=64, show_default=True,
               help="--related model: length of the article the model writes about each subject.")
 @click.option("--no-two-hop", is_flag=True, help="Skip the two-hop queries.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
@@ -632,18 +660,13 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir, world_file
     from factedit.studies.paper import StudyOptions, format_table, run_study
+    from factedit.validate import check_facts
     from factedit.world.generate import World
 
-    if limit is not None and limit < 1:
-        raise FactEditError(f"--limit must be at least 1, got {limit}")
-    if paraphrases < 0:
-        raise FactEditError(f"--paraphrases must be 0 or more, got {paraphrases}")
-    if description_tokens < 1:
-        raise FactEditError(f"--description-tokens must be at least 1, got {description_tokens}")
     if related not in ("auto", "model", "dataset", "world") and not Path(related).is_file():
         raise FactEditError(f"--related {related!r} is neither auto, model, dataset, world nor a JSON file")
     check_output_dir(out, overwrite, model_dir(model_path))
-    facts = load_facts(dataset) if dataset else None
+    facts = check_facts(load_facts(dataset), f"--dataset {dataset}", bundled(dataset)) if dataset else None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
     world_json = world_file(model)
     world = World.load(world_json) if world_json is not None else None

@@ -9,6 +9,7 @@ EXIT_OK = 0  # done; every edit passed
 EXIT_EDIT_FAILED = 1  # an edit failed: `verify` judged it failed, or `edit` could not move its target
 EXIT_BAD_INPUT = 2  # bad input or environment: nothing was computed or written (one line `error: ...`)
 EXIT_INTERNAL = 3  # an internal error (a bug in factedit): one line `error: internal error ...`
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C, SIGINT): one line; nothing half-written is left
 
 
 class FactEditError(Exception):

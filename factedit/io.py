@@ -8,8 +8,12 @@
 - Permissions follow the umask, as any other tool's outputs: files ``0666 & ~umask``, folders
   ``0777 & ~umask`` (``mkstemp``/``mkdtemp`` alone would make them 0600/0700).
 - JSON is strict (:func:`dumps_json`): NaN and infinities are written as ``null``.
-- Reading (:func:`read_text`, :func:`read_json`): bounded in size, UTF-8 only, and every
-  failure (missing, not UTF-8, invalid, nested too deeply) is a one-line :class:`FactEditError`.
+- Reading (:func:`read_text`, :func:`read_json`): bounded in size (checked before reading),
+  UTF-8 only, and every failure (missing, not UTF-8, invalid, nested too deeply) is a one-line
+  :class:`FactEditError`.
+- Locks (:func:`held_lock`): work done in place on a folder (continuing or undoing a sequence
+  of edits, pulling a model) holds an exclusive lock on the file ``.NAME.lock`` beside it; a
+  second factedit process is refused at once (exit code 2), never left to lose the first one's work.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +82,23 @@ def read_text(path: str | Path, what: str, limit: int = MAX_JSON_BYTES,
     if not path.is_file():
         raise error(f"{what} {path} does not exist (or is not a file): check the path")
     try:
+        if path.stat().st_size > limit:  # refused before a byte is read
+            raise error(f"{what} {path} is larger than {_size(limit)}: split it, or check that it is the right file")
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
         raise error(f"{what} {path} cannot be read ({exc.strerror}): check its permissions") from None
     if len(data) > limit:
-        raise error(f"{what} {path} is larger than {limit // 2**20} MiB: split it, or check that it is "
-                            "the right file")
+        raise error(f"{what} {path} is larger than {_size(limit)}: split it, or check that it is the right file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as "
                             "UTF-8") from None
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 2**10} KiB"
 
 
 def parse_json(text: str, what: str) -> Any:
@@ -238,6 +249,46 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def held_lock(target: str | Path, what: str, timeout: float = 0.0,
+              waiting: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of ``target`` (a folder worked on in place) for the block: the
+    file ``.NAME.lock`` beside it, locked with ``flock`` (released by the system when the
+    process ends, even by kill -9). Held by another process: a one-line error, at once or after
+    ``timeout`` seconds of waiting (``waiting`` is called once when the wait begins), naming
+    ``what`` (e.g. "--out") and the lock file. The lock file itself stays (it is empty)."""
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    lock_path = target.parent / f".{target.name}.lock"
+    lock = FileLock(lock_path, timeout=timeout, thread_local=False)
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if timeout <= 0:
+                raise
+            if waiting is not None:
+                waiting()
+            lock.acquire(timeout=timeout)
+    except Timeout:
+        raise FactEditError(f"{what} {target} is in use: another factedit process holds its lock ({lock_path})"
+                            + (f" and still did after {timeout:g} s" if timeout > 0 else "")
+                            + ": wait until it has finished, then run again") from None
+    except OSError as exc:
+        raise FactEditError(f"{what} {target}: cannot create its lock file {lock_path} ({exc.strerror}): check that "
+                            "its folder is writable") from None
+    try:
+        yield lock_path
+    finally:
+        lock.release()
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders that killed runs left beside ``out`` (their process is gone)."""
+    _remove_stale(Path(out))
 
 
 def _remove_stale(out: Path) -> None:

@@ -134,9 +134,13 @@ def valid_records(draw):
     rec = {"prompt": prompt, "subject": subject, "target_new": new}
     if true is not None:
         rec["target_true"] = true
-    for key in ("paraphrase_prompts", "neighborhood_prompts"):
-        if draw(st.booleans()):
-            rec[key] = draw(st.lists(text, max_size=3))
+    if draw(st.booleans()):  # paraphrases ask about the subject
+        rec["paraphrase_prompts"] = draw(st.lists(st.tuples(text, text).map(lambda t: t[0] + subject + t[1]),
+                                                  max_size=3))
+    if draw(st.booleans()):  # neighbourhood prompts: never the edited fact itself
+        edited = {" ".join(x.split()) for x in [prompt.replace("{}", subject), *rec.get("paraphrase_prompts", [])]}
+        rec["neighborhood_prompts"] = draw(st.lists(text.filter(lambda t: " ".join(t.split()) not in edited),
+                                                    max_size=3))
     case_id = draw(case_ids)
     if case_id is not None:
         rec["case_id"] = case_id

@@ -71,9 +71,13 @@ def edited(demo, tmp_path_factory):
     good = load_file(str(root / "good" / "adapter_model.safetensors"))
 
     def variant(name: str, tensors: dict) -> None:
+        """A broken adapter made elsewhere: its manifest records no hashes of these files (one that
+        does is refused, not judged: test_hostile.py)."""
         (root / name).mkdir()
-        for f in ("adapter_config.json", "edits.json"):
-            (root / name / f).write_text((root / "good" / f).read_text())
+        (root / name / "adapter_config.json").write_text((root / "good" / "adapter_config.json").read_text())
+        man = json.loads((root / "good" / "edits.json").read_text())
+        man.pop("integrity")
+        (root / name / "edits.json").write_text(json.dumps(man))
         save_file(tensors, str(root / name / "adapter_model.safetensors"))
 
     variant("noop", {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in good.items()})

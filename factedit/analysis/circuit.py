@@ -52,19 +52,30 @@ class LocateConfig:
     trace_noise: float | None = None  # None: 3x the input embeddings' standard deviation
 
     def validate(self) -> None:
+        from factedit.errors import shown
+        from factedit.validate import BOUNDS
+
         if self.projection not in ("logit_lens", "raw"):
-            raise RecipeError(f"analysis.projection must be 'logit_lens' or 'raw', not {self.projection!r}")
-        for name in ("sublayer_window", "attribute_top_k", "head_max_rank", "max_heads", "max_enrichment"):
-            if getattr(self, name) < 1:
-                raise RecipeError(f"analysis.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("trace_window", "trace_samples"):
-            if getattr(self, name) < 1:
-                raise RecipeError(f"analysis.{name} must be at least 1, got {getattr(self, name)}")
-        if self.trace_noise is not None and not self.trace_noise > 0:
-            raise RecipeError(f"analysis.trace_noise must be positive (or null for 3x the embeddings' "
-                              f"standard deviation), got {self.trace_noise}")
-        if self.knockout_window is not None and self.knockout_window < 1:
-            raise RecipeError(f"analysis.knockout_window must be at least 1, got {self.knockout_window}")
+            raise RecipeError(f"analysis.projection must be 'logit_lens' or 'raw', not {shown(self.projection)}")
+        for name in ("knockout_window", "read_layer", "sublayer_window", "attribute_top_k", "head_max_rank",
+                     "max_heads", "max_enrichment", "ov_check_heads", "trace_window", "trace_samples"):
+            v = getattr(self, name)
+            low = 0 if name in ("read_layer", "ov_check_heads") else 1
+            high = BOUNDS["samples"][1] if name == "trace_samples" else 100_000
+            if v is None and name in ("knockout_window", "read_layer"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise RecipeError(f"analysis.{name} must be an integer, got {shown(v)}")
+            if not low <= v <= high:
+                raise RecipeError(f"analysis.{name} must be at least {low} (and at most {high:,}), got {v}")
+        for name in ("knockout_bos", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"analysis.{name} must be true or false, got {shown(getattr(self, name))}")
+        noise = self.trace_noise
+        if noise is not None and (isinstance(noise, bool) or not isinstance(noise, (int, float))
+                                  or not BOUNDS["noise"][0] <= noise <= BOUNDS["noise"][1]):
+            raise RecipeError(f"analysis.trace_noise must be positive and finite, at most {BOUNDS['noise'][1]:g} (or "
+                              f"null for 3x the embeddings' standard deviation), got {shown(noise)}")
 
     def resolved(self, n_layers: int) -> LocateConfig:
         """Fill the model-dependent defaults and check the windows against the model."""
@@ -164,19 +175,33 @@ class RecallCircuit:
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
-        return dumps_json(self.to_dict(), indent=indent)
+        """circuit.json: :meth:`to_dict` with the SHA-256 of its content (``sha256``), which
+        :meth:`from_dict` checks: a circuit changed since it was written is refused."""
+        from factedit.validate import sha256_json
+
+        d = self.to_dict()
+        return dumps_json({**d, "sha256": sha256_json(json.loads(dumps_json(d)))}, indent=indent)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_json())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "circuit") -> RecallCircuit:
+        from factedit.validate import circuit_problem, sha256_json
+
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CircuitError(f"{where} is not a factedit recall circuit (expected format {FORMAT!r})")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(names - set(data) - {"enrichment_mlps", "extraction_heads", "trace", "format"})
         if missing:
             raise CircuitError(f"{where} lacks field(s) {', '.join(missing)}")
+        problem = circuit_problem(data)
+        if problem is not None:
+            raise CircuitError(f"{where} is malformed: {problem}: pass a circuit.json from `factedit locate` (or "
+                               "locate the fact again)")
+        if "sha256" in data and data["sha256"] != sha256_json({k: v for k, v in data.items() if k != "sha256"}):
+            raise CircuitError(f"{where} was changed since factedit wrote it (its content does not match the SHA-256 "
+                               "recorded in it): locate the fact again with `factedit locate`")
         kw = {k: v for k, v in data.items() if k in names}
         try:
             kw["enrichment_mlps"] = [EnrichmentMLP(**m) for m in data.get("enrichment_mlps", [])]

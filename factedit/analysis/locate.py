@@ -177,10 +177,29 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     ruled out exactly, without their full projection) and leaves ``head_rank``/``head_prob``
     None; the default ``"all"`` ranks every head.
     """
+    from factedit.validate import check_instance, check_model_args, check_prompt, check_text
+
     if heads not in ("all", "extraction"):
         raise FactEditError(f"locate: heads must be 'all' or 'extraction', not {heads!r}")
+    check_prompt(prompt, subject, target)  # the command line's checks, before any model work
+    check_model_args(model, tokenizer, "locate")
+    check_instance(config, LocateConfig, "locate: config", "a LocateConfig")
+    if isinstance(related, str):
+        check_text(related, "locate: related")
+    elif isinstance(related, (list, set)):
+        if not all(isinstance(x, str) for x in related) and not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in related):
+            raise FactEditError("locate: related must be a text, a list of texts or a set of token ids")
+        for x in related:
+            if isinstance(x, str):
+                check_text(x, "locate: related")
+    elif related is not None:
+        raise FactEditError(f"locate: related must be a text, a list of texts or a set of token ids, got "
+                            f"{type(related).__name__}")
     model, tok = _model_and_tokenizer(model, tokenizer, "locate")
     adapter = ModelAdapter(model)
+    if config is not None:
+        config.validate()
     cfg = (config or config_for_model(model)).resolved(adapter.n_layers)
     fn = cfg.final_norm
 

@@ -53,24 +53,14 @@ def fill_prompt(prompt: str, subject: str) -> tuple[str, int]:
     In a full prompt the subject's last occurrence as a whole word is used (the one nearest to
     the prediction; "a" is not found inside "Ada"), else its last occurrence inside a word.
     """
-    if not prompt.strip():
-        raise FactEditError("the prompt is empty: give a template like '{} was born in' or a full prompt")
-    if not subject.strip():
-        raise FactEditError("the subject is empty: give the subject's exact text as it appears in the prompt")
-    if "{}" in subject:
-        raise FactEditError(f"the subject {subject[:80]!r} contains '{{}}', which marks the subject's place in a "
-                            "template: a subject cannot contain it")
+    from factedit.validate import prompt_problem
+
+    problem = prompt_problem(prompt, subject, "the prompt", "the subject")
+    if problem is not None:
+        raise (SubjectNotFoundError if "does not occur" in problem else FactEditError)(problem)
     if "{}" in prompt:
-        if prompt.count("{}") > 1:
-            raise FactEditError(f"prompt {prompt!r} has more than one '{{}}': use exactly one for the subject")
         return prompt.replace("{}", subject), prompt.index("{}")
-    start = _last_occurrence(prompt, subject)
-    if start < 0:
-        raise SubjectNotFoundError(
-            f"subject {subject!r} does not occur in prompt {prompt!r}: "
-            "check its spelling and case, or write the prompt as a template with '{}'"
-        )
-    return prompt, start
+    return prompt, _last_occurrence(prompt, subject)
 
 
 def _last_occurrence(prompt: str, subject: str) -> int:

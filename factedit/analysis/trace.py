@@ -180,7 +180,17 @@ def trace(prompt: str, subject: str, target: str | None = None, *, model=None, t
     first token or the model's prediction. ``model``: loaded (with ``tokenizer``), a path, a
     named model, or None for the demo model."""
     from factedit.analysis.spans import target_token_ids, tokenize_with_subject
+    from factedit.validate import bounded, check_model_args, check_prompt
 
+    check_prompt(prompt, subject, target)  # the command line's checks, before any model work
+    check_model_args(model, tokenizer, "trace")
+    if not isinstance(kinds, (tuple, list)) or not kinds or any(k not in KINDS for k in kinds):
+        raise FactEditError(f"trace: kinds must be some of {', '.join(KINDS)}, got {kinds!r}"[:300])
+    bounded("window", window, "trace: window")
+    bounded("samples", samples, "trace: samples")
+    bounded("seed", seed, "trace: seed")
+    if noise is not None:
+        bounded("noise", noise, "trace: noise", integer=False)
     if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
         from factedit.models.loading import load_model
 

@@ -47,15 +47,14 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
     JSON/JSONL). ``model``: a loaded model (with ``tokenizer``), a path, or None for the demo
     model. With ``out`` the adapter (and ``merged/`` with ``merge``) is written there. With
     ``append``, ``out`` holds a sequence (an earlier sequential edit): the requests continue it,
-    on the model with its edits applied, and the folder is updated in one atomic step. With
+    on the model with its edits applied, and the folder is updated in one atomic step, under the
+    folder's lock (another factedit process continuing or undoing it is refused). With
     ``fit_cache`` (a directory) the value fits are kept there chunk by chunk: a long batch
-    that stops resumes its fit where it stopped."""
+    that stops resumes its fit where it stopped. Every argument is checked before any work; a
+    bad one raises :class:`~factedit.errors.FactEditError` with the command line's message."""
     from factedit.paths import check_output_dir
 
-    if isinstance(requests, (str, Path)):
-        requests = load_requests(requests)
-    elif isinstance(requests, EditRequest):
-        requests = [requests]
+    requests = check_edit_args(requests, model, tokenizer, config, mode, circuits, stats_corpus, out, fit_cache)
     check_conflicts(requests)
     if append:
         if out is None:
@@ -65,11 +64,62 @@ def edit(requests: EditRequest | list[EditRequest] | str | Path, *, model=None, 
         mode = "sequential"
     if out is not None:
         check_output_dir(out, overwrite or append, base_model_dir(model))
+    if fit_cache is not None:
+        from factedit.editing.fit_cache import check_fit_cache
+
+        check_fit_cache(fit_cache, base_model_dir(model))
+    if append:  # the sequence is read, continued and written under its folder's lock
+        from factedit.editing.history import load_sequence
+        from factedit.io import held_lock
+
+        load_sequence(out, what="--append: --out")  # refused before its lock is taken (no lock file left)
+        with held_lock(out, "--out"):
+            return _edit(requests, model, tokenizer, config, mode, circuits, stats_corpus, out, merge, overwrite,
+                         progress, log, append, fit_cache)
+    return _edit(requests, model, tokenizer, config, mode, circuits, stats_corpus, out, merge, overwrite, progress,
+                 log, append, fit_cache)
+
+
+def check_edit_args(requests, model, tokenizer, config, mode, circuits, stats_corpus, out,
+                    fit_cache) -> list[EditRequest]:
+    """The arguments of :func:`edit`, checked before any work (the same checks as the CLI's)."""
+    from factedit.validate import check_instance, check_model_args, check_path_arg, check_path_list
+
+    if isinstance(requests, (str, Path)):
+        requests = load_requests(requests)
+    elif isinstance(requests, EditRequest):
+        requests = [requests]
+    if not isinstance(requests, (list, tuple)) or not all(isinstance(r, EditRequest) for r in requests):
+        bad = requests if not isinstance(requests, (list, tuple)) else next(
+            r for r in requests if not isinstance(r, EditRequest))
+        raise FactEditError(f"edit: requests must be an EditRequest, a list of them or a request file, got "
+                            f"{type(bad).__name__} {shown(bad)}")
+    if not requests:
+        raise FactEditError("edit: no edit requests given")
+    check_model_args(model, tokenizer, "edit")
+    check_instance(config, EditConfig, "edit: config", "an EditConfig")
+    if mode is not None and mode not in ("single", "sequential", "batch"):
+        raise FactEditError(f"edit: mode must be single, sequential or batch, not {shown(mode)}")
+    if circuits is not None:
+        if not isinstance(circuits, (list, tuple)) or not all(c is None or isinstance(c, RecallCircuit)
+                                                              for c in circuits):
+            raise FactEditError(f"edit: circuits must be a list of RecallCircuit (or None), one per request, got "
+                                f"{shown(circuits)}")
+    if stats_corpus is not None:
+        check_path_list(stats_corpus, "edit: stats_corpus")
+    for value, label in ((out, "edit: out"), (fit_cache, "edit: fit_cache")):
+        if value is not None:
+            check_path_arg(value, label)
+    return list(requests)
+
+
+def _edit(requests, model, tokenizer, config, mode, circuits, stats_corpus, out, merge, overwrite, progress, log,
+          append, fit_cache) -> EditResult:
     prior = None
     if append:
         from factedit.editing.history import load_sequence
 
-        prior = load_sequence(out)
+        prior = load_sequence(out, log, what="--append: --out")
     if model is None or isinstance(model, (str, Path)):
         from factedit.models.loading import load_model
 

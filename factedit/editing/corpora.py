@@ -6,7 +6,7 @@
   temperature 1 (nucleus 0.95) after a fixed list of neutral openings. It needs nothing but
   the model, so it works offline for any model; its keys follow the model's own distribution
   (ROME draws its context prefixes from the model the same way). Sampled once per model
-  fingerprint and cached in ``$FACTEDIT_CACHE/corpora``. Vocabularies up to
+  fingerprint and cached in ``$FACTEDIT_CACHE/corpora`` (with the texts' SHA-256). Vocabularies up to
   :data:`LARGE_VOCAB` tokens sample with ``transformers``' ``generate``; larger ones (Gemma-3's
   262,144) with :func:`nucleus_sample`, the same nucleus distribution without sorting the whole
   vocabulary at every step (``generate`` sorts it: half of each step on Gemma-3), under its own
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from factedit.analysis.rerun import last_logits_only, output_cache, with_cache
 from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_text, dumps_json
+from factedit.validate import cache_root, sha256_json
 
 SAMPLED, PYDOC = "sampled", "pydoc"
 LARGE_VOCAB = 131_072  # above this, nucleus_sample instead of generate
@@ -44,7 +44,7 @@ OPENINGS = ("The", "In the", "It was", "A", "When", "According to", "This", "The
 
 
 def corpora_dir() -> Path:
-    return Path(os.environ.get("FACTEDIT_CACHE", Path.home() / ".cache" / "factedit")) / "corpora"
+    return cache_root() / "corpora"
 
 
 def resolve_corpus(model, tok, world, stats_corpus: list[str | Path] | None, fingerprint: str,
@@ -168,15 +168,19 @@ def sampled_corpus(model, tok, fingerprint: str, tokens: int, new_tokens: int = 
     path = corpora_dir() / f"sampled-{digest}.jsonl"
     texts = None
     if path.is_file():
-        try:
-            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            texts = None  # a damaged cache entry is sampled again
+        try:  # the first line holds the texts' hash; a damaged, changed or unhashed entry is sampled again
+            head, *rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts = [str(r["text"]) for r in rows]
+            if head.get("sha256") != sha256_json(texts):
+                texts = None
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            texts = None
         if texts is not None and len(texts) != n_texts:
             texts = None
     if texts is None:
         log(f"sampling {n_texts} texts of up to {new_tokens} tokens from the model for the key statistics "
             "(once per model; pass --stats-corpus to use your own text)")
         texts = sample_texts(model, tok, n_texts, new_tokens, seed)
-        atomic_write_text(path, "".join(dumps_json({"text": t}) + "\n" for t in texts))
+        atomic_write_text(path, dumps_json({"sha256": sha256_json(texts)}) + "\n"
+                          + "".join(dumps_json({"text": t}) + "\n" for t in texts))
     return Corpus(f"sampled-{digest}", texts)

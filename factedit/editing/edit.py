@@ -142,7 +142,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
             check_circuit(c, r, adapter, i)
     plans = [plan_for(c, cfg, adapter.n_layers) for c in circuits]
     check_one_token_sites(requests, targets, plans, mode, tok)
-    cache = None if fit_cache is None else FitCache(Path(fit_cache), fp)
+    cache = None if fit_cache is None else FitCache(Path(fit_cache), fp, log=log)
     res = EditResult(WeightDelta(conv1d=adapter.spec.conv1d), requests, plans, cfg, mode, fp,
                      str(getattr(model, "name_or_path", "")), circuits=list(circuits))
     if cfg.method == "lora":

@@ -8,6 +8,9 @@ a merged full checkpoint.
   from factedit installed.
 - ``merged/`` (``--merge``) is the base model with the update added, saved by
   ``save_pretrained`` (safetensors) with the tokenizer.
+- ``edits.json`` records the SHA-256 of the adapter's files, the history's and its own content
+  (``integrity``; :func:`factedit.validate.seal_manifest`): ``verify`` and a continued or undone
+  sequence refuse a folder whose files were changed since.
 
 The folder is built in a hidden sibling and renamed into place in one step (see
 :func:`factedit.io.commit_dir`): a run killed at any point leaves the old folder (or none) or
@@ -30,6 +33,7 @@ from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
 from factedit.errors import EditFailedError
 from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps_json, staging_dir
 from factedit.paths import world_file
+from factedit.validate import seal_manifest
 
 EDITS_FORMAT = "factedit.edits/1"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of the base model's module names in an adapter
@@ -128,14 +132,19 @@ def write_folder(out: str | Path, delta: WeightDelta, man: dict, model, tok, *, 
     if not delta.modules():
         raise EditFailedError("no weight was changed (the model already gives every request's target): nothing "
                               "was saved")
+    files = {"adapter_model.safetensors": safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}),
+             "adapter_config.json": dumps_json(adapter_config(delta, man["base_model"]), indent=1,
+                                               sort_keys=True).encode("utf-8")}
+    if sequence is not None:
+        files[SEQUENCE_FILE] = sequence_bytes(*sequence)
+    man = seal_manifest(man, files)  # the files' SHA-256, checked when the folder is read back
     staged = staging_dir(out)
     try:
-        atomic_write_bytes(staged / "adapter_model.safetensors",
-                           safetensors_bytes(adapter_tensors(delta), metadata={"format": "pt"}))
-        atomic_write_text(staged / "adapter_config.json",
-                          dumps_json(adapter_config(delta, man["base_model"]), indent=1, sort_keys=True))
-        if sequence is not None:
-            atomic_write_bytes(staged / SEQUENCE_FILE, sequence_bytes(*sequence))
+        for name, data in files.items():
+            if name.endswith(".json"):
+                atomic_write_text(staged / name, data.decode("utf-8"))
+            else:
+                atomic_write_bytes(staged / name, data)
         if merge:
             _write_merged(delta, staged / "merged", model, tok)
         atomic_write_text(staged / "edits.json", dumps_json(man, indent=1))

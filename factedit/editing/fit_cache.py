@@ -7,14 +7,19 @@ site (MLP layer, heads, position), the fit settings (``FIT_FIELDS``), the contex
 the chunk's requests, in order (the chunk stops early only when all of them are met), and the
 fitting code (``VERSION``, raised whenever ``values.py`` changes what it computes). The key is
 the SHA-256 of all of that; a file holds the deltas (safetensors) and the per-request NLLs
-(its metadata). Files are written to a temporary name and renamed (``factedit.io``), so a stopped run leaves no
-half-written entry. Only safetensors is read (no pickle).
+(its metadata), and a SHA-256 of that content (``sha256`` in the metadata). Files are written to a
+temporary name and renamed (``factedit.io``), so a stopped run leaves no half-written entry. An
+entry that cannot be read, belongs to another key, holds values that do not match its hash (it
+was changed since it was written) or has no hash (an older factedit's) is fitted again and
+replaced, with a message. Only safetensors is read (no pickle). The cache never goes into a
+model or checkpoint folder (:func:`factedit.validate.check_cache_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +28,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from factedit.errors import FactEditError
 from factedit.io import atomic_write_bytes, dumps_json
+from factedit.validate import check_cache_dir, sha256_tensors
 
 VERSION = 1
 FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",
               "prefix_tokens", "seed", "fit_memory_gib")
 
 
-def check_fit_cache(root: str | Path) -> Path:
-    """``root`` as a Path, or an error when it exists and is not a directory."""
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise FactEditError(f"fit cache {root}: not a directory; give a directory for the fitted values")
-    return root
+LABEL = "the fit cache (--fit-cache)"
+
+
+def check_fit_cache(root: str | Path, model_dir: str | Path | None = None) -> Path:
+    """``root`` as a Path; an error when it exists and is not a directory, or lies inside a model
+    or checkpoint folder (``model_dir``: the base model's, or any folder above it)."""
+    return check_cache_dir(root, LABEL, [Path(model_dir)] if model_dir is not None else [])
 
 
 @dataclass
@@ -62,6 +68,8 @@ class FitCache:
     fingerprint: str
     hits: int = 0
     misses: int = 0
+    log: Callable[[str], None] = lambda m: None
+    rebuilt: int = 0  # entries found unreadable or changed, and fitted again
 
     def __post_init__(self) -> None:
         self.root = check_fit_cache(self.root)
@@ -83,27 +91,41 @@ class FitCache:
         return self.root / f"fit-{key[:40]}.safetensors"
 
     def load(self, key: str, device: torch.device) -> FittedValues | None:
-        """The chunk's fit, or None when it was never fitted."""
+        """The chunk's fit, or None when it must be fitted (never fitted, or an entry that is
+        unreadable, of another key, changed since it was written, or without a hash)."""
         p = self.path(key)
         if not p.is_file():
             self.misses += 1
             return None
+        problem = None
         try:
-            tensors = load_file(str(p), device=str(device))
+            tensors = load_file(str(p), device="cpu")
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
             nll, base_nll = (_floats(json.loads(meta[k])) for k in ("nll", "base_nll"))
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise FactEditError(f"fit cache entry {p} cannot be read ({exc}): "
-                                "delete it to fit that chunk again") from exc
-        if meta.get("key") != key:
-            raise FactEditError(f"fit cache entry {p} belongs to another fit: delete it to fit that chunk again")
+            if meta.get("key") != key:
+                problem = "it belongs to another fit"
+            elif "sha256" not in meta:
+                problem = "it has no content hash (written by an older factedit)"
+            elif sha256_tensors(tensors, [meta["key"], meta["nll"], meta["base_nll"]]) != meta["sha256"]:
+                problem = "its values do not match the hash written with them (it was changed)"
+            elif set(tensors) - {"mlp", "heads"} or any(not torch.isfinite(t).all() for t in tensors.values()):
+                problem = "it holds unexpected or non-finite values"
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+            problem = f"it cannot be read ({str(exc)[:120]})"
+        if problem is not None:
+            self.misses += 1
+            self.rebuilt += 1
+            self.log(f"fit cache entry {p}: {problem}: fitting that chunk again (the entry is replaced)")
+            return None
         self.hits += 1
-        return FittedValues(tensors.get("mlp"), tensors.get("heads"), nll, base_nll)
+        return FittedValues(*(None if tensors.get(k) is None else tensors[k].to(device) for k in ("mlp", "heads")),
+                            nll, base_nll)
 
     def save(self, key: str, fitted: FittedValues) -> None:
-        """Write the chunk's fit atomically (temporary file, then rename)."""
+        """Write the chunk's fit atomically (temporary file, then rename), with its hash."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in (("mlp", fitted.mlp), ("heads", fitted.heads))
                    if v is not None}
         meta = {"key": key, "nll": dumps_json(fitted.nll), "base_nll": dumps_json(fitted.base_nll)}
+        meta["sha256"] = sha256_tensors(tensors, [meta["key"], meta["nll"], meta["base_nll"]])
         atomic_write_bytes(self.path(key), safetensors_bytes(tensors, metadata=meta))

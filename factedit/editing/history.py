@@ -19,6 +19,7 @@ saved. The folder is rewritten in one atomic step (:func:`factedit.io.commit_dir
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from safetensors.torch import save as safetensors_bytes
 from factedit.editing.requests import EditRequest
 from factedit.editing.sequential import SequenceState
 from factedit.editing.weights import WeightDelta
-from factedit.errors import FactEditError
+from factedit.errors import FactEditError, shown
+from factedit.validate import request_problem
 
 SEQUENCE_FILE = "sequence.safetensors"
 SEQUENCE_FORMAT = "factedit.sequence/1"
@@ -119,45 +121,119 @@ class Sequence:
         return st
 
 
-def load_sequence(folder: str | Path) -> Sequence:
-    """The sequence stored in ``folder`` (written by a sequential edit)."""
+def load_sequence(folder: str | Path, log: Callable[[str], None] = lambda m: None, what: str = "--out") -> Sequence:
+    """The sequence stored in ``folder`` (written by a sequential edit), checked: every field a
+    continuation or an undo reads has its type, the history's tensors their names and shapes,
+    and the files the SHA-256 recorded in ``edits.json`` (a mismatch is refused; a folder
+    without hashes, from an older factedit, is read with a warning through ``log``)."""
     from factedit.io import read_json
+    from factedit.validate import check_folder_integrity
 
     folder = Path(folder)
     man = read_json(folder / "edits.json", "the edit manifest")
     if not isinstance(man, dict) or man.get("mode") != "sequential" or not isinstance(man.get("sequence"), dict):
-        raise SequenceError(f"{folder} does not hold a sequence of edits (edits.json with mode 'sequential' and "
-                            "a 'sequence' record): only a folder written by `factedit edit --mode sequential` can "
-                            "be continued or undone")
-    n = man["sequence"].get("steps")
+        raise SequenceError(f"{what} {folder} does not hold a sequence of edits (edits.json with mode 'sequential' "
+                            "and a 'sequence' record): only a folder written by `factedit edit --mode sequential` "
+                            "can be continued or undone")
+    n = _check_manifest(man, folder)
     path = folder / SEQUENCE_FILE
     try:
         tensors = safetensors_load(path.read_bytes())
     except (OSError, SafetensorError) as exc:
         raise SequenceError(f"{path} cannot be read ({str(exc)[:120]}): the sequence's history is lost; "
                             "the adapter itself still loads with peft") from None
-    if not isinstance(n, int) or n < 1 or len(man.get("requests", [])) != n:
-        raise SequenceError(f"{folder}/edits.json: the sequence record says {n!r} steps for "
-                            f"{len(man.get('requests', []))} requests: the manifest was edited by hand")
-    steps = [WeightDelta(conv1d=bool(man["sequence"].get("conv1d", False))) for _ in range(n)]
+    steps, step_keys = _steps(tensors, n, bool(man["sequence"].get("conv1d", False)), path)
+    check_folder_integrity(folder, man, log)
+    return Sequence(man, steps, step_keys)
+
+
+def _check_manifest(man: dict, folder: Path) -> int:
+    """The number of steps of a sequence's manifest, after checking what a continuation and an
+    undo read from it."""
+    where = f"{folder / 'edits.json'}"
+    fix = "the manifest was changed by hand or is damaged: restore the folder, or redo the edits"
+
+    def bad(problem: str) -> SequenceError:
+        return SequenceError(f"{where}: {problem}: {fix}")
+
+    seq = man["sequence"]
+    n = seq.get("steps")
+    reqs = man.get("requests")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not isinstance(reqs, list) or len(reqs) != n:
+        raise bad(f"the sequence record says {shown(n)} steps for "
+                  f"{len(reqs) if isinstance(reqs, list) else shown(reqs)} requests")
+    if not isinstance(seq.get("conv1d", False), bool):
+        raise bad(f"'sequence.conv1d' must be true or false, got {shown(seq.get('conv1d'))}")
+    for key in ("step_seconds", "undone"):
+        if not isinstance(seq.get(key, []), list):
+            raise bad(f"'sequence.{key}' must be a list")
+    if man.get("base_fingerprint") is not None and not isinstance(man["base_fingerprint"], str):
+        raise bad("'base_fingerprint' must be a string")
+    for i, r in enumerate(reqs):
+        problem = (request_problem(r.get("prompt"), r.get("subject"), r.get("target_new"), None)
+                   if isinstance(r, dict) else f"an object is expected, got {shown(r)}")
+        if problem is not None:
+            raise bad(f"request {i}: {problem}")
+    for key in ("plans", "circuits", "fit_nll", "statistics"):
+        if man.get(key) is not None and not isinstance(man[key], list):
+            raise bad(f"'{key}' must be a list")
+    for i, plan in enumerate(man.get("plans") or []):
+        if plan is not None and (not isinstance(plan, dict)
+                                 or not isinstance(plan.get("mlp_position", "subject"), (str, int))
+                                 or isinstance(plan.get("mlp_position", "subject"), bool)):
+            raise bad(f"plan {i} is malformed (an object whose 'mlp_position' is 'subject', 'last' or a position)")
+    for i, fit in enumerate(man.get("fit_nll") or []):
+        if fit is None:
+            continue
+        if not isinstance(fit, dict) or not _nll(fit.get("after_fit", 0.0)):
+            raise bad(f"fit_nll {i} is malformed (an object with a numeric 'after_fit')")
+        again = fit.get("reasserted", [])
+        if not isinstance(again, list) or not all(
+                isinstance(a, dict) and isinstance(a.get("edit"), int) and not isinstance(a.get("edit"), bool)
+                and 0 <= a["edit"] < n and _nll(a.get("after_fit")) for a in again):
+            raise bad(f"fit_nll {i}: 'reasserted' must list {{'edit': an earlier step, 'after_fit': a number}}")
+    return n
+
+
+def _nll(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _steps(tensors: dict[str, torch.Tensor], n: int, conv1d: bool,
+           path: Path) -> tuple[list[WeightDelta], list[dict]]:
+    """Each step's update and kept keys, from the history file's tensors (names and shapes checked)."""
+    fix = "the history was changed or is damaged: restore the folder, or redo the edits"
+    steps = [WeightDelta(conv1d=conv1d) for _ in range(n)]
     step_keys: list[dict] = [{} for _ in range(n)]
     factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        idx, kind, rest = key.split("/", 2)
-        i = int(idx)
+        parts = key.split("/", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("delta", "keys"):
+            raise SequenceError(f"{path} holds the tensor {shown(key)}, which is not a step's update or keys: {fix}")
+        i, kind, rest = int(parts[0]), parts[1], parts[2]
         if not 0 <= i < n:
-            raise SequenceError(f"{path} holds step {i}, but the sequence has {n} steps")
+            raise SequenceError(f"{path} holds step {i}, but the sequence has {n} steps: {fix}")
+        if not t.is_floating_point() or t.dim() != 2 or not torch.isfinite(t).all():
+            raise SequenceError(f"{path}: {shown(key)} is not a finite 2-D tensor (shape {tuple(t.shape)}): {fix}")
         if kind == "delta":
-            name, which = rest.rsplit("/", 1)
+            name, _, which = rest.rpartition("/")
+            if not name or which not in ("A", "B"):
+                raise SequenceError(f"{path} holds the tensor {shown(key)}, which is not a LoRA factor: {fix}")
             factors.setdefault((i, name), {})[which] = t
         else:
-            k, la, pos = rest.split("/")
-            step_keys[i][(k, int(la), pos)] = t
+            site = rest.split("/")
+            if len(site) != 3 or site[0] not in ("mlp", "attn") or not site[1].isdigit():
+                raise SequenceError(f"{path} holds the keys {shown(key)}, not of a site (mlp|attn)/LAYER/POSITION: "
+                                    f"{fix}")
+            step_keys[i][(site[0], int(site[1]), site[2])] = t
     for (i, name), f in sorted(factors.items()):
         if set(f) != {"A", "B"}:
-            raise SequenceError(f"{path}: step {i} of {name} lacks a factor")
+            raise SequenceError(f"{path}: step {i} of {name} lacks a factor: {fix}")
+        if f["B"].shape[1] != f["A"].shape[0]:
+            raise SequenceError(f"{path}: the factors of step {i} of {name} do not chain ({tuple(f['B'].shape)} and "
+                                f"{tuple(f['A'].shape)}): {fix}")
         steps[i].add(name, f["B"], f["A"])
-    return Sequence(man, steps, step_keys)
+    return steps, step_keys
 
 
 def slice_manifest(man: dict, n: int) -> dict:
@@ -173,15 +249,24 @@ def slice_manifest(man: dict, n: int) -> dict:
     return out
 
 
-def undo(folder: str | Path, k: int, model=None, tok=None) -> Sequence:
-    """Undo the last ``k`` edits of the sequence in ``folder``, in place (one atomic step). A
-    ``merged/`` checkpoint in the folder is rebuilt, which needs the base ``model`` and ``tok``."""
-    from factedit.editing.export import write_folder
+def undo(folder: str | Path, k: int, model=None, tok=None, log: Callable[[str], None] = lambda m: None) -> Sequence:
+    """Undo the last ``k`` edits of the sequence in ``folder``, in place (one atomic step), under
+    the folder's lock (:func:`factedit.io.held_lock`: another factedit process continuing or
+    undoing it is refused). A ``merged/`` checkpoint in the folder is rebuilt, which needs the
+    base ``model`` and ``tok``."""
+    from factedit.io import held_lock
 
     folder = Path(folder)
-    seq = load_sequence(folder)
+    with held_lock(folder, "--out"):
+        return _undo(folder, k, model, tok, log)
+
+
+def _undo(folder: Path, k: int, model, tok, log: Callable[[str], None]) -> Sequence:
+    from factedit.editing.export import write_folder
+
+    seq = load_sequence(folder, log)
     n = len(seq.steps)
-    if not isinstance(k, int) or not 1 <= k < n:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
         raise SequenceError(f"--undo {k}: the sequence in {folder} has {n} edits; undo 1 to {n - 1} of them "
                             "(to undo them all, use the base model: it was never changed)")
     merged = (folder / "merged").is_dir()

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from factedit.errors import FactEditError, shown
+from factedit.validate import case_id_problem, prompts_problem, request_problem
+
+__all__ = ["EditRequest", "RequestError", "load_requests", "parse_record", "request_problem"]
 
 
 class RequestError(FactEditError):
@@ -34,9 +37,13 @@ class EditRequest:
     case_id: str | int | None = None
 
     def __post_init__(self) -> None:
-        problem = request_problem(self.prompt, self.subject, self.target_new, self.target_true)
+        problem = (case_id_problem(self.case_id)
+                   or request_problem(self.prompt, self.subject, self.target_new, self.target_true)
+                   or prompts_problem(self.paraphrase_prompts, "paraphrase_prompts", self.subject)
+                   or prompts_problem(self.neighborhood_prompts, "neighborhood_prompts", self.subject,
+                                      [self.filled_prompt, *self.paraphrase_prompts]))
         if problem is not None:
-            raise RequestError(f"request {self.case_id!r}: {problem}" if self.case_id is not None
+            raise RequestError(f"request {shown(self.case_id)}: {problem}" if self.case_id is not None
                                else f"request: {problem}")
 
     @property
@@ -71,26 +78,6 @@ def held_requests(requests: list[EditRequest], per_request: int, seed: int = 0) 
     return held
 
 
-def request_problem(prompt, subject, target_new, target_true) -> str | None:
-    """What is wrong with a request's fields, naming the field and the fix; None when valid."""
-    for name, v in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
-        if not isinstance(v, str) or not v.strip():
-            return f"field {name!r} must be a non-empty string, got {shown(v)}"
-    if target_true is not None and not isinstance(target_true, str):
-        return f"field 'target_true' must be a string, got {shown(target_true)}"
-    if "{}" in subject:
-        return (f"field 'subject' contains '{{}}' ({shown(subject)}), which marks the subject's place in a "
-                "template: a subject cannot contain it")
-    if prompt.count("{}") > 1:
-        return f"field 'prompt' has more than one '{{}}' ({shown(prompt)}): use exactly one, for the subject"
-    if "{}" not in prompt and subject not in prompt:
-        return (f"the subject {shown(subject)} does not occur in the prompt {shown(prompt)} (field 'prompt'): "
-                "write the prompt as a template with '{}'")
-    if target_true is not None and target_true.strip() == target_new.strip():
-        return f"fields 'target_new' and 'target_true' are equal ({shown(target_new)}): nothing to edit"
-    return None
-
-
 def check_conflicts(requests: list[EditRequest]) -> None:
     """Refuse two requests that ask the same prompt about the same subject for different new
     targets: both cannot be fitted, and reporting both as fitted would be false."""
@@ -121,10 +108,11 @@ def _str(rec: dict, key: str, where: str, optional: bool = False) -> str | None:
     return v
 
 
-def _str_list(rec: dict, key: str, where: str) -> list[str]:
+def _str_list(rec: dict, key: str, where: str, subject: str, edited: list[str] = ()) -> list[str]:
     v = rec.get(key, [])
-    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
-        raise RequestError(f"{where}: field {key!r} must be a list of non-empty strings")
+    problem = prompts_problem(v, key, subject, edited)
+    if problem is not None:
+        raise RequestError(f"{where}: {problem}")
     return list(v)
 
 
@@ -135,8 +123,8 @@ def parse_record(rec: Any, index: int) -> EditRequest:
     case_id = rec.get("case_id")
     if case_id is not None:
         where += f" (case_id {shown(case_id)})"
-        if isinstance(case_id, bool) or not isinstance(case_id, (str, int)):
-            raise RequestError(f"{where}: field 'case_id' must be a string or an integer, got {shown(case_id)}")
+        if case_id_problem(case_id) is not None:
+            raise RequestError(f"{where}: {case_id_problem(case_id)}")
     if "requested_rewrite" in rec:
         rw = rec["requested_rewrite"]
         if not isinstance(rw, dict):
@@ -150,25 +138,30 @@ def parse_record(rec: Any, index: int) -> EditRequest:
     problem = request_problem(prompt, subject, new, true)
     if problem is not None:
         raise RequestError(f"{where}: {problem}")
-    return EditRequest(prompt, subject, new, true, _str_list(rec, "paraphrase_prompts", where),
-                       _str_list(rec, "neighborhood_prompts", where), rec.get("case_id", index))
+    para = _str_list(rec, "paraphrase_prompts", where, subject)
+    filled = prompt.replace("{}", subject) if "{}" in prompt else prompt
+    neighbours = _str_list(rec, "neighborhood_prompts", where, subject, [filled, *para])
+    return EditRequest(prompt, subject, new, true, para, neighbours, rec.get("case_id", index))
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
     from factedit.io import read_text
+    from factedit.validate import check_path_arg
 
-    path = Path(path)
+    path = check_path_arg(path, "request file")
     text = read_text(path, "request file", error=RequestError)
+    lines: list[int] | None = None  # JSONL: each record's line
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
     except RecursionError:
         raise RequestError(f"request file {path} is nested too deeply to be read: check the file") from None
     except json.JSONDecodeError as whole:
-        records = []
+        records, lines = [], []
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            lines.append(i)
             try:
                 records.append(json.loads(line))
             except RecursionError:
@@ -178,4 +171,10 @@ def load_requests(path: str | Path) -> list[EditRequest]:
                 raise RequestError(f"request file {path} is neither JSON nor JSONL: line {i}: {first}") from exc
     if not records:
         raise RequestError(f"request file {path} holds no requests")
-    return [parse_record(r, i) for i, r in enumerate(records)]
+    out = []
+    for i, r in enumerate(records):
+        try:
+            out.append(parse_record(r, i))
+        except RequestError as exc:
+            raise RequestError(f"request file {path}" + (f" line {lines[i]}" if lines else "") + f": {exc}") from None
+    return out

@@ -7,13 +7,13 @@ stops after the highest requested layer (no later block, no unembedding), and ea
 products are taken in the keys' precision (float32 at least) and summed across batches in
 float64 on the CPU. The cache lives in
 ``$FACTEDIT_CACHE`` (default ``~/.cache/factedit``)/stats, one safetensors file per
-(model fingerprint, kind, layer, corpus, sample count, length), written atomically.
+(model fingerprint, kind, layer, corpus, sample count, length), written atomically with a
+SHA-256 of its content; an entry that does not match it (or has none) is computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import sys
 import time
@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from factedit.analysis.hooks import Hooks, first_input
 from factedit.errors import FactEditError
-from factedit.io import atomic_write_bytes
+from factedit.io import atomic_write_bytes, read_text
 from factedit.models.adapter import ModelAdapter, context_length
+from factedit.validate import cache_root, sha256_tensors
 
 
 @dataclass(frozen=True)
@@ -77,26 +78,40 @@ def text_files_corpus(paths: list[str | Path]) -> Corpus:
         elif p.is_file():
             files.append(p)
         else:
-            raise FactEditError(f"statistics corpus {p} does not exist: give text files or a folder of them")
+            raise FactEditError(f"--stats-corpus {p} does not exist: give text files or a folder of them")
     for f in files:
-        raw = f.read_text(errors="replace")
+        raw = read_text(f, "--stats-corpus file")
         h.update(f.name.encode() + hashlib.sha256(raw.encode()).digest())
         if f.suffix == ".jsonl":
             for i, line in enumerate(raw.splitlines(), 1):
                 if line.strip():
                     try:
                         texts.append(str(json.loads(line)["text"]))
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise FactEditError(f"{f} line {i}: expected a JSON object with a 'text' field") from exc
+                        texts[-1].encode("utf-8")  # a JSON "\ud800" escape is no text
+                    except (ValueError, KeyError, TypeError) as exc:  # (UnicodeEncodeError is a ValueError)
+                        raise FactEditError(f"--stats-corpus file {f} line {i}: expected a JSON object with a 'text' "
+                                            "field of valid text") from exc
         else:
             texts += [t for t in raw.split("\n\n") if t.strip()]
     if not texts:
-        raise FactEditError(f"statistics corpus {', '.join(map(str, paths))} holds no text")
+        raise FactEditError(f"--stats-corpus {', '.join(map(str, paths))} holds no text")
     return Corpus(f"files-{h.hexdigest()[:12]}", texts)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FACTEDIT_CACHE", Path.home() / ".cache" / "factedit")) / "stats"
+    return cache_root() / "stats"
+
+
+def _read_cached(path: Path) -> torch.Tensor:
+    """A cached C, checked against the hash written with it (ValueError: changed, or no hash)."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("sha256") != sha256_tensors(tensors) or not torch.isfinite(tensors["C"]).all():
+        raise ValueError(f"{path} does not match its content hash")
+    return tensors["C"]
 
 
 def _cache_path(fingerprint: str, kind: str, layer: int, corpus: Corpus, samples: int, max_length: int) -> Path:
@@ -128,10 +143,10 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
         path = _cache_path(fingerprint, *site, corpus, samples, max_length)
         try:
             if use_cache and path.is_file():
-                out[site] = load_file(str(path))["C"].to(device)
+                out[site] = _read_cached(path).to(device)
                 continue
-        except (SafetensorError, OSError, KeyError):
-            pass  # an unreadable cache entry is computed again (and replaced)
+        except (SafetensorError, OSError, KeyError, ValueError):
+            pass  # an unreadable, changed or unhashed cache entry is computed again (and replaced)
         todo.append(site)
     report = StatsReport(corpus=corpus.name, computed=todo, cached=[s for s in sites if s not in todo],
                          seconds=0.0, tokens=0)
@@ -173,8 +188,9 @@ def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple
         out[site] = c
         if use_cache:
             path = _cache_path(fingerprint, *site, corpus, samples, max_length)
-            atomic_write_bytes(path, safetensors_bytes({"C": c.contiguous().cpu()},
-                                                       metadata={"tokens": str(seen["n"]), "corpus": corpus.name}))
+            tensors = {"C": c.contiguous().cpu()}
+            atomic_write_bytes(path, safetensors_bytes(tensors, metadata={
+                "tokens": str(seen["n"]), "corpus": corpus.name, "sha256": sha256_tensors(tensors)}))
     report.seconds = time.perf_counter() - t0
     report.tokens = seen["n"]
     return out, report

@@ -142,7 +142,15 @@ def load_model(
     ``attn_implementation="eager"`` (the default here), so that attention masks added
     by factedit reach the attention logits in every family.
     """
-    dev = resolve_device(device)
+    from factedit.validate import check_instance, check_path_arg
+
+    if name_or_path is not None:
+        check_path_arg(name_or_path, "model (--model)")
+    check_instance(dtype, (str, torch.dtype), "dtype (--dtype)", "a dtype name (float32, bfloat16, float16) or auto")
+    check_instance(device, (str, torch.device), "device (--device)", "a device name, e.g. cpu or cuda:0")
+    for flag, label in ((allow_pickle, "allow_pickle"), (trust_remote_code, "trust_remote_code")):
+        check_instance(flag, bool, label, "True or False", optional=False)
+    dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
     source = str(demo_checkpoint()) if name_or_path is None else zoo.resolve(str(name_or_path), echo=_say)
     local = Path(source)
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source

