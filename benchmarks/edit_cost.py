@@ -23,7 +23,7 @@ import torch
 from factedit.editing.api import edit_config_for_model
 from factedit.editing.edit import compute_edit
 from factedit.editing.stats import second_moments, world_corpus
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
 from factedit.studies.world_edits import sample_world_edits
@@ -73,7 +73,7 @@ def main() -> None:
     world = World.load(model.name_or_path)
     corpus = world_corpus(world)
     cfg = edit_config_for_model(model)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     fp = model_fingerprint(model)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 

@@ -35,7 +35,7 @@ from factedit.editing.insert import context_keys, rank_one, regularised
 from factedit.editing.requests import EditRequest
 from factedit.editing.values import ValueSites, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, applied
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
 from factedit.studies.known_edits import build_requests, known_facts, score_requests
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model, tok = load_model(args.model)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     cfg = dataclasses.replace(edit_config_for_model(model), method="mlp", mlp_layers=[args.layer])
     facts = known_facts(model, tok)
     requests = build_requests(facts, tok, args.n, seed=args.seed)[: args.n]

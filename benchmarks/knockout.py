@@ -34,7 +34,7 @@ from factedit.analysis.knockout import SOURCE_SETS, KnockoutCurves, attention_kn
 from factedit.analysis.projection import components
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 class PeakMemory:
@@ -109,7 +109,7 @@ def ko_diff(a: KnockoutCurves, b: KnockoutCurves) -> float:
 @torch.no_grad()
 def bench_model(name: str, model, tp: TokenizedPrompt, window: int, device: str, repeat: int,
                 naive: bool) -> dict:
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     L, T = adapter.n_layers, len(tp.input_ids)
     ids = torch.tensor([tp.input_ids], device=device)
     model(input_ids=ids)  # warm-up
@@ -238,7 +238,7 @@ def main() -> None:
     tp = TokenizedPrompt("", ids, (1, 4))
     parity = None
     if args.parity_dtype != "none" and not args.no_naive:
-        adapter = ModelAdapter(big.to(getattr(torch, args.parity_dtype)))
+        adapter = ModelLayout(big.to(getattr(torch, args.parity_dtype)))
         fast = attention_knockout(adapter, tp, args.window)
         slow = attention_knockout(adapter, tp, args.window, method="naive")
         parity = ko_diff(fast.curves, slow.curves)

@@ -33,7 +33,7 @@ import torch
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, source_positions, window_layers
 from factedit.analysis.locate import config_for_model, locate
 from factedit.analysis.spans import tokenize_with_subject
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.loading import load_model
 
 
@@ -101,7 +101,7 @@ def known(model, tok, limit: int) -> list[dict]:
 
 
 def bench_locate(model, tok, cfg, facts: list[dict], n_reference: int) -> dict:
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     rcfg = cfg.resolved(adapter.n_layers)
     rows: dict[str, list[float]] = {"forward": [], "sweep": [], "locate": [], "lean": [], "reference": [],
                                     "tokens": []}
@@ -189,7 +189,7 @@ def bench_stats(model, tok, tokens: int) -> tuple[float, dict[str, float]]:
     from factedit.editing.corpora import pydoc_corpus
     from factedit.editing.stats import _batches, _chunks, second_moments
 
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     corpus = pydoc_corpus()
     windows = [w for b in _batches(_chunks(tok, corpus.texts, 128), tokens, 8) for w in b]
     with torch.no_grad():
@@ -220,7 +220,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_load, (model, tok) = timed(lambda: load_model(args.model, dtype=args.dtype, device=args.device))
     cfg = config_for_model(model)
-    L = ModelAdapter(model).n_layers
+    L = ModelLayout(model).n_layers
     where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     print(f"machine: {where}, torch {torch.__version__}, {next(model.parameters()).dtype}")

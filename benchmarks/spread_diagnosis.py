@@ -24,7 +24,7 @@ from factedit.editing.corpora import resolve_corpus
 from factedit.editing.edit import compute_edit, context_prefixes
 from factedit.editing.insert import mean_hidden, mlp_to_residual
 from factedit.editing.weights import applied
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
 from factedit.studies.known_edits import build_requests, known_facts
@@ -50,7 +50,7 @@ def main() -> None:
                        progress=False, fit_cache=args.fit_cache, log=print)
     if res.fit is None:
         raise SystemExit("spread_diagnosis: batch_strategy refit fits no residual to measure against")
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
     top = cfg.batch_layers[-1] if cfg.batch_layers else res.fit_site[0]
     base = mean_hidden(adapter, tok, requests, prefixes, top)  # (n, d)

@@ -21,7 +21,7 @@ from factedit.analysis.locate import config_for_model, locate
 from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.audit.dataset import bundled
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.loading import load_model
 from factedit.plots import circuit_figures, knockout_figure, knockout_panels
 
@@ -40,7 +40,7 @@ def mean_band(rows: list[list[float]]) -> tuple[list[float], list[float]]:
 def run_real_demo(name: str, out: Path, world_knockout: dict[str, list[float]], world_window: int,
                   n_known: int = 60, echo: Callable[[str], None] = print) -> dict:
     model, tok = load_model(name)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     cfg = config_for_model(model).resolved(adapter.n_layers)
     L, k = adapter.n_layers, cfg.knockout_window
     echo(f"\n--- the paper's picture on a real model: {name} ({L} layers) ---")

@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, source_positions, window_layers
 from factedit.analysis.projection import components
 from factedit.analysis.spans import TokenizedPrompt
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 from . import naive_gpt2
 
@@ -32,7 +32,7 @@ def test_window_layers(k, L, expected):
 @pytest.mark.parametrize("window", [1, 2, 3])
 def test_knockout_matches_naive_reference(window):
     model = tiny_gpt2()
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     ids = [5, 17, 23, 42, 8, 61, 3, 77]
     tp = TokenizedPrompt("", ids, (2, 5))
     res = attention_knockout(adapter, tp, window, target=11)
@@ -55,7 +55,7 @@ def test_knockout_matches_naive_reference(window):
 
 def test_components_match_naive_and_heads_sum_to_mhsa():
     model = tiny_gpt2()
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     ids = [5, 17, 23, 42, 8, 61]
     comp = components(adapter, ids)
     rec: dict = {}
@@ -83,7 +83,7 @@ def test_knockout_on_the_demo_model_matches_naive_reference(demo):
     model, tok, world = demo
     model = type(model)(model.config).double().eval()
     model.load_state_dict({k: v.double() for k, v in demo[0].state_dict().items()})
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     e = world.entities[0]
     tp = tokenize_with_subject(tok, world.relations["birthplace"].templates[1], e.name)
     res = attention_knockout(adapter, tp, 3)

@@ -14,7 +14,7 @@ from factedit.editing.insert import least_squares, rank_one, regularised
 from factedit.editing.requests import EditRequest, RequestError, held_requests, load_requests
 from factedit.editing.stats import Corpus, second_moments, world_corpus
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied, apply, restore
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.world.evaluate import top1_tokens
 
@@ -239,7 +239,7 @@ def test_max_heads_zero_edits_no_head_and_says_none(demo):
 
 def test_second_moments_match_naive_and_are_cached(demo, tmp_path):
     model, tok, _ = demo
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     texts = ["Ada was born in Paris.", "Bob plays the oboe. He keeps a pony."] * 5
     corpus = Corpus("t", texts)
     fp = model_fingerprint(model)
@@ -288,7 +288,7 @@ def test_statistics_windows_start_with_bos_once_and_skip_it(demo):
     assert all(w[0] == bos and bos not in w[1:] and len(w) <= 16 for w in windows)
     assert sum((w[1:] for w in windows), []) == stream  # every corpus token once, in order
     assert list(_chunks(tok, texts, 16)) == [stream[s: s + 16] for s in range(0, len(stream), 16)]
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     got, rep = second_moments(adapter, btok, Corpus("t", texts), [("mlp", 1)], model_fingerprint(model),
                               samples=10_000, max_length=16, use_cache=False, progress=False)
     assert rep.tokens == len(stream)  # the BOS positions are not counted
@@ -307,7 +307,7 @@ def test_value_rows_are_the_heads_value_vectors(family):
     """A rank-one update through ``value_rows`` changes exactly that KV head's value at the key
     by delta (fused GPT-2 and GPT-NeoX layouts, grouped KV heads)."""
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     layer, head = 1, 3
     kv = adapter.kv_head(head)
     got = {}
@@ -473,7 +473,7 @@ def test_lora_batch_in_chunks_equals_one_batch(demo, corpus):
 
     model, tok, world = demo
     reqs = [fact(world, i, "pet")[2] for i in (13, 14, 15)]
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     whole = EditConfig(**FAST, method="lora", lora_steps=5)
     tiny = EditConfig(**FAST, method="lora", lora_steps=5, fit_memory_gib=1e-4)
     assert fit_chunk_size(adapter, 4, tiny) == 1 and fit_chunk_size(adapter, 4, whole) >= 3
@@ -522,7 +522,7 @@ def test_ft_l_matches_a_naive_constrained_fine_tune(family):
     res = compute_edit([req], model, tok, Corpus("w", ["the capital of france is paris"] * 4), cfg=cfg,
                        progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     name = adapter.module_name(1, adapter.spec.mlp_out)
     assert res.delta.modules() == [name]
     got = res.delta.dense(name)
@@ -579,7 +579,7 @@ def _fit_two_ways(family: str, reqs: list[EditRequest], prefixes: list[str], sit
 
     tok = word_tokenizer()
     tok.pad_token = "[UNK]"
-    adapter = ModelAdapter(tiny_model(family).double())
+    adapter = ModelLayout(tiny_model(family).double())
     cfg = EditConfig(steps=4, n_prefixes=0, kl_prompt="{} is")
     sites = sites_of(adapter)
     rows = values.build_rows(tok, reqs, prefixes, cfg.kl_prompt)
@@ -667,7 +667,7 @@ def _spread_setup(dead: list[int] | None = None, tiny: list[int] | None = None):
     tok.pad_token = "[UNK]"
     req = EditRequest("the capital of {} is", "beats music", "apple")
     model = tiny_model("gemma3_text")
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     layer = 1
     norm = adapter.post_norm("mlp", layer)
     with torch.no_grad():
@@ -703,7 +703,7 @@ def test_spread_conversions_under_a_post_mlp_norm():
         delta = residual_to_mlp(adapter, tok, [req], [""], layer, dr).double()
     torch.testing.assert_close(norm(m + delta), _nearest_normed(norm, m, r + dr), atol=1e-5, rtol=1e-5)
     # no post-norm: both are the identity
-    plain = ModelAdapter(tiny_model("llama"))
+    plain = ModelLayout(tiny_model("llama"))
     assert residual_to_mlp(plain, tok, [req], [""], layer, dr) is dr
     assert mlp_to_residual(plain, tok, [req], [""], layer, dr) is dr
     # and a MEMIT-style batch runs through them
@@ -784,7 +784,7 @@ def test_batch_contexts_insertion_is_the_weighted_least_squares_over_every_conte
     tok = word_tokenizer()
     tok.pad_token = "[UNK]"
     model = tiny_model(family).float()
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     corpus = Corpus("w", ["the capital of france is paris", "beats music is owned by apple"] * 20)
     reqs = [EditRequest("the capital of {} is", "beats music", "apple"),
             EditRequest("{} is owned by", "france", "paris")]
@@ -832,7 +832,7 @@ def test_value_fit_batches_stay_within_the_memory_budget():
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=64)
     with torch.device("meta"):
-        big = ModelAdapter(LlamaForCausalLM(cfg))
+        big = ModelLayout(LlamaForCausalLM(cfg))
     per_row = 30 * (16 * 576 + 4 * 1536) * 4 * 16
     assert fit_chunk_size(big, 21, EditConfig()) == 4 * 2**30 // per_row // 21 == 6
     assert fit_chunk_size(big, 21, EditConfig(fit_memory_gib=0.01)) == 1
@@ -858,7 +858,7 @@ def test_head_values_are_written_at_the_attended_subject_token(family):
     model = tiny_model(family).float()
     tok = word_tokenizer()
     tok.pad_token = tok.eos_token = "[UNK]"
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     req = EditRequest("the capital of {} is", "beats music", "apple")
     ids = torch.tensor([tokenize_with_subject(tok, req.filled_prompt, req.subject).input_ids])
     with torch.no_grad():
@@ -909,7 +909,7 @@ def test_attended_offsets_skip_the_first_token(family):
     torch.manual_seed(0)
     model = tiny_model(family).float()
     tok = word_tokenizer()
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     req = EditRequest("{} is owned by", "the capital of france", "apple")  # subject = tokens 0..3
     ids = torch.tensor([tok(req.filled_prompt)["input_ids"]])
     with torch.no_grad():

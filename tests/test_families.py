@@ -12,7 +12,7 @@ from factedit.analysis.hooks import attention_masks, causal_mask, padding_safe
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, source_positions, window_layers
 from factedit.analysis.projection import components
 from factedit.analysis.spans import TokenizedPrompt
-from factedit.models.adapter import ModelAdapter, UnsupportedModelError, family_for
+from factedit.models.adapter import ModelLayout, UnsupportedModelError, family_for
 
 from .families import FAMILIES, tiny_model
 
@@ -60,11 +60,20 @@ def test_unknown_family_lists_supported():
         family_for("mamba")
 
 
+def test_the_former_name_is_the_same_class_with_a_warning():
+    import factedit.models.adapter as adapter
+
+    with pytest.warns(DeprecationWarning, match="ModelAdapter is deprecated: use ModelLayout"):
+        assert adapter.ModelAdapter is ModelLayout
+    with pytest.raises(AttributeError):
+        adapter.NoSuchName  # noqa: B018
+
+
 @pytest.mark.usefixtures("fp64_softmax")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_knockout_matches_naive_reference(family):
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     tp = TokenizedPrompt("", IDS, SPAN)
     window = 2
     res = attention_knockout(adapter, tp, window, target=11)
@@ -91,7 +100,7 @@ def test_knockout_matches_naive_reference(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heads_sum_to_mhsa_output(family):
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     comp = components(adapter, IDS)
     for layer in range(adapter.n_layers):
         bias = adapter.attn_out_bias(layer)
@@ -125,7 +134,7 @@ def test_heads_sum_to_what_the_residual_receives_from_mhsa(family):
     MHSA at the last position. float64 throughout (`fp64_norms`): stated tolerance 1e-10."""
     assert set(AFTER_ATTN) | set(PARALLEL) == set(FAMILIES)
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     comp = components(adapter, IDS)
     got: dict[str, list] = {"in": [], "mid": [], "out": [], "mlp": []}
     hooks = []
@@ -159,7 +168,7 @@ def test_residual_is_sum_of_sublayer_outputs(family):
     """What `components` records as the MHSA and MLP outputs at the last position are exactly
     the updates the residual stream receives (sequential and parallel blocks alike)."""
     model = tiny_model(family)
-    comp = components(ModelAdapter(model), IDS)
+    comp = components(ModelLayout(model), IDS)
     stream = comp.stream()[:, -1]  # (L+1, d)
     torch.testing.assert_close(stream[1:] - stream[:-1], comp.attn + comp.mlp, atol=1e-10, rtol=0)
 
@@ -167,7 +176,7 @@ def test_residual_is_sum_of_sublayer_outputs(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_pattern_of_last_position(family):
     model = tiny_model(family)
-    comp = components(ModelAdapter(model), IDS)
+    comp = components(ModelLayout(model), IDS)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([IDS]), output_attentions=True)
     want = torch.stack([a[0, :, -1] for a in out.attentions])  # (L, H, T)
@@ -184,7 +193,7 @@ def test_ov_check_under_a_post_norm_equals_a_naive_computation(family):
     position's clean o_proj output, rsqrt(mean(a^2) + eps) * (1 + w), written out here from
     the raw weights. float64 (`fp64_norms`): stated tolerance 1e-10."""
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     comp = components(adapter, IDS)
     s_last = SPAN[1] - 1
     H, n_kv, dh = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
@@ -221,7 +230,7 @@ def test_factedit_masks_reproduce_the_models_own_attention(family):
     model's output must not change. The Gemma configs slide over 3-4 positions of an 8-token
     prompt, so a plain causal mask there gives other logits (checked, so the test can fail)."""
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     ids = torch.tensor([IDS])
     T = len(IDS)
     with torch.no_grad():
@@ -246,7 +255,7 @@ def test_right_padded_batches_match_single_rows(family):
     (`fp64_softmax`): stated tolerance 1e-10; GPT-J, whose attention computes in float32
     (batch shapes then round differently), 1e-6."""
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     rows = [IDS, IDS[:2], IDS[3:6]]
     ids = torch.zeros(len(rows), len(IDS), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -271,5 +280,5 @@ def test_padding_safe_keeps_float64_sliding_layers_finite(family):
     mask = (torch.arange(8)[None] < torch.tensor([[8], [2]])).long()
     with torch.no_grad():
         assert torch.isnan(model(input_ids=ids, attention_mask=mask).logits[1, :2]).any()
-        with padding_safe(ModelAdapter(model), mask):
+        with padding_safe(ModelLayout(model), mask):
             assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()

@@ -27,7 +27,7 @@ from factedit.analysis.trace import TraceResult
 from factedit.editing.config import EditConfig
 from factedit.editing.values import context_prefixes
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 
 from . import naive_gpt2
@@ -64,7 +64,7 @@ def demo_fact(world, i=3, rid="birthplace"):
 
 def test_sublayer_knockout_matches_naive_gpt2_on_demo(demo64):
     model, tok, world = demo64
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     template, name, attr, ent = demo_fact(world)
     tp = tokenize_with_subject(tok, template, name)
     token = tok.encode(" " + attr)[0]
@@ -96,7 +96,7 @@ def test_sublayer_knockout_matches_naive_gpt2_on_demo(demo64):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sublayer_knockout_matches_hooked_forward(family):
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     tp = TokenizedPrompt("", IDS, SPAN)
     token, window = 11, 2
     res = sublayer_knockout(adapter, AllTokensKept(), tp, window, token, related={1, 2, 3}, read_layer=2, top_k=5)
@@ -130,7 +130,7 @@ def test_head_ov_equals_head_attending_only_to_the_subject(family):
     """The OV check's vector is exactly what the head writes at the last position when its
     attention there is forced onto the last subject token alone."""
     model = tiny_model(family)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     comp = components(adapter, IDS)
     s_last, q = SPAN[1] - 1, len(IDS) - 1
     others = [i for i in range(q + 1) if i != s_last]
@@ -182,7 +182,7 @@ def test_locate_demo_fact(demo64):
     assert len(c.attribute_rate) == L + 1
     # the knockout curves are the knockout's, and the attribute rate is the naive one
     tp = tokenize_with_subject(tok, template, name)
-    ko = attention_knockout(ModelAdapter(model), tp, 3)
+    ko = attention_knockout(ModelLayout(model), tp, 3)
     assert c.knockout == ko.curves
     rec: dict = {}
     with torch.no_grad():

@@ -14,7 +14,7 @@ from factedit.analysis.knockout import SOURCE_SETS, KnockoutCurves, attention_kn
 from factedit.analysis.rerun import clean_run, clean_runs, prefix_causal_mask, rerun
 from factedit.analysis.spans import TokenizedPrompt, tokenize_with_subject
 from factedit.analysis.sublayer import SUBLAYERS, sublayer_knockout
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 from .families import FAMILIES, tiny_model
 
@@ -39,7 +39,7 @@ def _ko_diff(a: KnockoutCurves, b: KnockoutCurves) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("span", [(2, 5), (0, 1), (6, 7)])
 def test_fast_knockout_equals_naive(family, span):
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     tp = TokenizedPrompt("", IDS, span)
     for window in (1, 2):
         fast = attention_knockout(adapter, tp, window, target=11)
@@ -54,7 +54,7 @@ def test_fast_knockout_equals_naive(family, span):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("span", [(2, 5), (0, 2), (6, 7)])
 def test_fast_sublayer_knockout_equals_naive(family, span):
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     tp = TokenizedPrompt("", IDS, span)
     fast = sublayer_knockout(adapter, _Tok(), tp, 2, 11, related={1, 2, 3}, read_layer=2, top_k=5)
     naive = sublayer_knockout(adapter, _Tok(), tp, 2, 11, related={1, 2, 3}, read_layer=2, top_k=5,
@@ -66,7 +66,7 @@ def test_fast_sublayer_knockout_equals_naive(family, span):
 
 def test_demo_fast_paths_equal_naive(demo):
     model, tok, world = demo
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     for ent in world.entities[:3]:
         _rid, prompt, _attr = world.prompts(ent)[0]
         tp = tokenize_with_subject(tok, prompt, ent.name)
@@ -87,7 +87,7 @@ def test_rerun_without_intervention_reproduces_the_clean_run(family):
     each layer's sliding window), give back the clean logits (checks the kept keys/values, all
     of them in sliding layers too, positions and row bookkeeping). The Gemma configs slide over
     fewer positions than the prompt has."""
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     clean = clean_run(adapter, IDS)
     T = len(IDS)
     assert all(k.shape[-2] == T for k in clean.keys)
@@ -108,7 +108,7 @@ def test_source_sets_and_sublayers_are_what_the_rows_cover():
 def test_rerun_keeps_a_forward_set_on_the_instance():
     """accelerate's device_map hooks replace a block's forward on the instance; a rerun must
     leave such a wrapper in place."""
-    adapter = ModelAdapter(tiny_model("gpt2"))
+    adapter = ModelLayout(tiny_model("gpt2"))
     block = adapter.block(1)
     calls = []
     plain = block.forward
@@ -134,7 +134,7 @@ def test_batched_clean_runs_equal_one_at_a_time(family):
     and ATen choose their summation order by shape and instruction set. On an AMD EPYC with
     AVX-512 they were bit for bit except Gemma-3, whose attention core takes another path for a
     batch of one (observed 2e-6)."""
-    adapter = ModelAdapter(tiny_model(family, dtype=torch.float32))
+    adapter = ModelLayout(tiny_model(family, dtype=torch.float32))
     prompts = [IDS, IDS[::-1], IDS[2:], [9, 4, 4, 2, 1, 8, 30, 11], IDS[1:], [3, 1, 4, 1, 5]]
     tol = 1e-5
 

@@ -16,7 +16,7 @@ from factedit.analysis.knockout import attention_knockout, window_layers
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.audit.dataset import world_facts
 from factedit.cli import main
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.studies.paper import (
     StudyOptions,
     first_below,
@@ -103,7 +103,7 @@ def test_knockout_records_match_the_paper_procedure(study, demo):
     s, _ = study
     r = s.records[0]
     tp = tokenize_with_subject(tok, r["prompt"], r["subject"])
-    naive = attention_knockout(ModelAdapter(model), tp, 3, method="naive")
+    naive = attention_knockout(ModelLayout(model), tp, 3, method="naive")
     for src in ("subject", "non_subject", "last"):
         for a, b in zip(r["knockout"][src], naive.curves.curve(src)):
             assert a == pytest.approx(b, abs=1e-3)

@@ -11,7 +11,7 @@ from factedit.analysis.knockout import window_layers
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.analysis.trace import causal_trace, embedding_noise
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 from .families import FAMILIES, tiny_model
 
@@ -20,7 +20,7 @@ TP = TokenizedPrompt("p", IDS, (2, 4))
 TOL = 1e-10  # float64 models; batches of different shapes round differently at ~1e-15
 
 
-def _naive(adapter: ModelAdapter, kind: str, token: int, restore: dict[int, int], eps: torch.Tensor) -> float:
+def _naive(adapter: ModelLayout, kind: str, token: int, restore: dict[int, int], eps: torch.Tensor) -> float:
     """p(token) with the subject embeddings plus ``eps`` (n_subj, d) and, for each layer in
     ``restore``, the clean state at position ``restore[layer]``: one unbatched pass each."""
     model = adapter.model
@@ -61,7 +61,7 @@ def _naive(adapter: ModelAdapter, kind: str, token: int, restore: dict[int, int]
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 @torch.no_grad()
 def test_trace_matches_one_pass_per_row(family, kind):
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     L, S, noise = adapter.n_layers, 2, 0.7
     token = int(adapter.model(input_ids=torch.tensor([IDS])).logits[0, -1].argmax())
     r = causal_trace(adapter, TP, token, kind, positions=[1, 3, 5, 7], window=2, samples=S, noise=noise,
@@ -81,7 +81,7 @@ def test_trace_matches_one_pass_per_row(family, kind):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
 @torch.no_grad()
 def test_trace_facts_that_need_no_reference(family):
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     L = adapter.n_layers
     token = int(adapter.model(input_ids=torch.tensor([IDS])).logits[0, -1].argmax())
     r = causal_trace(adapter, TP, token, "hidden", samples=4, noise=1.0)
@@ -99,7 +99,7 @@ def test_trace_facts_that_need_no_reference(family):
 
 
 def test_trace_refuses_bad_arguments():
-    adapter = ModelAdapter(tiny_model("gpt2"))
+    adapter = ModelLayout(tiny_model("gpt2"))
     with pytest.raises(FactEditError, match="kind"):
         causal_trace(adapter, TP, 0, "resid")
     with pytest.raises(FactEditError, match="positions"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from factedit.analysis.vocab import max_token_prob, prob_upper_bounds, token_prob
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 from .families import FAMILIES, tiny_model
 
@@ -15,7 +15,7 @@ from .families import FAMILIES, tiny_model
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k", [2, 16])
 def test_pruned_group_maxima_equal_full_projection(family, k):
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     d = adapter.d_model
     g = torch.Generator().manual_seed(k)
     refs = torch.randn(3, d, generator=g, dtype=torch.float64) * 2  # 3 reference vectors
@@ -49,7 +49,7 @@ def test_screened_heads_keep_every_extraction_head(family):
 
     from .test_families import IDS
 
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     with torch.no_grad():
         comp = components(adapter, IDS)
         refs = torch.cat([adapter.logit_lens(comp.attn), comp.logits[None]])

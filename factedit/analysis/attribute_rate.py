@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from factedit.analysis.hooks import upcast
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 # Function words that say nothing about a subject (the paper drops stopwords and tokens of
 # two characters or fewer before taking the top tokens).
@@ -43,7 +43,7 @@ def keep_mask(tok, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def top_tokens(adapter: ModelAdapter, tok, vecs: torch.Tensor, k: int, final_norm: bool = True) -> torch.Tensor:
+def top_tokens(adapter: ModelLayout, tok, vecs: torch.Tensor, k: int, final_norm: bool = True) -> torch.Tensor:
     """(..., k) the k highest-scoring token ids of each (..., d) vector's projection among those
     that pass ``keep_token``."""
     return top_kept(tok, upcast(adapter.logit_lens(vecs, final_norm=final_norm)), k)
@@ -57,7 +57,7 @@ def top_kept(tok, logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attribute_rate(adapter: ModelAdapter, tok, stream: torch.Tensor, related: set[int], k: int,
+def attribute_rate(adapter: ModelLayout, tok, stream: torch.Tensor, related: set[int], k: int,
                    final_norm: bool = True) -> list[float]:
     """Per vector of ``stream`` ((N, d), e.g. the layers with the embeddings first): the share of
     the top-k kept tokens that are in ``related``."""

@@ -9,7 +9,7 @@ import torch
 
 from factedit.analysis.hooks import upcast
 from factedit.analysis.projection import Components, rank_and_prob
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 # A candidate token counts as beating the token in the screening only by more than this much
 # (relative to the logit's size): room for the rounding of a product taken in another shape.
@@ -22,13 +22,13 @@ class HeadScores:
     prob: torch.Tensor  # (L, H) its probability there
 
 
-def head_scores(adapter: ModelAdapter, comp: Components, token: int, final_norm: bool = True) -> HeadScores:
+def head_scores(adapter: ModelLayout, comp: Components, token: int, final_norm: bool = True) -> HeadScores:
     rank, prob = rank_and_prob(adapter, comp.heads, token, final_norm)
     return HeadScores(rank=rank, prob=prob)
 
 
 @torch.no_grad()
-def extraction_head_scores(adapter: ModelAdapter, comp: Components, token: int, final_norm: bool, max_rank: int,
+def extraction_head_scores(adapter: ModelLayout, comp: Components, token: int, final_norm: bool, max_rank: int,
                            refs: torch.Tensor, k: int = 64) -> HeadScores:
     """:func:`head_scores` for the heads that can rank ``token`` within ``max_rank`` (the
     candidates of :func:`top_heads`); every other head gets rank -1 and probability 0.
@@ -68,7 +68,7 @@ def top_heads(scores: HeadScores, max_rank: int, limit: int) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def ov_vectors(adapter: ModelAdapter, comp: Components, position: int, heads: list[tuple[int, int]]) -> torch.Tensor:
+def ov_vectors(adapter: ModelLayout, comp: Components, position: int, heads: list[tuple[int, int]]) -> torch.Tensor:
     """(n, d): for each (layer, head), the head's OV map applied to the attention input at
     ``position`` (the subject's last token), i.e. what the head would write at the last
     position if it attended to the subject alone. Under a post-attention norm (Gemma 2/3) it
@@ -82,7 +82,7 @@ def ov_vectors(adapter: ModelAdapter, comp: Components, position: int, heads: li
 
 
 @torch.no_grad()
-def ov_rank(adapter: ModelAdapter, comp: Components, position: int, heads: list[tuple[int, int]],
+def ov_rank(adapter: ModelLayout, comp: Components, position: int, heads: list[tuple[int, int]],
             token: int, final_norm: bool = True) -> list[int]:
     """For each (layer, head): the rank of ``token`` in the vocabulary projection of
     :func:`ov_vectors` (the OV check)."""

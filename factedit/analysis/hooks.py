@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 class Hooks:
@@ -71,10 +71,10 @@ def causal_mask(batch: int, seq: int, dtype: torch.dtype, device, window: int | 
 
 
 @contextmanager
-def attention_masks(adapter: ModelAdapter, masks: Callable[[int], torch.Tensor | None]) -> Iterator[None]:
+def attention_masks(adapter: ModelLayout, masks: Callable[[int], torch.Tensor | None]) -> Iterator[None]:
     """Replace the ``attention_mask`` each attention module receives by ``masks(layer)``
     (a full additive (B, 1, T, T) mask, causality and the layer's sliding window included,
-    see ``ModelAdapter.attn_window``), where it is not None."""
+    see ``ModelLayout.attn_window``), where it is not None."""
     with Hooks() as hooks:
         for layer in range(adapter.n_layers):
             mask = masks(layer)
@@ -119,7 +119,7 @@ def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 
 @contextmanager
-def padding_safe(adapter: ModelAdapter, attention_mask: torch.Tensor) -> Iterator[None]:
+def padding_safe(adapter: ModelLayout, attention_mask: torch.Tensor) -> Iterator[None]:
     """For a right-padded batch: give the sliding-window layers :func:`padded_window_mask`
     (the same as the model's own masks at the real tokens, finite at the padding); the other
     layers keep the model's own masks."""
@@ -133,7 +133,7 @@ def padding_safe(adapter: ModelAdapter, attention_mask: torch.Tensor) -> Iterato
 
 
 @contextmanager
-def capture(adapter: ModelAdapter, what: dict[str, tuple[Callable[[int], torch.nn.Module], str]],
+def capture(adapter: ModelLayout, what: dict[str, tuple[Callable[[int], torch.nn.Module], str]],
             store: dict[str, list], batch: int = 1) -> Iterator[None]:
     """Record per-layer activations. ``what`` maps a name to (module getter, "in"|"out");
     ``store[name][layer]`` receives the module's first input or its (first) output, as

@@ -28,7 +28,7 @@ from factedit.analysis.hooks import attention_masks, causal_mask, upcast
 from factedit.analysis.rerun import CleanRun, clean_run, prefix_causal_mask, rerun
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 SOURCE_SETS = ("subject", "non_subject", "last")
 
@@ -110,7 +110,7 @@ def knockout_rows(n_layers: int) -> list[tuple[str, int]]:
 
 
 @torch.no_grad()
-def attention_knockout(adapter: ModelAdapter, tp: TokenizedPrompt, window: int,
+def attention_knockout(adapter: ModelLayout, tp: TokenizedPrompt, window: int,
                        target: int | None = None, method: str = "fast",
                        clean: CleanRun | None = None, block_bos: bool = False) -> KnockoutResult:
     """The knockout sweep of one fact. ``method="fast"`` reruns only the last position, each

@@ -8,7 +8,7 @@ outputs plus the output bias sum to the MHSA output).
 
 Families with a norm after the attention sublayer (Gemma 2/3) add norm(o_proj(z)) to the
 residual. There each head's output is ``(z_h @ W_O[h]) * gain``, with ``gain`` the norm frozen
-at the whole sublayer output of that position (``ModelAdapter.post_gain``); the heads' outputs
+at the whole sublayer output of that position (``ModelLayout.post_gain``); the heads' outputs
 plus the (scaled) bias then sum exactly to what the residual receives.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from factedit.analysis.hooks import upcast
 from factedit.analysis.rerun import CleanRun, clean_run
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Components:
 
 
 @torch.no_grad()
-def components(adapter: ModelAdapter, input_ids: list[int], clean: CleanRun | None = None) -> Components:
+def components(adapter: ModelLayout, input_ids: list[int], clean: CleanRun | None = None) -> Components:
     """The activations of one prompt, from its clean run (made here unless given)."""
     c = clean or clean_run(adapter, input_ids)
     L = adapter.n_layers
@@ -73,7 +73,7 @@ def components(adapter: ModelAdapter, input_ids: list[int], clean: CleanRun | No
 
 
 @torch.no_grad()
-def rank_and_prob(adapter: ModelAdapter, vecs: torch.Tensor, token: int,
+def rank_and_prob(adapter: ModelLayout, vecs: torch.Tensor, token: int,
                   final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank (1 = top) and probability of ``token`` in the projection of each (..., d) vector."""
     return rank_and_prob_of(upcast(adapter.logit_lens(vecs, final_norm=final_norm)), token)

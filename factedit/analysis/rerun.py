@@ -25,7 +25,7 @@ from functools import partial
 import torch
 
 from factedit.analysis.hooks import Hooks, as_btd, attention_masks, first_input, first_output, visible
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @dataclass
@@ -88,7 +88,7 @@ def last_logits_only(model) -> dict:
 
 
 @torch.no_grad()
-def clean_run(adapter: ModelAdapter, input_ids: list[int]) -> CleanRun:
+def clean_run(adapter: ModelLayout, input_ids: list[int]) -> CleanRun:
     """One clean forward pass, keeping each block's input, the keys and values, and what the
     vocabulary projections need (sublayer updates of the residual, the heads' inputs to the
     output projection and the frozen post-norm gains, the attention modules' inputs and the
@@ -103,7 +103,7 @@ LOGIT_ROWS = 4
 
 
 @torch.no_grad()
-def clean_runs(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanRun]:
+def clean_runs(adapter: ModelLayout, prompts: list[list[int]]) -> list[CleanRun]:
     """:func:`clean_run` of many prompts, those of the same length in one batch (so no padding:
     each row's numbers are the ones its own pass gives, up to float32 rounding: bit for bit where
     the CPU's kernels do not choose their summation order by batch shape; tested to 1e-5)."""
@@ -117,7 +117,7 @@ def clean_runs(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanRun
     return out
 
 
-def _clean_batch(adapter: ModelAdapter, prompts: list[list[int]]) -> list[CleanRun]:
+def _clean_batch(adapter: ModelLayout, prompts: list[list[int]]) -> list[CleanRun]:
     """The clean runs of prompts of one length, in one forward pass of (B, T)."""
     L, B = adapter.n_layers, len(prompts)
     device = next(adapter.model.parameters()).device
@@ -214,7 +214,7 @@ class Rerun:
 
 
 @contextmanager
-def _rows_only(adapter: ModelAdapter, clean: CleanRun, row_start: list[int], start: int) -> Iterator[None]:
+def _rows_only(adapter: ModelLayout, clean: CleanRun, row_start: list[int], start: int) -> Iterator[None]:
     """Make block l compute only its active rows; the other rows get the clean block output."""
     B = len(row_start)
     patched = []
@@ -251,7 +251,7 @@ def _rows_only(adapter: ModelAdapter, clean: CleanRun, row_start: list[int], sta
 
 
 @torch.no_grad()
-def rerun(adapter: ModelAdapter, clean: CleanRun, start: int, row_start: list[int],
+def rerun(adapter: ModelLayout, clean: CleanRun, start: int, row_start: list[int],
           masks: Callable[[int, list[int]], torch.Tensor] | None = None,
           hooks: Callable[[int, list[int]], list] | None = None,
           keep_stream: list[tuple[int, int]] = (), keep_attn_last: bool = False) -> Rerun:

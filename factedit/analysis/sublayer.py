@@ -4,7 +4,7 @@ of layers, and measure what the subject representation and the last position los
 Unlike the reference code (which zeroes the MLP's pre-activations at every position, so the
 output bias survives, and makes attention uniform), the sublayer's whole output is removed at
 the subject positions only: the residual stream there never receives that sublayer's update
-(after the family's post-norm where it has one, see ``ModelAdapter.to_residual``).
+(after the family's post-norm where it has one, see ``ModelLayout.to_residual``).
 
 Row 0 is the clean run, then one row per (sublayer, centre layer). Positions before the
 subject never change, so by default each row reruns the positions from the subject on, from
@@ -33,7 +33,7 @@ from factedit.analysis.rerun import CleanRun, clean_run, rerun
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.analysis.vocab import max_token_prob, token_prob
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 SUBLAYERS = ("mlp", "attn")
 
@@ -75,7 +75,7 @@ class SublayerKnockoutResult:
 
 
 @contextmanager
-def remove_updates(adapter: ModelAdapter, kind: str, rows_by_layer: dict[int, list[int]],
+def remove_updates(adapter: ModelLayout, kind: str, rows_by_layer: dict[int, list[int]],
                    positions: list[int], batch: int | dict[int, int]) -> Iterator[None]:
     """Zero what sublayer ``kind`` ("mlp" or "attn") adds to the residual at ``positions`` for
     the batch rows ``rows_by_layer[layer]``. ``batch`` is the number of rows the module sees
@@ -103,7 +103,7 @@ def sublayer_rows(n_layers: int) -> list[tuple[str, int]]:
 
 
 @torch.no_grad()
-def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: int, token: int,
+def sublayer_knockout(adapter: ModelLayout, tok, tp: TokenizedPrompt, window: int, token: int,
                       related: set[int] | None = None, read_layer: int | None = None, top_k: int = 50,
                       final_norm: bool = True, method: str = "fast",
                       clean: CleanRun | None = None, extraction: bool = True,
@@ -159,7 +159,7 @@ def sublayer_knockout(adapter: ModelAdapter, tok, tp: TokenizedPrompt, window: i
     )
 
 
-def _extraction(adapter: ModelAdapter, attn_last: torch.Tensor, starts: list[int], token: int,
+def _extraction(adapter: ModelLayout, attn_last: torch.Tensor, starts: list[int], token: int,
                 final_norm: bool, prune: bool = True, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the largest p(token) over layers in the projection of the MHSA output at the last
     position, ``attn_last`` (B, L, d), row 0 clean. A row's MHSA outputs below its window's

@@ -23,26 +23,26 @@ from __future__ import annotations
 import torch
 
 from factedit.analysis.hooks import upcast
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 # A candidate is ruled out when its bound, widened by this factor, is still below the best
 # exact value: room for the float32 rounding of the bound's own dot products (~1e-6).
 MARGIN = 1e-3
 
 
-def token_prob(adapter: ModelAdapter, vecs: torch.Tensor, token: int, final_norm: bool = True) -> torch.Tensor:
+def token_prob(adapter: ModelLayout, vecs: torch.Tensor, token: int, final_norm: bool = True) -> torch.Tensor:
     """(N,) p(token) in the full vocabulary projection of each (N, d) vector."""
     return upcast(adapter.logit_lens(vecs, final_norm)).softmax(-1)[:, token]
 
 
-def prunable(adapter: ModelAdapter) -> bool:
+def prunable(adapter: ModelLayout) -> bool:
     """Bounds are used in float32 and float64 only: in half precision the exact path's own
     logits are rounded by far more than the margin, and everything is projected in full."""
     return adapter.unembed.weight.dtype in (torch.float32, torch.float64)
 
 
 @torch.no_grad()
-def prob_upper_bounds(adapter: ModelAdapter, ref_logits: torch.Tensor, vecs: torch.Tensor, ref: torch.Tensor,
+def prob_upper_bounds(adapter: ModelLayout, ref_logits: torch.Tensor, vecs: torch.Tensor, ref: torch.Tensor,
                       token: int, final_norm: bool = True, k: int = 128) -> torch.Tensor:
     """(N,) an upper bound of p(token) in the projection of each vector of ``vecs`` (N, d),
     from the top-k tokens of its reference projection ``ref_logits[ref[i]]`` (M, V) (see the
@@ -79,7 +79,7 @@ def prob_upper_bounds(adapter: ModelAdapter, ref_logits: torch.Tensor, vecs: tor
 
 
 @torch.no_grad()
-def max_token_prob(adapter: ModelAdapter, ref_logits: torch.Tensor, vecs: torch.Tensor, ref: torch.Tensor,
+def max_token_prob(adapter: ModelLayout, ref_logits: torch.Tensor, vecs: torch.Tensor, ref: torch.Tensor,
                    group: torch.Tensor, floor: torch.Tensor, token: int, final_norm: bool = True,
                    k: int = 128) -> torch.Tensor:
     """(R,) for each group g: the larger of ``floor[g]`` and the largest p(token) in the full

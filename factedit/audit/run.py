@@ -35,7 +35,7 @@ from factedit.audit.dataset import AuditFact
 from factedit.audit.store import FACTS, FactStore, merge
 from factedit.errors import FactEditError, OutputDirError, shown
 from factedit.io import MAX_JSON_BYTES, atomic_write_text, dumps_json, read_json
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 
 FORMAT = "factedit.audit/1"
@@ -91,7 +91,7 @@ def audit_facts(facts: Sequence[AuditFact], model, tok, config: LocateConfig, fi
     forward pass per prompt length: no padding, so each record is the one the fact gives alone up
     to float32 rounding, see :mod:`factedit.audit.compare`); each fact the model knows is then
     located on its own clean run."""
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     recs, ready = [], []
     for fact in facts:
         rec = {"index": fact.index, "id": fact.source_id, "prompt": fact.prompt, "subject": fact.subject,
@@ -251,7 +251,7 @@ def run_audit(facts: Sequence[AuditFact], *, model, tokenizer, out: str | Path, 
     shard = shard or Shard()
     out = Path(out)
     fp = model_fingerprint(model)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     cfg = config.resolved(adapter.n_layers)
     digest = hashlib.sha256(dumps_json([dataclasses.astuple(f) for f in facts]).encode()).hexdigest()[:16]
     header = {"format": FORMAT, "model": str(getattr(model, "name_or_path", "")), "model_fingerprint": fp,

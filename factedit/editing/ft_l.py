@@ -18,11 +18,11 @@ from factedit.editing.requests import EditRequest
 from factedit.editing.targets import ScoredTargets
 from factedit.editing.values import build_rows
 from factedit.editing.weights import WeightDelta
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @torch.enable_grad()
-def ft_l(adapter: ModelAdapter, tok, requests: list[EditRequest], cfg: EditConfig) -> tuple[WeightDelta, list[dict]]:
+def ft_l(adapter: ModelLayout, tok, requests: list[EditRequest], cfg: EditConfig) -> tuple[WeightDelta, list[dict]]:
     model = adapter.model
     layers = cfg.mlp_layers or list(range(adapter.n_layers))
     names = [adapter.module_name(la, adapter.spec.mlp_out) for la in layers]

@@ -31,11 +31,11 @@ from factedit.analysis.hooks import (
 from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @torch.no_grad()
-def at_tokens(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+def at_tokens(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str],
               modules: dict[Hashable, torch.nn.Module], where: str = "in", chunk: int = 256,
               position: str | int = "subject", block_subject: list[int] | None = None,
               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -81,7 +81,7 @@ def token_position(tp, position: str | int) -> int:
     return tp.last_subject if position == "subject" else tp.last
 
 
-def _read_chunk(adapter: ModelAdapter, tps: list, modules: dict[Hashable, torch.nn.Module], where: str,
+def _read_chunk(adapter: ModelLayout, tps: list, modules: dict[Hashable, torch.nn.Module], where: str,
                 position: str | int, block_subject: list[int] | None, pad: int, device) -> dict[Hashable, torch.Tensor]:
     """{key: (b, width)}: one padded batch's reads at each prompt's token (see :func:`at_tokens`)."""
     ids, mask = pad_right([tp.input_ids for tp in tps], pad, device)  # (b, T)
@@ -118,13 +118,13 @@ class _AllRead(Exception):
     """Ends a reading pass once every requested module has been read."""
 
 
-def at_token(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+def at_token(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str],
              module: torch.nn.Module, where: str = "in", **kw) -> torch.Tensor:
     """(n, width): :func:`at_tokens` of one module."""
     return at_tokens(adapter, tok, requests, prefixes, {0: module}, where, **kw)[0]
 
 
-def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], kind: str,
+def mean_keys(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str], kind: str,
               layer: int, position: str | int = "subject", block_subject: list[int] | None = None,
               per_prefix: bool = False) -> torch.Tensor:
     """(n, n_in) keys: the MLP output projection's input ("mlp") or the attention input ("attn");
@@ -134,7 +134,7 @@ def mean_keys(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes:
                     per_prefix=per_prefix)
 
 
-def context_keys(adapter: ModelAdapter, tok, request: EditRequest, prefixes: list[str], kind: str, layer: int,
+def context_keys(adapter: ModelLayout, tok, request: EditRequest, prefixes: list[str], kind: str, layer: int,
                  position: str | int = "subject") -> torch.Tensor:
     """(n_prefixes, n_in): one request's key in each context (prefix), in the order of
     ``prefixes``; their mean is :func:`mean_keys`'s."""
@@ -142,7 +142,7 @@ def context_keys(adapter: ModelAdapter, tok, request: EditRequest, prefixes: lis
     return at_token(adapter, tok, [request], prefixes, module, "in", position=position, per_prefix=True)[0]
 
 
-def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
+def mean_hidden(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
                 position: str = "subject", per_prefix: bool = False) -> torch.Tensor:
     """(n, d) residual stream after block ``layer`` at the subject's last token (or the last);
     with ``per_prefix`` (n, n_prefixes, d)."""
@@ -150,7 +150,7 @@ def mean_hidden(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixe
                     per_prefix=per_prefix)
 
 
-def mlp_to_residual(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
+def mlp_to_residual(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
                     delta: torch.Tensor, position: str = "subject", per_prefix: bool = False) -> torch.Tensor:
     """(n, d): what the residual stream receives, averaged over the prefixes, when each
     request's MLP output at ``layer`` moves by ``delta`` (n, d). The same ``delta`` without a
@@ -167,7 +167,7 @@ def mlp_to_residual(adapter: ModelAdapter, tok, requests: list[EditRequest], pre
                     per_prefix=per_prefix)
 
 
-def residual_to_mlp(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
+def residual_to_mlp(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str], layer: int,
                     resid: torch.Tensor, position: str = "subject") -> torch.Tensor:
     """(n, d): the MLP output change at ``layer`` that gives the residual change ``resid``
     (n, d); for ``resid`` (n, n_prefixes, d), each context's own. The same without a post-MLP

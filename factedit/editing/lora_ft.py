@@ -23,11 +23,11 @@ from factedit.editing.stats import Corpus
 from factedit.editing.targets import ScoredTargets
 from factedit.editing.values import build_rows, context_prefixes, fit_chunk_size
 from factedit.editing.weights import WeightDelta
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @torch.enable_grad()
-def lora_finetune(adapter: ModelAdapter, tok, requests: list[EditRequest], corpus: Corpus,
+def lora_finetune(adapter: ModelLayout, tok, requests: list[EditRequest], corpus: Corpus,
                   cfg: EditConfig) -> tuple[WeightDelta, list[dict]]:
     from peft import LoraConfig, get_peft_model
 

@@ -15,7 +15,7 @@ from factedit.analysis.spans import tokenize_with_subject
 from factedit.editing.config import EditConfig, MlpPosition
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError, shown
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @dataclass
@@ -136,7 +136,7 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
 
 
 @torch.no_grad()
-def attended_offsets(adapter: ModelAdapter, tok, request: EditRequest, heads: list[tuple[int, int]]) -> list[int]:
+def attended_offsets(adapter: ModelLayout, tok, request: EditRequest, heads: list[tuple[int, int]]) -> list[int]:
     """For each (layer, query head): the subject token it attends to most from the last position
     of the edit prompt, as an offset (<= 0) from the subject's last token (one clean pass, eager
     attention; with no attention weights to read, the last subject token: 0). The prompt's first

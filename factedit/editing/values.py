@@ -34,7 +34,7 @@ from factedit.editing.config import EditConfig, MlpPosition
 from factedit.editing.fit_cache import FitCache, FittedValues
 from factedit.editing.requests import EditRequest
 from factedit.editing.targets import ScoredTargets
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @dataclass
@@ -102,7 +102,7 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_prompt:
 
 
 @contextmanager
-def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], mlp_delta, head_delta,
+def add_at_subject(adapter: ModelLayout, sites: ValueSites, rows: list[Row], mlp_delta, head_delta,
                    ) -> Iterator[None]:
     """Add each row's request's deltas: the MLP delta at ``sites.mlp_position`` (the subject's
     last token or the last position), each head's delta at its subject token (``sites.offset``)."""
@@ -143,7 +143,7 @@ def add_at_subject(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], ml
         yield
 
 
-def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], forward):
+def _current(adapter: ModelLayout, sites: ValueSites, rows: list[Row], forward):
     """The unedited outputs at the subject (per row), and the KL rows' base distributions."""
     store: dict[str, torch.Tensor] = {}
     B = len(rows)
@@ -168,7 +168,7 @@ def _current(adapter: ModelAdapter, sites: ValueSites, rows: list[Row], forward)
     return store, logits.detach()
 
 
-def fit_chunk_size(adapter: ModelAdapter, rows_per_request: int, cfg: EditConfig, chunk: int = 64,
+def fit_chunk_size(adapter: ModelLayout, rows_per_request: int, cfg: EditConfig, chunk: int = 64,
                    tokens: int = 16) -> int:
     """Requests per batch of the value fit: at most ``chunk``, and few enough that the batch's
     autograd activations stay within ``edit.fit_memory_gib``, estimated at n_layers x (16 x
@@ -182,7 +182,7 @@ def fit_chunk_size(adapter: ModelAdapter, rows_per_request: int, cfg: EditConfig
 
 
 @torch.enable_grad()
-def fit_values(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+def fit_values(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str],
                sites: ValueSites, cfg: EditConfig, chunk: int = 64, cache: FitCache | None = None) -> FittedValues:
     """Fit the deltas of ``requests`` (at most ``chunk`` requests per batch, fewer where the
     batch would exceed ``edit.fit_memory_gib``: :func:`fit_chunk_size`). With ``cache`` (for
@@ -206,7 +206,7 @@ class _LastTokenRun:
     earlier position unchanged (causal attention), so those are computed once (no gradient)
     and each fitting step runs one token per row: about T times cheaper."""
 
-    def __init__(self, adapter: ModelAdapter, rows: list[Row], pad: int, device):
+    def __init__(self, adapter: ModelLayout, rows: list[Row], pad: int, device):
         from factedit.analysis.rerun import last_logits_only, layer_kv, new_cache, output_cache, with_cache
 
         n = [len(r.ids) for r in rows]
@@ -261,7 +261,7 @@ class _SuffixRun:
     masked; each suffix token has its own position. Not used with sliding-window layers shorter
     than a row (their masks count cache slots, not positions)."""
 
-    def __init__(self, adapter: ModelAdapter, rows: list[Row], pad: int, device, scored: list[int] | None = None):
+    def __init__(self, adapter: ModelLayout, rows: list[Row], pad: int, device, scored: list[int] | None = None):
         from factedit.analysis.rerun import layer_kv, new_cache, output_cache, with_cache
 
         self.model, cut = adapter.model, [r.s_last for r in rows]
@@ -290,7 +290,7 @@ class _SuffixRun:
         self._cache = lambda: with_cache(self.model, new_cache(self.kv))
 
     @staticmethod
-    def usable(adapter: ModelAdapter, rows: list[Row]) -> bool:
+    def usable(adapter: ModelLayout, rows: list[Row]) -> bool:
         windows = [w for la in range(adapter.n_layers) if (w := adapter.attn_window(la)) is not None]
         longest = max(len(r.ids) for r in rows)
         return max(r.s_last for r in rows) >= 1 and (not windows or longest <= min(windows))
@@ -330,7 +330,7 @@ def _cached_chunk(adapter, tok, requests, prefixes, sites: ValueSites, cfg: Edit
     return fitted
 
 
-def _pick_run(adapter: ModelAdapter, rows: list[Row], sites: ValueSites, pad: int, device):
+def _pick_run(adapter: ModelLayout, rows: list[Row], sites: ValueSites, pad: int, device):
     """(hook rows, forward, suffix run or None): the cheapest forward pass the fit can take. The
     last tokens alone; else the suffix from the subject's last token on, over a cached prefix;
     else the full prompts, right-padded. The hook rows are ``rows`` in that run's positions."""
@@ -357,7 +357,7 @@ def _pick_run(adapter: ModelAdapter, rows: list[Row], sites: ValueSites, pad: in
     return rows, forward, None
 
 
-def _free_deltas(adapter: ModelAdapter, sites: ValueSites, cur: dict, req_of: torch.Tensor, n: int, device):
+def _free_deltas(adapter: ModelLayout, sites: ValueSites, cur: dict, req_of: torch.Tensor, n: int, device):
     """(dm, dh, v_norm_mlp, v_norm_h): the zero deltas to fit, (n, d_model) at the MLP site and
     (n, J, head_dim) at the J head sites (None where there is no such site), and the norms of the
     current values there, per request (the mean over its rows)."""

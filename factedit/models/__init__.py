@@ -1,4 +1,4 @@
-"""Model loading and per-family adapters."""
+"""Model loading and per-family layouts."""
 
 from factedit.models.loading import load_model
 

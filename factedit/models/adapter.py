@@ -1,13 +1,15 @@
 """Model families as data: where embeddings, blocks, attention, MLP, norms and unembedding live.
 
 Each family file in ``factedit/models/families/`` declares one :class:`FamilySpec`; the
-registry picks it from ``config.model_type``. :class:`ModelAdapter` binds a spec to a loaded
+registry picks it from ``config.model_type``. :class:`ModelLayout` binds a spec to a loaded
 model and hands out modules and per-head weight slices, so analysis and editing code never
-hard-codes module paths.
+hard-codes module paths. (It is no PEFT adapter: that is the LoRA folder an edit writes.
+``ModelAdapter``, its former name, still imports from here, with a ``DeprecationWarning``.)
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,8 +108,9 @@ def _get_optional(root: nn.Module, path: str) -> nn.Module | None:
     return obj
 
 
-class ModelAdapter:
-    """A loaded model seen through its family spec."""
+class ModelLayout:
+    """A loaded model seen through its family spec: where its blocks, attention, MLP, norms and
+    unembedding are, and its per-head weight slices."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -278,3 +281,11 @@ class ModelAdapter:
         (so that projected probabilities match it); logits unchanged otherwise."""
         cap = self.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def __getattr__(name: str):
+    if name == "ModelAdapter":  # the former name, kept for one release
+        warnings.warn("factedit.models.adapter.ModelAdapter is deprecated: use ModelLayout (the same class)",
+                      DeprecationWarning, stacklevel=2)
+        return ModelLayout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,7 +47,7 @@ import torch
 from factedit.analysis.circuit import LocateConfig
 from factedit.audit.dataset import AuditFact, relation_templates
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.studies.paper_enrichment import (
     DESCRIBE_PROMPT,
@@ -147,7 +147,7 @@ def related_texts(opt: StudyOptions, facts: list[AuditFact], subjects: list[str]
     return source, texts
 
 
-def _fact_records(adapter: ModelAdapter, model, tok, kept: list, subjects: list[str], rel_sets: dict,
+def _fact_records(adapter: ModelLayout, model, tok, kept: list, subjects: list[str], rel_sets: dict,
                   cfg: LocateConfig, fp: str, log: Callable[[str], None]) -> list[dict]:
     """Items 1-4: one record per known fact, with the next subject's related tokens as its control."""
     records = []
@@ -161,7 +161,7 @@ def _fact_records(adapter: ModelAdapter, model, tok, kept: list, subjects: list[
     return records
 
 
-def _paraphrase_records(adapter: ModelAdapter, model, tok, records: list[dict], kept: list, templates: dict,
+def _paraphrase_records(adapter: ModelLayout, model, tok, records: list[dict], kept: list, templates: dict,
                         rel_sets: dict, cfg: LocateConfig, fp: str, per_fact: int) -> tuple[list[dict], list[dict]]:
     """Item 5: (pairs, paraphrase records), up to ``per_fact`` known paraphrases of each fact,
     from its relation's other templates."""
@@ -192,7 +192,7 @@ def run_study(facts: list[AuditFact], *, model, tokenizer, config: LocateConfig,
     ``study.json`` and the figures into ``out`` when given (checked by the caller)."""
     opt = options or StudyOptions()
     tok = tokenizer
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     L = adapter.n_layers
     cfg = config.resolved(L)
     fp = model_fingerprint(model)

@@ -24,7 +24,7 @@ from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.audit.dataset import AuditFact
 from factedit.audit.summary import _mean_band
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.studies.paper_record import SOURCES, _rs, _share
 
 THRESHOLDS = (-20.0, -50.0)
@@ -90,13 +90,13 @@ def flow_summary(records: list[dict], n_layers: int) -> dict:
 # ---- two hops ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _top1(adapter: ModelAdapter, tok, prompt: str) -> int:
+def _top1(adapter: ModelLayout, tok, prompt: str) -> int:
     ids = tok(prompt)["input_ids"]
     return int(clean_run(adapter, ids).logits.argmax())
 
 
 @torch.no_grad()
-def two_hop(adapter: ModelAdapter, model, tok, known: list[dict], facts: list[AuditFact], cfg: LocateConfig,
+def two_hop(adapter: ModelLayout, model, tok, known: list[dict], facts: list[AuditFact], cfg: LocateConfig,
             fp: str, max_chains: int, log: Callable[[str], None]) -> dict:
     """Item 6. Hop 1: a known fact of a bridge relation (its attribute is a country). Hop 2:
     the country's capital / continent / language asked directly: right when the model's top-1

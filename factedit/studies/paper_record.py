@@ -18,7 +18,7 @@ from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import target_token_ids, tokenize_with_subject
 from factedit.audit.dataset import AuditFact, template_of
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 SOURCES = ("subject", "non_subject", "last")
 POSITIONS = ("first_subject", "last_subject", "after_subject", "last")
@@ -57,7 +57,7 @@ def primary_facts(facts: list[AuditFact], limit: int | None) -> list[AuditFact]:
 
 
 @torch.no_grad()
-def known_prompt(adapter: ModelAdapter, tok, prompt: str, subject: str, attribute: str):
+def known_prompt(adapter: ModelLayout, tok, prompt: str, subject: str, attribute: str):
     """(tokenized prompt, clean run) when the model's top-1 token is the attribute's first
     token, else None (prompts factedit cannot take are None too)."""
     try:
@@ -81,7 +81,7 @@ def _rs(xs) -> list | None:
 
 
 @torch.no_grad()
-def fact_record(adapter: ModelAdapter, model, tok, tp, clean, fact: AuditFact, cfg: LocateConfig, fp: str,
+def fact_record(adapter: ModelLayout, model, tok, tp, clean, fact: AuditFact, cfg: LocateConfig, fp: str,
                 related: set[int] | None, control: set[int] | None) -> dict:
     """One known prompt's measures: its recall circuit (``locate``) plus the raw-unembedding
     attribute rate and extraction events, the control attribute rate and the attribute's rank

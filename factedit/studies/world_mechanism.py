@@ -21,7 +21,7 @@ from factedit.analysis.attribute_rate import attribute_rate
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout, strongest_layer
 from factedit.analysis.projection import components, rank_and_prob
 from factedit.analysis.spans import tokenize_with_subject
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.world.generate import World
 
 
@@ -76,7 +76,7 @@ def sample_facts(world: World, n: int, seed: int = 0) -> list[tuple[str, str, st
 @torch.no_grad()
 def measure_mechanism(model, tok, world: World, n_facts: int = 100, window: int = 3,
                       top_k: int = 10, seed: int = 0) -> MechanismReport:
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     L, H = adapter.n_layers, adapter.n_heads
     rng = random.Random(seed + 1)
     ko = {s: torch.zeros(L) for s in SOURCE_SETS}
