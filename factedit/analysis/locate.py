@@ -158,6 +158,46 @@ def enrichment_mlps(sk: SublayerKnockoutResult, max_enrichment: int) -> tuple[st
     return metric, [EnrichmentMLP(la, float(scores[la])) for la in order[:max_enrichment] if scores[la] > 0]
 
 
+def _check_arguments(prompt, subject, target, model, tokenizer, related, config, heads) -> None:
+    """``locate``'s arguments, checked as the command line checks them, before any model work."""
+    from factedit.validate import check_instance, check_model_args, check_prompt, check_text
+
+    if heads not in ("all", "extraction"):
+        raise FactEditError(f"locate: heads must be 'all' or 'extraction', not {heads!r}")
+    check_prompt(prompt, subject, target)
+    check_model_args(model, tokenizer, "locate")
+    check_instance(config, LocateConfig, "locate: config", "a LocateConfig")
+    if isinstance(related, str):
+        check_text(related, "locate: related")
+    elif isinstance(related, (list, set)):
+        if not all(isinstance(x, str) for x in related) and not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in related):
+            raise FactEditError("locate: related must be a text, a list of texts or a set of token ids")
+        for x in related:
+            if isinstance(x, str):
+                check_text(x, "locate: related")
+    elif related is not None:
+        raise FactEditError(f"locate: related must be a text, a list of texts or a set of token ids, got "
+                            f"{type(related).__name__}")
+
+
+def _prompt_and_clean_run(adapter: ModelAdapter, tok, prompt: str, subject: str,
+                          clean: CleanRun | None) -> tuple[TokenizedPrompt, CleanRun]:
+    """The tokenized prompt and its clean run (``clean`` where it is this prompt's): the one
+    clean pass, which serves the projections and both knockout sweeps."""
+    tp = tokenize_with_subject(tok, prompt, subject)
+    check_length(adapter.model, tp)
+    if clean is None or clean.input_ids != tp.input_ids:
+        clean = clean_run(adapter, tp.input_ids)
+    return tp, clean
+
+
+def _subject_mlp_trace(adapter: ModelAdapter, tok, tp: TokenizedPrompt, token: int, cfg: LocateConfig):
+    """The causal trace of the MLPs at the last subject token (``cfg.trace``)."""
+    return causal_trace(adapter, tp, token, "mlp", positions=[tp.last_subject], window=cfg.trace_window,
+                        samples=cfg.trace_samples, noise=cfg.trace_noise or embedding_noise(adapter, tok))
+
+
 @torch.no_grad()
 def locate(prompt: str, subject: str, target: str | None = None, *, model=None, tokenizer=None,
            related: str | list[str] | set[int] | None = None, config: LocateConfig | None = None,
@@ -177,25 +217,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     ruled out exactly, without their full projection) and leaves ``head_rank``/``head_prob``
     None; the default ``"all"`` ranks every head.
     """
-    from factedit.validate import check_instance, check_model_args, check_prompt, check_text
-
-    if heads not in ("all", "extraction"):
-        raise FactEditError(f"locate: heads must be 'all' or 'extraction', not {heads!r}")
-    check_prompt(prompt, subject, target)  # the command line's checks, before any model work
-    check_model_args(model, tokenizer, "locate")
-    check_instance(config, LocateConfig, "locate: config", "a LocateConfig")
-    if isinstance(related, str):
-        check_text(related, "locate: related")
-    elif isinstance(related, (list, set)):
-        if not all(isinstance(x, str) for x in related) and not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in related):
-            raise FactEditError("locate: related must be a text, a list of texts or a set of token ids")
-        for x in related:
-            if isinstance(x, str):
-                check_text(x, "locate: related")
-    elif related is not None:
-        raise FactEditError(f"locate: related must be a text, a list of texts or a set of token ids, got "
-                            f"{type(related).__name__}")
+    _check_arguments(prompt, subject, target, model, tokenizer, related, config, heads)
     model, tok = _model_and_tokenizer(model, tokenizer, "locate")
     adapter = ModelAdapter(model)
     if config is not None:
@@ -203,10 +225,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     cfg = (config or config_for_model(model)).resolved(adapter.n_layers)
     fn = cfg.final_norm
 
-    tp = tokenize_with_subject(tok, prompt, subject)
-    check_length(model, tp)
-    if clean is None or clean.input_ids != tp.input_ids:
-        clean = clean_run(adapter, tp.input_ids)  # the one clean pass: projections, and both knockout sweeps
+    tp, clean = _prompt_and_clean_run(adapter, tok, prompt, subject, clean)
     comp = components(adapter, tp.input_ids, clean)
     probs = upcast(comp.logits).softmax(-1)  # (V,)
     pred = int(probs.argmax())
@@ -223,10 +242,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     sk = sublayer_knockout(adapter, tok, tp, cfg.sublayer_window, token, rel_ids, cfg.read_layer,
                            cfg.attribute_top_k, fn, clean=clean, extraction=extraction, clean_attn_logits=lens["attn"])
     metric, enrich = enrichment_mlps(sk, cfg.max_enrichment)
-    trace = None
-    if cfg.trace:
-        trace = causal_trace(adapter, tp, token, "mlp", positions=[tp.last_subject], window=cfg.trace_window,
-                             samples=cfg.trace_samples, noise=cfg.trace_noise or embedding_noise(adapter, tok))
+    trace = _subject_mlp_trace(adapter, tok, tp, token, cfg) if cfg.trace else None
 
     s0, s1 = tp.subject_span
     return RecallCircuit(

@@ -252,6 +252,19 @@ def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: 
                            "located for it")
 
 
+def _value_sites(adapter, tok, req: EditRequest, plan: EditPlan, cfg: EditConfig) -> ValueSites:
+    """Where one request's values are fitted: its plan's MLP layer, and the KV heads its heads
+    read (each once, with the offset of its first head; with ``edit.head_position``
+    "attended", the offsets of the subject tokens the heads attend to, noted in the plan)."""
+    kv_of = {(la, adapter.kv_head(h)): n for n, (la, h) in reversed(list(enumerate(plan.heads)))}
+    kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
+    if plan.heads and cfg.head_position == HeadPosition.ATTENDED and not plan.head_offsets:
+        plan.head_offsets = attended_offsets(adapter, tok, req, plan.heads)
+        plan.why += f"; head values at the subject tokens they attend to (offsets {plan.head_offsets})"
+    offsets = [plan.head_offsets[kv_of[s]] for s in kv_sites] if plan.head_offsets else []
+    return ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position, offsets)
+
+
 def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, log,
                 cache: FitCache | None = None, sequence: SequenceState | None = None) -> None:
     stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
@@ -277,13 +290,8 @@ def _one_by_one(adapter, tok, corpus, requests, cfg, res: EditResult, progress, 
     try:
         t_step = time.perf_counter()
         for i, (req, plan) in enumerate(zip(requests, res.plans)):
-            kv_of = {(la, adapter.kv_head(h)): n for n, (la, h) in reversed(list(enumerate(plan.heads)))}
-            kv_sites = list(dict.fromkeys((la, adapter.kv_head(h)) for la, h in plan.heads))
-            if plan.heads and cfg.head_position == HeadPosition.ATTENDED and not plan.head_offsets:
-                plan.head_offsets = attended_offsets(adapter, tok, req, plan.heads)
-                plan.why += f"; head values at the subject tokens they attend to (offsets {plan.head_offsets})"
-            offsets = [plan.head_offsets[kv_of[s]] for s in kv_sites] if plan.head_offsets else []
-            sites = ValueSites(plan.mlp_layer, kv_sites, plan.mlp_position, offsets)
+            sites = _value_sites(adapter, tok, req, plan, cfg)
+            kv_sites, offsets = sites.heads, sites.head_offsets
             fitted = fit_values(adapter, tok, [req], prefixes, sites, cfg, cache=cache)
             res.nll.append({"before": fitted.base_nll[0], "after_fit": fitted.nll[0]})
             step = WeightDelta(conv1d=adapter.spec.conv1d)
@@ -396,19 +404,25 @@ def _reused(prior: EditResult | None, requests: list[EditRequest], site: tuple[i
     return prior.fit
 
 
-def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log,
-           reuse_fit: EditResult | None = None, cache: FitCache | None = None) -> None:
-    layers = batch_layers(cfg, res.plans)
-    position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
+def _batch_plans(plans: list[EditPlan], layers: list[int], position, cfg: EditConfig) -> None:
+    """Every request's plan made the batch's: the MLP ``layers`` at ``position``, no heads, and
+    why."""
     how = ("refitted at each layer in turn" if cfg.batch_strategy == "refit"
            else f"MEMIT-style spread, residual fitted at L{layers[-1]}")
     if cfg.held_prompts:
         how += f", {cfg.held_prompts} held prompt(s) per request"
     if cfg.batch_insert_keys == InsertKeys.CONTEXTS:
         how += ", each context's key inserted"
-    for p in res.plans:
+    for p in plans:
         p.mlp_layer, p.heads, p.mlp_position = layers[-1], [], position
         p.why = f"batch: MLP layers {layers} at the {position} position, {how}"
+
+
+def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progress, log,
+           reuse_fit: EditResult | None = None, cache: FitCache | None = None) -> None:
+    layers = batch_layers(cfg, res.plans)
+    position = collections.Counter(p.mlp_position for p in res.plans).most_common(1)[0][0]
+    _batch_plans(res.plans, layers, position, cfg)
     stats = _Stats(adapter, tok, corpus, res.base_fingerprint, cfg, progress)
     stats.prepare([("mlp", la) for la in layers])
     prefixes = context_prefixes(tok, list(corpus.texts), cfg)
