@@ -166,6 +166,7 @@ def test_cache_reads_back_and_rebuilds_on_a_hash_mismatch(tmp_path, monkeypatch)
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
     key = {"pool": "places", "version": 1, "model": "m", "fingerprint": "sha256:abc", "seed": 0}
     path = pool_cache.cache_path("requests", key)
+    assert pool_cache.cache_path("requests", dict(key, relations=["a"])) != path  # options: another file
     pool_cache.write_cache(path, key, {"stats": {}}, [{"a": 1}, {"b": "é"}])
     assert pool_cache.read_cache(path, key) == ({"stats": {}}, [{"a": 1}, {"b": "é"}])
     said: list[str] = []

@@ -20,6 +20,7 @@ from typing import Any
 from factedit.io import atomic_write_text, dumps_json
 
 MAGIC = "factedit-pool"
+NAMED = {"pool", "version", "model", "fingerprint", "seed", "max_neighbours", "data"}  # spelled out in file names
 
 
 def pools_dir() -> Path:
@@ -27,12 +28,14 @@ def pools_dir() -> Path:
 
 
 def cache_path(kind: str, key: dict[str, Any]) -> Path:
-    """``<pool>-v<version>-<model>-<fingerprint prefix>[-seed<S>-nb<N>]-<kind>.jsonl``."""
+    """``<pool>-v<version>-<model>-<fingerprint prefix>[-seed<S>-nb<N>][-o<options hash>]-<kind>.jsonl``."""
     parts = [str(key["pool"]), f"v{key['version']}", str(key.get("model") or "nomodel")]
     fp = str(key.get("fingerprint") or "").removeprefix("sha256:")
     parts += [fp[:12]] if fp else []
     parts += [f"seed{key['seed']}"] if "seed" in key else []
     parts += [f"nb{key['max_neighbours']}"] if "max_neighbours" in key else []
+    extra = {k: v for k, v in key.items() if k not in NAMED}  # e.g. relations: a short hash tells them apart
+    parts += ["o" + hashlib.sha256(dumps_json(extra, sort_keys=True).encode()).hexdigest()[:8]] if extra else []
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts + [kind]))
     return pools_dir() / f"{name}.jsonl"
 

@@ -217,4 +217,5 @@ def count_table(built: BuiltPool, relations: list[dict[str, Any]]) -> dict[str, 
     return {"pool": built.name, "model": built.model, "seed": built.seed, "relations": rows,
             "subjects": s.get("subjects_scanned"), "subjects_known": s.get("subjects_known"),
             "held_out_neighbours": s.get("held_out"), "requests": len(built.requests),
+            "by_attribute": s.get("by_attribute"),  # relation -> attribute -> [facts, known] (places)
             "seconds": round(built.seconds, 1), "cached": built.cached}
