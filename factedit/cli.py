@@ -664,7 +664,14 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
     from factedit.world.generate import World
 
     if related not in ("auto", "model", "dataset", "world") and not Path(related).is_file():
-        raise FactEditError(f"--related {related!r} is neither auto, model, dataset, world nor a JSON file")
+        raise FactEditError(f"--related {shown(related)} is neither auto, model, dataset, world nor a JSON file")
+    if related not in ("auto", "model", "dataset", "world"):  # read and checked before any model work
+        from factedit.studies.paper import load_related_file
+        from factedit.validate import check_text
+
+        for subject, text in load_related_file(related).items():
+            for t in [subject, *(text if isinstance(text, list) else [text])]:
+                check_text(t, f"--related {related}: the text of {shown(subject)}", empty_ok=True)
     check_output_dir(out, overwrite, model_dir(model_path))
     facts = check_facts(load_facts(dataset), f"--dataset {dataset}", bundled(dataset)) if dataset else None
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)

@@ -177,4 +177,8 @@ def load_requests(path: str | Path) -> list[EditRequest]:
             out.append(parse_record(r, i))
         except RequestError as exc:
             raise RequestError(f"request file {path}" + (f" line {lines[i]}" if lines else "") + f": {exc}") from None
+    try:
+        check_conflicts(out)
+    except RequestError as exc:
+        raise RequestError(f"request file {path}: {exc}") from None
     return out
