@@ -84,8 +84,8 @@ def _mean_rows(rows: list[dict]) -> dict:
 
 
 def pool_requests(name: str, model, tok, seed: int, n: int) -> tuple[int, list, dict]:
-    """The pool's known facts (all it scanned), its first ``n`` requests (cached per model and
-    seed) and their subjects' other known facts, for SF."""
+    """The known facts among those the pool scanned to build its first ``n`` requests (all of
+    them where the pool is cached), the requests, and their subjects' other known facts, for SF."""
     built = build_pool(name, model, tok, seed=seed, limit=n, log=lambda m: print(m, flush=True))
     requests = [p.request for p in built.requests]
     others = {p.request.case_id: [KnownFact(f["prompt"], f["prompt"].replace(p.request.subject, "{}", 1),
@@ -187,7 +187,8 @@ def main() -> None:
                  f"({'disjoint ' if disjoint else ''}neighbours, seed {args.seed})")
     fp = model_fingerprint(model)
     corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
-    print(f"{args.model}: {args.pool}, {n_known} known facts, {len(requests)} requests (seed {args.seed}, "
+    scanned = "" if args.pool == "known_1000" else " scanned"
+    print(f"{args.model}: {args.pool}, {n_known} known facts{scanned}, {len(requests)} requests (seed {args.seed}, "
           f"{'disjoint' if disjoint else 'all'} neighbours), corpus "
           f"{corpus.name}, settings {args.set or 'recipe'}", flush=True)
     single = requests[: args.n]
