@@ -24,7 +24,7 @@ over the recipe's ``batch_layers``, one mean key per request and one pass as MEM
 value fit is the one before it (same top layer, position and fit settings) reuses it
 (``compute_edit(reuse_fit=...)``): its seconds per edit then exclude the fit (``fit_shared``).
 
-``--pool places`` takes the requests from a named request pool (docs/pools.md: pairwise-disjoint
+``--pool places [--pool-relations A,B]`` takes the requests from a named request pool (docs/pools.md: pairwise-disjoint
 subjects, none of them another's neighbour, whatever ``--neighbours`` says; SF from each
 record's other known facts); the default, known_1000, builds them here as before.
 
@@ -83,10 +83,11 @@ def _mean_rows(rows: list[dict]) -> dict:
     return out
 
 
-def pool_requests(name: str, model, tok, seed: int, n: int) -> tuple[int, list, dict]:
+def pool_requests(name: str, model, tok, seed: int, n: int,
+                  relations: tuple[str, ...] | None = None) -> tuple[int, list, dict]:
     """The known facts among those the pool scanned to build its first ``n`` requests (all of
     them where the pool is cached), the requests, and their subjects' other known facts, for SF."""
-    built = build_pool(name, model, tok, seed=seed, limit=n, log=lambda m: print(m, flush=True))
+    built = build_pool(name, model, tok, seed=seed, limit=n, log=lambda m: print(m, flush=True), relations=relations)
     requests = [p.request for p in built.requests]
     others = {p.request.case_id: [KnownFact(f["prompt"], f["prompt"].replace(p.request.subject, "{}", 1),
                                             p.request.subject, f["attribute"], f["relation"]) for f in p.other_facts]
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--pool", default="known_1000",
                     help="the requests' source: known_1000 (built here, as before) or a named pool (factedit pools "
                          "list; places: real facts the model knows); insertion has no true target to score")
+    ap.add_argument("--pool-relations", default=None, metavar="A,B",
+                    help="with --pool places: only these relations (e.g. without the continents, which a model "
+                         "may answer by default; docs/pools.md)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cases = [int(x) for x in args.cases.split(",")] if args.cases else None
@@ -180,7 +184,8 @@ def main() -> None:
     else:
         if args.pool == "insertion":
             ap.error("--pool insertion: its requests have no true target, which ES / PS / NS compare against")
-        n_known, requests, others = pool_requests(args.pool, model, tok, args.seed, wanted)
+        chosen = tuple(args.pool_relations.split(",")) if args.pool_relations else None
+        n_known, requests, others = pool_requests(args.pool, model, tok, args.seed, wanted, chosen)
         disjoint = True
     if max(args.batch, args.sequential) > len(requests):
         ap.error(f"{max(args.batch, args.sequential)} requests asked for, {len(requests)} can be built "
@@ -215,7 +220,8 @@ def main() -> None:
         after every edit, so that a run cut short keeps what it measured."""
         if args.json:
             atomic_write_text(args.json, json.dumps(
-                {"model": args.model, "pool": args.pool, "seed": args.seed, "settings": args.set, "cases": cases,
+                {"model": args.model, "pool": args.pool, "pool_relations": args.pool_relations, "seed": args.seed,
+                 "settings": args.set, "cases": cases,
                  "neighbours": "disjoint" if disjoint else "all",
                  "corpus": corpus.name, "locate_s": locate_s, "partial": partial, "rows": rows}, indent=1))
 
