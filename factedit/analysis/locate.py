@@ -24,7 +24,7 @@ from factedit.analysis.sublayer import SublayerKnockoutResult, sublayer_knockout
 from factedit.analysis.trace import causal_trace, embedding_noise
 from factedit.analysis.vocab import prunable
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter, context_length
+from factedit.models.adapter import ModelLayout, context_length
 from factedit.models.fingerprint import model_fingerprint
 
 
@@ -60,7 +60,7 @@ def config_for_model(model) -> LocateConfig:
     return from_dict(LocateConfig, section, where=where)
 
 
-def attribute_rates_by_position(adapter: ModelAdapter, tok, tp: TokenizedPrompt, comp: Components,
+def attribute_rates_by_position(adapter: ModelLayout, tok, tp: TokenizedPrompt, comp: Components,
                                 resid_last_logits: torch.Tensor, related: set[int], k: int,
                                 final_norm: bool) -> dict[str, list[float]]:
     """Attribute rate per stream layer (L+1, embeddings first) at the first subject token, the
@@ -107,7 +107,7 @@ def related_ids(model, tok, subject: str,
     return related_tokens(tok, related), "user text"
 
 
-def vocabulary_projection(adapter: ModelAdapter, comp: Components, last: int, token: int,
+def vocabulary_projection(adapter: ModelLayout, comp: Components, last: int, token: int,
                           final_norm: bool) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[str, list[int]]]:
     """The residual, MHSA and MLP outputs of every layer at the last position, in one batch
     through the unembedding: their logits (``{"resid"|"attn"|"mlp": (L, V)}``, reused by the
@@ -126,7 +126,7 @@ def vocabulary_projection(adapter: ModelAdapter, comp: Components, last: int, to
     return lens, proj, events
 
 
-def rank_heads(adapter: ModelAdapter, comp: Components, tp: TokenizedPrompt, token: int, cfg: LocateConfig,
+def rank_heads(adapter: ModelLayout, comp: Components, tp: TokenizedPrompt, token: int, cfg: LocateConfig,
                attn_logits: torch.Tensor, heads: str) -> tuple[HeadScores, list[ExtractionHead]]:
     """Every head's rank and probability of ``token`` at the last position (with ``heads=
     "extraction"``, only the heads that can be extraction heads, ruled out against
@@ -181,7 +181,7 @@ def _check_arguments(prompt, subject, target, model, tokenizer, related, config,
                             f"{type(related).__name__}")
 
 
-def _prompt_and_clean_run(adapter: ModelAdapter, tok, prompt: str, subject: str,
+def _prompt_and_clean_run(adapter: ModelLayout, tok, prompt: str, subject: str,
                           clean: CleanRun | None) -> tuple[TokenizedPrompt, CleanRun]:
     """The tokenized prompt and its clean run (``clean`` where it is this prompt's): the one
     clean pass, which serves the projections and both knockout sweeps."""
@@ -192,7 +192,7 @@ def _prompt_and_clean_run(adapter: ModelAdapter, tok, prompt: str, subject: str,
     return tp, clean
 
 
-def _subject_mlp_trace(adapter: ModelAdapter, tok, tp: TokenizedPrompt, token: int, cfg: LocateConfig):
+def _subject_mlp_trace(adapter: ModelLayout, tok, tp: TokenizedPrompt, token: int, cfg: LocateConfig):
     """The causal trace of the MLPs at the last subject token (``cfg.trace``)."""
     return causal_trace(adapter, tp, token, "mlp", positions=[tp.last_subject], window=cfg.trace_window,
                         samples=cfg.trace_samples, noise=cfg.trace_noise or embedding_noise(adapter, tok))
@@ -219,7 +219,7 @@ def locate(prompt: str, subject: str, target: str | None = None, *, model=None, 
     """
     _check_arguments(prompt, subject, target, model, tokenizer, related, config, heads)
     model, tok = _model_and_tokenizer(model, tokenizer, "locate")
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     if config is not None:
         config.validate()
     cfg = (config or config_for_model(model)).resolved(adapter.n_layers)

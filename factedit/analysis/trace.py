@@ -32,7 +32,7 @@ from factedit.analysis.knockout import window_layers
 from factedit.analysis.rerun import last_logits_only
 from factedit.analysis.spans import TokenizedPrompt
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -72,7 +72,7 @@ class TraceResult:
 
 
 @torch.no_grad()
-def embedding_noise(adapter: ModelAdapter, tok=None, n_tokens: int = 4096, seed: int = 0) -> float:
+def embedding_noise(adapter: ModelLayout, tok=None, n_tokens: int = 4096, seed: int = 0) -> float:
     """3x the standard deviation of the input embeddings (the embedding module's output, so
     Gemma's scaling is included) over ``n_tokens`` vocabulary tokens drawn without replacement
     (ROME took it over the subjects' tokens of its dataset; see ``noise_from_subjects``)."""
@@ -86,7 +86,7 @@ def embedding_noise(adapter: ModelAdapter, tok=None, n_tokens: int = 4096, seed:
 
 
 @torch.no_grad()
-def noise_from_subjects(adapter: ModelAdapter, tok, subjects: list[str]) -> float:
+def noise_from_subjects(adapter: ModelLayout, tok, subjects: list[str]) -> float:
     """ROME's noise level: 3x the standard deviation of the subjects' token embeddings."""
     emb = adapter.model.get_input_embeddings()
     ids = [i for s in subjects for i in tok(s, add_special_tokens=False)["input_ids"]]
@@ -95,12 +95,12 @@ def noise_from_subjects(adapter: ModelAdapter, tok, subjects: list[str]) -> floa
     return 3.0 * float(upcast(emb(torch.tensor(ids, device=emb.weight.device))).std())
 
 
-def _site_module(adapter: ModelAdapter, kind: str, layer: int) -> torch.nn.Module:
+def _site_module(adapter: ModelLayout, kind: str, layer: int) -> torch.nn.Module:
     return adapter.block(layer) if kind == "hidden" else adapter.to_residual(kind, layer)
 
 
 @torch.no_grad()
-def causal_trace(adapter: ModelAdapter, tp: TokenizedPrompt, token: int, kind: str = "mlp", *,
+def causal_trace(adapter: ModelLayout, tp: TokenizedPrompt, token: int, kind: str = "mlp", *,
                  positions: list[int] | None = None, window: int = 10, samples: int = 10,
                  noise: float | None = None, seed: int = 0, max_rows: int = 256) -> TraceResult:
     """Trace ``kind`` ("hidden", "mlp" or "attn") at ``positions`` (default: every position)
@@ -197,7 +197,7 @@ def trace(prompt: str, subject: str, target: str | None = None, *, model=None, t
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise FactEditError("trace: pass the tokenizer together with a loaded model")
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     tp = tokenize_with_subject(tokenizer, prompt, subject)
     if target is not None:
         token = target_token_ids(tokenizer, tp.prompt, target)[0]

@@ -46,7 +46,7 @@ from factedit.editing.stats import Corpus, StatsReport, second_moments
 from factedit.editing.values import FittedValues, ValueSites, build_rows, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply, restore
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter, context_length
+from factedit.models.adapter import ModelLayout, context_length
 from factedit.models.fingerprint import model_fingerprint
 from factedit.recipes import RecipeError
 
@@ -118,7 +118,7 @@ def compute_edit(requests: list[EditRequest], model, tok, corpus: Corpus, *, cfg
     cfg.validate()
     if not requests:
         raise FactEditError("no edit requests given")
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     cfg.check_layers(adapter.n_layers)
     mode = mode or ("single" if len(requests) == 1 else "batch")
     if mode not in ("single", "sequential", "batch"):
@@ -227,7 +227,7 @@ def check_sites(requests: list[EditRequest], plans: list[EditPlan], cfg: EditCon
                 f"edit this fact with method circuit or mlp")
 
 
-def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelAdapter, i: int) -> None:
+def check_circuit(c: RecallCircuit, req: EditRequest, adapter: ModelLayout, i: int) -> None:
     """A circuit's layers and heads must exist in the model (a hand-edited file may name others)."""
     L, H = adapter.n_layers, adapter.n_heads
     fix = "run `factedit locate` on this model again"

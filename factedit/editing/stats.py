@@ -31,7 +31,7 @@ from tqdm import tqdm
 from factedit.analysis.hooks import Hooks, first_input
 from factedit.errors import FactEditError
 from factedit.io import atomic_write_bytes, read_text
-from factedit.models.adapter import ModelAdapter, context_length
+from factedit.models.adapter import ModelLayout, context_length
 from factedit.validate import cache_root, sha256_tensors
 
 
@@ -129,7 +129,7 @@ class StatsReport:
 
 
 @torch.no_grad()
-def second_moments(adapter: ModelAdapter, tok, corpus: Corpus, sites: list[tuple[str, int]], fingerprint: str,
+def second_moments(adapter: ModelLayout, tok, corpus: Corpus, sites: list[tuple[str, int]], fingerprint: str,
                    samples: int = 20000, max_length: int = 128, use_cache: bool = True,
                    progress: bool = True, batch: int = 8) -> tuple[dict[tuple[str, int], torch.Tensor], StatsReport]:
     """C for each (kind, layer) in ``sites``: (n_in, n_in) float32 on the model's device."""
