@@ -13,17 +13,22 @@ An example that names a real model (``--model smollm2-135m``, ``load_model("gemm
 comments aside) runs only when that model is pulled and, as for ``tests/test_real_models.py``,
 named in ``FACTEDIT_REAL_MODELS`` (default ``smollm2-135m``: Gemma-3's examples are opt-in), with
 ``FACTEDIT_CACHE`` on the user's cache so that the pulled model is found; these tests are marked
-``real_model`` and ``slow``. A page's
-real-model examples run apart from its demo-model ones (their own folder and interpreter), so
-each of the two sequences must stand on its own. The demo-model examples get a fresh cache.
+``real_model`` and ``slow``. A page's real-model examples run apart from its demo-model ones
+(their own folder and interpreter), so each of the two sequences must stand on its own. The
+demo-model examples get a fresh cache. The demo-model tests are marked ``slow`` (a page takes
+seconds); the checks below that run nothing are not.
 
 An example that would take minutes (a 300-fact audit, a benchmark, ``make`` targets, ``pip
 install``, ``mkdocs serve``) is marked by an HTML comment on the line before its fence,
 ``<!-- example: skip (takes 20 minutes) -->``; each such block is a skipped test whose reason is
 that text (``pytest -rs`` lists them), and a marker without a reason fails. Skipped or not, every
-``factedit`` command in a shell example is checked against the command's options, and no two
-examples of a page write the same ``--out`` folder (unless the second continues it: ``--append``,
-``--undo``, ``--overwrite``).
+``factedit`` command in a shell example (and in a ``text`` block) is checked against the
+command's options, and no two examples of a page write the same ``--out`` folder (unless the
+second continues it: ``--append``, ``--undo``, ``--overwrite``).
+
+Commands start warm (see ``WarmStarts``): the same entry point in a process forked from one that
+has imported torch and transformers already. ``FACTEDIT_EXAMPLES_COLD=1`` starts each command and
+interpreter afresh instead, as a shell would.
 """
 
 from __future__ import annotations
@@ -96,8 +101,9 @@ def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def parse(path: Path) -> list[Block]:
-    """The page's runnable blocks (bash, sh, console, python), each with its skip marker."""
+def parse(path: Path, langs: set[str] = SHELL | PYTHON) -> list[Block]:
+    """The page's runnable blocks (bash, sh, console, python; or those of ``langs``), each with
+    its skip marker."""
     lines = path.read_text().splitlines()
     rel = path.relative_to(ROOT).as_posix()
     blocks, i = [], 0
@@ -111,7 +117,7 @@ def parse(path: Path) -> list[Block]:
         while j < len(lines) and not re.match(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", lines[j]):
             j += 1
         body = textwrap.dedent("\n".join(x[indent:] if x[:indent].strip() == "" else x for x in lines[i + 1:j]))
-        if lang in SHELL | PYTHON:
+        if lang in langs:
             skip, error = None, None
             k = i - 1
             while k >= 0 and not lines[k].strip():
@@ -268,6 +274,19 @@ def test_every_skip_marker_has_a_reason_and_a_block():
 def test_shell_examples_use_only_options_the_commands_take():
     bad = [f"{b.where}: {problem}" for bs in ALL.values() for b in bs if b.kind == "shell"
            for args in factedit_commands(b) for problem in option_problems(args)]
+    assert not bad, "\n".join(bad)
+
+
+def test_commands_shown_as_text_use_only_options_the_commands_take():
+    """Synopses and commands for models of one's own are not run; their options are checked."""
+    bad = []
+    for p in pages():
+        for t in parse(p, {"text"}):
+            lines = [x.strip()[2:] if x.strip().startswith("$ ") else x for x in t.code.splitlines()]
+            b = Block(t.page, t.line, "bash", "\n".join(lines) + "\n", None)
+            for args in factedit_commands(b):
+                problems = option_problems([a.strip("[]()") for a in args])
+                bad += [f"{b.where}: {x}" for x in problems if "placeholder" not in x]
     assert not bad, "\n".join(bad)
 
 
