@@ -18,6 +18,7 @@ differs from the true attribute's (seeded choice).
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import defaultdict
@@ -189,6 +190,7 @@ def build_disjoint(pool: str, subjects: Sequence[Subject], relations: Sequence[R
     docstring); up to ``limit``. ``memo`` (prompt -> known) spares scoring known prompts again;
     ``log`` hears the progress every 1,024 subjects."""
     rels = {r.name: r for r in relations}
+    first = functools.lru_cache(maxsize=None)(first)  # one tokenizer call per attribute
     order = list(subjects)
     rng = random.Random(seed)
     rng.shuffle(order)
