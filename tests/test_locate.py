@@ -27,8 +27,10 @@ from factedit.analysis.trace import TraceResult
 from factedit.editing.config import EditConfig
 from factedit.editing.values import context_prefixes
 from factedit.errors import FactEditError
+from factedit.io import dumps_json
 from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
+from factedit.validate import sha256_json
 
 from . import naive_gpt2
 from .families import FAMILIES, tiny_model
@@ -314,7 +316,8 @@ def test_circuit_json_keeps_its_format():
     assert isinstance(c.knockout, KnockoutCurves) and isinstance(c.knockout_target, KnockoutCurves)
     assert isinstance(c.sublayer_knockout, SublayerKnockoutResult) and c.sublayer_knockout.token == c.target_id
     assert isinstance(c.trace, TraceResult) and c.trace.positions == [c.subject_span[1] - 1]
-    assert c.to_json() == text
+    assert dumps_json(c.to_dict(), indent=1) == text  # the content writes back byte for byte,
+    assert json.loads(c.to_json()) == {**json.loads(text), "sha256": sha256_json(json.loads(text))}  # and its hash
     assert RecallCircuit.from_json(c.to_json()) == c
     raw = json.loads(text)
     assert c.knockout.window == raw["knockout"]["window"] and c.knockout.last == raw["knockout"]["last"]

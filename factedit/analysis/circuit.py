@@ -197,8 +197,8 @@ class RecallCircuit:
             raise CircuitError(f"{where} lacks field(s) {', '.join(missing)}")
         problem = circuit_problem(data)
         if problem is not None:
-            raise CircuitError(f"{where} is malformed: {problem}: pass a circuit.json from `factedit locate` (or "
-                               "locate the fact again)")
+            raise CircuitError(f"{where}: malformed circuit ({problem}): pass a circuit.json from `factedit locate` "
+                               "(or locate the fact again)")
         if "sha256" in data and data["sha256"] != sha256_json({k: v for k, v in data.items() if k != "sha256"}):
             raise CircuitError(f"{where} was changed since factedit wrote it (its content does not match the SHA-256 "
                                "recorded in it): locate the fact again with `factedit locate`")
