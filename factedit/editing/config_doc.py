@@ -60,6 +60,8 @@ measurement on that model). Module paths never come from a recipe: they come fro
 `edit:` as embedded in the checkpoint (batch and sequence `refit`, re-assertion) |
 | `recipes/smollm2-135m.yaml` | SmolLM2-135M | knockout window 6, MLP layer 3 (causal tracing), batch layers 1-5, \
 `site.lookup_position: subject`, `batch.lambda: 50`, `batch.insert_keys: contexts` |
+| `recipes/smollm2-135m-fast.yaml` | SmolLM2-135M | the same with 10 context prefixes and 15 Adam steps: a \
+third of the value fit's arithmetic, the same scores on 100 single edits ([edit cost](results/performance.md)) |
 | `recipes/gemma3-270m.yaml` | Gemma-3-270M | knockout window 3, MLP layer 3 (causal tracing), `site.max_heads: 0`, \
 batch with every context's key, three passes, λ 50 |
 | `recipes/gpt2-xl.yaml` | GPT-2 XL | the paper's settings (window 9, sublayer window 11, read layer 40) and \
@@ -68,10 +70,22 @@ ROME's/MEMIT's |
 `recipes/qwen2-7b.yaml` | those models | analysis windows scaled from the paper's GPT-2 XL choices; edit layers \
 from published or third-party settings, as each file states (not measured here) |
 
-```bash
+A recipe file for a model folder of your own (GPT-2 XL here):
+
+```text
 factedit locate --model path/to/gpt2-xl --recipe recipes/gpt2-xl.yaml \\
     --prompt "{{}} is owned by" --subject "Beats Music"
+```
+
+A named model brings its recipe; `recipe explain` shows a recipe's values beside the defaults:
+
+```bash
+echo '{{"prompt": "{{}} is located in the country of", "subject": "Indira Gandhi International Airport", \
+"target_new": "Japan"}}' > r.jsonl
 factedit edit --model smollm2-135m --requests r.jsonl --out e/      # reads recipes/smollm2-135m.yaml
+```
+
+```bash
 factedit recipe explain --recipe recipes/smollm2-135m.yaml --group batch
 ```
 
@@ -79,8 +93,9 @@ factedit recipe explain --recipe recipes/smollm2-135m.yaml --group batch
 from factedit.analysis.circuit import load_locate_config
 from factedit.editing.config import explain, load_edit_config
 
-cfg = load_edit_config("recipes/smollm2-135m.yaml")     # the edit: section, validated
-print(explain(cfg, group="batch"))                       # every batch setting, with this recipe's value
+print(load_locate_config("recipes/smollm2-135m.yaml"))   # the analysis: section, a LocateConfig
+cfg = load_edit_config("recipes/smollm2-135m.yaml")      # the edit: section, validated
+print(explain(cfg, group="batch"))                        # every batch setting, with this recipe's value
 ```
 
 ## Environment variables
