@@ -772,11 +772,11 @@ def test_trace_api_bounds_its_numbers(demo):
 
 # ---- verify judges target_modules exactly as peft resolves them -------------------------------------
 
-@pytest.mark.parametrize("targets", ["all-linear", None, ".*mlp\\.c_proj"])
+@pytest.mark.parametrize("targets", ["all-linear", None])
 def test_verify_resolves_target_modules_as_peft_does(art, demo, tmp_path, targets):
     """An adapter from elsewhere (no edits.json) whose target_modules is peft's shorthand
-    'all-linear', absent (the family's default targets) or a regex: verify's update is the
-    one peft applies, logit for logit."""
+    'all-linear' or absent (the family's default targets): verify's update is the one peft
+    applies, logit for logit."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -267,7 +267,8 @@ def _undo(folder: Path, k: int, model, tok, log: Callable[[str], None]) -> Seque
     seq = load_sequence(folder, log)
     n = len(seq.steps)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-        raise SequenceError(f"--undo {k}: the sequence in {folder} has {n} edits; undo 1 to {n - 1} of them "
+        can = f"undo 1 to {n - 1} of them" if n > 1 else "none can be undone alone"
+        raise SequenceError(f"--undo {shown(k)}: the sequence in {folder} has {n} edit{'s' if n > 1 else ''}; {can} "
                             "(to undo them all, use the base model: it was never changed)")
     merged = (folder / "merged").is_dir()
     if merged and model is None:
