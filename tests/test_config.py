@@ -62,8 +62,8 @@ def test_ranges_are_enforced_naming_the_key_the_range_and_the_file(tmp_path):
     path = recipe(tmp_path, "edit:\n  keys:\n    prefix_tokens: []\n")
     with pytest.raises(RecipeError, match=rf"^{path}: edit.keys.prefix_tokens must be a non-empty list"):
         load_edit_config(path)
-    with pytest.raises(RecipeError, match=r"edit.steps must be at least 1, got 0"):  # in Python: the attribute
-        EditConfig(steps=0)
+    with pytest.raises(RecipeError, match=r"edit.steps must be zero or more, got -1"):  # in Python: the attribute
+        EditConfig(steps=-1)
     cfg = EditConfig()
     cfg.lora_lr = 0.0  # set after construction: caught before an edit runs
     with pytest.raises(RecipeError, match="edit.lora_lr must be positive"):

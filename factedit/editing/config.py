@@ -146,8 +146,8 @@ class EditConfig:
         help="the prefixes' lengths, used in turn")
 
     # fit: ROME's v*
-    steps: int = setting(25, group="fit", unit="Adam steps", valid=at_least(1), methods=LOCATED,
-                         help="Adam steps of the value fit")
+    steps: int = setting(25, group="fit", unit="Adam steps", valid=at_least(0), methods=LOCATED,
+                         help="Adam steps of the value fit (0: score the unfitted values only)")
     lr: float = setting(0.5, group="fit", unit="learning rate", valid=POSITIVE, methods=LOCATED,
                         help="Adam's learning rate in the value fit")
     kl_weight: float = setting(0.0625, group="fit", unit="weight", valid=at_least(0), methods=LOCATED,
