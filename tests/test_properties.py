@@ -165,8 +165,18 @@ def write(path, records, jsonl: bool) -> None:
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n" if jsonl else json.dumps(records))
 
 
+def _fact(rec: dict) -> tuple[str, str]:
+    """What a record edits: two records about the same prompt and subject with different new
+    targets conflict, and a file holding both is refused (not a valid file)."""
+    r = expected(rec, 0)
+    return r.filled_prompt.strip(), r.subject.strip()
+
+
+VALID_FILES = st.lists(valid_records(), min_size=1, max_size=4, unique_by=_fact)
+
+
 @MORE
-@given(records=st.lists(valid_records(), min_size=1, max_size=4), jsonl=st.booleans())
+@given(records=VALID_FILES, jsonl=st.booleans())
 def test_valid_records_round_trip(tmp_path, records, jsonl):
     path = tmp_path / "r.json"
     write(path, records, jsonl)
@@ -182,7 +192,7 @@ BAD_VALUES = [None, 3, 2.5, True, [], ["x"], {}, {"id": 1}, {"str": 7}, "", "   
 @st.composite
 def corrupted(draw):
     """Valid records with one of them broken; returns (records, index, field or None)."""
-    records = draw(st.lists(valid_records(), min_size=1, max_size=4))
+    records = draw(VALID_FILES)
     i = draw(st.integers(0, len(records) - 1))
     rec = json.loads(json.dumps(records[i]))
     rw = rec.get("requested_rewrite", rec)
