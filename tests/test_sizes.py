@@ -16,7 +16,6 @@ FUNCTION_LINES = 80
 
 # "path" for a module, "path::qualified.name" for a function: its size when listed.
 ALLOWED = {
-    "factedit/cli.py": 703,
     "factedit/validate.py": 534,
     "factedit/verify/run.py::verify": 95,
 }
