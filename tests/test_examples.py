@@ -591,8 +591,8 @@ def _tail(text: str, n: int = 4000) -> str:
 
 @pytest.mark.parametrize("page, models, blocks", _runs())
 def test_examples_run(page, models, blocks, tmp_path, warm):
+    from factedit.integrity import cache_root
     from factedit.models.zoo import is_pulled
-    from factedit.validate import cache_root
 
     chosen = [n.strip() for n in os.environ.get("FACTEDIT_REAL_MODELS", "smollm2-135m").split(",") if n.strip()]
     left_out = [m for m in models if m not in chosen]

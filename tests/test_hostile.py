@@ -425,7 +425,7 @@ def test_a_changed_statistics_entry_is_computed_again(tmp_path_factory, kind):
     from safetensors.torch import load_file, save_file
 
     from factedit.editing.stats import _read_cached
-    from factedit.validate import sha256_tensors
+    from factedit.integrity import sha256_tensors
 
     path = tmp_path_factory.mktemp("stats") / "mlp0.safetensors"
     t = {"C": torch.eye(4)}
@@ -459,9 +459,9 @@ def test_a_changed_sampled_corpus_is_sampled_again(demo, tmp_path, monkeypatch):
 # ---- a pulled model's folder: checked against its manifest; pulled again when it does not match -----
 
 def _fake_pull(calls):
+    from factedit.integrity import sha256_file
     from factedit.io import atomic_write_text, dumps_json
     from factedit.models import zoo
-    from factedit.validate import sha256_file
 
     def pull_(m, out, echo):
         calls.append(m.name)

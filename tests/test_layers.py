@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "factedit"
 
 LAYERS = [
-    {"errors", "_version", "io", "paths", "recipes", "plots", "validate"},
+    {"errors", "_version", "io", "paths", "recipes", "plots", "validate", "integrity"},
     {"models"},
     {"world"},
     {"analysis"},

@@ -27,10 +27,10 @@ from factedit.analysis.trace import TraceResult
 from factedit.editing.config import EditConfig
 from factedit.editing.values import context_prefixes
 from factedit.errors import FactEditError
+from factedit.integrity import sha256_json
 from factedit.io import dumps_json
 from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
-from factedit.validate import sha256_json
 
 from . import naive_gpt2
 from .families import FAMILIES, tiny_model

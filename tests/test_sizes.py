@@ -14,11 +14,9 @@ PKG = ROOT / "factedit"
 MODULE_LINES = 500
 FUNCTION_LINES = 80
 
-# "path" for a module, "path::qualified.name" for a function: its size when listed.
-ALLOWED = {
-    "factedit/validate.py": 534,
-    "factedit/verify/run.py::verify": 95,
-}
+# "path" for a module, "path::qualified.name" for a function: its size when listed (none now:
+# a new entry needs a reason beside it).
+ALLOWED: dict[str, int] = {}
 
 
 def _functions(tree: ast.AST, prefix: str = ""):

@@ -177,7 +177,7 @@ class RecallCircuit:
     def to_json(self, indent: int | None = 1) -> str:
         """circuit.json: :meth:`to_dict` with the SHA-256 of its content (``sha256``), which
         :meth:`from_dict` checks: a circuit changed since it was written is refused."""
-        from factedit.validate import sha256_json
+        from factedit.integrity import sha256_json
 
         d = self.to_dict()
         return dumps_json({**d, "sha256": sha256_json(json.loads(dumps_json(d)))}, indent=indent)
@@ -187,7 +187,8 @@ class RecallCircuit:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "circuit") -> RecallCircuit:
-        from factedit.validate import circuit_problem, sha256_json
+        from factedit.integrity import sha256_json
+        from factedit.validate import circuit_problem
 
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CircuitError(f"{where} is not a factedit recall circuit (expected format {FORMAT!r})")

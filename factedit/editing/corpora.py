@@ -29,8 +29,8 @@ from tqdm import tqdm
 from factedit.analysis.rerun import last_logits_only, output_cache, with_cache
 from factedit.editing.stats import Corpus, text_files_corpus, world_corpus
 from factedit.errors import FactEditError
+from factedit.integrity import cache_root, sha256_json
 from factedit.io import atomic_write_text, dumps_json
-from factedit.validate import cache_root, sha256_json
 
 SAMPLED, PYDOC = "sampled", "pydoc"
 LARGE_VOCAB = 131_072  # above this, nucleus_sample instead of generate

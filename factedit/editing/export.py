@@ -9,7 +9,7 @@ a merged full checkpoint.
 - ``merged/`` (``--merge``) is the base model with the update added, saved by
   ``save_pretrained`` (safetensors) with the tokenizer.
 - ``edits.json`` records the SHA-256 of the adapter's files, the history's and its own content
-  (``integrity``; :func:`factedit.validate.seal_manifest`): ``verify`` and a continued or undone
+  (``integrity``; :func:`factedit.integrity.seal_manifest`): ``verify`` and a continued or undone
   sequence refuse a folder whose files were changed since.
 
 The folder is built in a hidden sibling and renamed into place in one step (see
@@ -31,9 +31,9 @@ from factedit.editing.edit import EditResult
 from factedit.editing.history import SEQUENCE_FILE, compose, sequence_bytes
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied
 from factedit.errors import EditFailedError
+from factedit.integrity import seal_manifest
 from factedit.io import atomic_write_bytes, atomic_write_text, commit_dir, dumps_json, staging_dir
 from factedit.paths import world_file
-from factedit.validate import seal_manifest
 
 EDITS_FORMAT = "factedit.edits/1"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of the base model's module names in an adapter

@@ -12,7 +12,7 @@ temporary name and renamed (``factedit.io``), so a stopped run leaves no half-wr
 entry that cannot be read, belongs to another key, holds values that do not match its hash (it
 was changed since it was written) or has no hash (an older factedit's) is fitted again and
 replaced, with a message. Only safetensors is read (no pickle). The cache never goes into a
-model or checkpoint folder (:func:`factedit.validate.check_cache_dir`).
+model or checkpoint folder (:func:`factedit.integrity.check_cache_dir`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from factedit.integrity import check_cache_dir, sha256_tensors
 from factedit.io import atomic_write_bytes, dumps_json
-from factedit.validate import check_cache_dir, sha256_tensors
 
 VERSION = 1
 FIT_FIELDS = ("steps", "lr", "kl_weight", "kl_prompt", "weight_decay", "clamp", "stop_nll", "n_prefixes",

@@ -126,8 +126,8 @@ def load_sequence(folder: str | Path, log: Callable[[str], None] = lambda m: Non
     continuation or an undo reads has its type, the history's tensors their names and shapes,
     and the files the SHA-256 recorded in ``edits.json`` (a mismatch is refused; a folder
     without hashes, from an older factedit, is read with a warning through ``log``)."""
+    from factedit.integrity import check_folder_integrity
     from factedit.io import read_json
-    from factedit.validate import check_folder_integrity
 
     folder = Path(folder)
     man = read_json(folder / "edits.json", "the edit manifest")

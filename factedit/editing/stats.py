@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from factedit.analysis.hooks import Hooks, first_input
 from factedit.errors import FactEditError
+from factedit.integrity import cache_root, sha256_tensors
 from factedit.io import atomic_write_bytes, read_text
 from factedit.models.adapter import ModelLayout, context_length
-from factedit.validate import cache_root, sha256_tensors
 
 
 @dataclass(frozen=True)

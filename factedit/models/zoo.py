@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factedit.errors import FactEditError, ModelLoadError
+from factedit.integrity import cache_root, sha256_file
 from factedit.io import (
     atomic_write_text,
     commit_dir,
@@ -40,7 +41,6 @@ from factedit.io import (
     staging_dir,
 )
 from factedit.paths import demo_checkpoint
-from factedit.validate import cache_root, sha256_file
 
 MANIFEST = "factedit-model.json"
 

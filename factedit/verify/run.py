@@ -259,19 +259,14 @@ class VerifyReport:
                 "edits": [asdict(r) for r in self.edits]}
 
 
-def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str | Path | None = None,
-           requests: list[EditRequest] | str | Path | None = None, options: VerifyOptions | None = None,
-           log: Callable[[str], None] = lambda m: None) -> VerifyReport:
-    """Check edits on ``model`` (loaded, with its ``tokenizer``): an ``adapter`` folder written
-    by `factedit edit`, or an ``edited`` merged checkpoint. ``requests``: the edits to check
-    (default: the folder's ``edits.json``)."""
-    from factedit.validate import check_folder_integrity, check_instance, check_model_args, check_path_arg
+def _check_args(model, tokenizer, adapter, edited, requests, options) -> tuple[VerifyOptions, Path]:
+    """verify's arguments checked as the command line checks them: the options and the folder."""
+    from factedit.validate import check_instance, check_model_args, check_path_arg
 
     check_model_args(model, tokenizer, "verify")
     if model is None or isinstance(model, (str, Path)):
         raise FactEditError("verify: pass the loaded base model and its tokenizer (factedit.load_model)")
     check_instance(options, VerifyOptions, "verify: options", "a VerifyOptions")
-    opts = options or VerifyOptions()
     if (adapter is None) == (edited is None):
         raise FactEditError("give exactly one of --adapter DIR and --edited MERGED_DIR")
     folder = check_path_arg(adapter if adapter is not None else edited, "--adapter" if adapter is not None
@@ -286,6 +281,66 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
     elif not (folder / "config.json").is_file():
         raise FactEditError(f"--edited {folder} is not a model checkpoint (it has no config.json): pass the merged "
                             "checkpoint of an edit (DIR/merged), or the edit's folder with --adapter")
+    return options or VerifyOptions(), folder
+
+
+def _what_to_check(requests, manifest: dict | None, manifest_path: Path, folder: Path):
+    """The requests to check, with the plans and circuits the edit recorded for them (None
+    when the requests were given rather than read from ``edits.json``)."""
+    if isinstance(requests, (str, Path)):
+        requests = load_requests(requests)
+    if requests is not None:
+        check_conflicts(requests)  # as edit refuses them: both cannot be met
+        return requests, [None] * len(requests), [None] * len(requests)
+    if manifest is None:
+        raise FactEditError(f"no edits.json next to {folder}: pass --requests FILE")
+    try:
+        requests = [parse_record(r, i) for i, r in enumerate(manifest["requests"])]
+    except FactEditError as exc:
+        raise FactEditError(f"{manifest_path}: {exc}") from None
+    plans: list[EditPlan | None] = [manifest_plan(p) for p in manifest.get("plans") or []] or [None] * len(requests)
+    circuits: list[RecallCircuit | None] = [
+        None if c is None else RecallCircuit.from_dict(c, f"{manifest_path} circuit {i}")
+        for i, c in enumerate(manifest.get("circuits") or [])]
+    return requests, plans, circuits or [None] * len(requests)
+
+
+def _edited_model(model, adapter, edited, folder: Path, manifest: dict | None, log) -> Callable:
+    """A function giving a context manager under which the edit is in force: the adapter
+    applied to ``model`` in place, or the merged checkpoint loaded beside it."""
+    from factedit.integrity import check_folder_integrity
+
+    if adapter is not None:
+        delta = load_adapter_delta(adapter, model, log)
+        if manifest is not None:  # after the checks of form: a changed file is refused here
+            check_folder_integrity(folder, manifest, log)
+
+        @contextmanager
+        def applied_adapter():
+            with applied(model, delta):
+                yield None
+        return applied_adapter
+    from factedit.models.loading import load_model
+
+    try:
+        edited_model, _ = load_model(edited)
+    except FactEditError as exc:
+        raise FactEditError(f"--edited {edited}: {exc}") from None
+    if edited_model.config.model_type != model.config.model_type:
+        raise AdapterMismatchError(f"{edited} is a {edited_model.config.model_type} model, the base a "
+                                   f"{model.config.model_type}")
+    return lambda: nullcontext(edited_model)
+
+
+def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str | Path | None = None,
+           requests: list[EditRequest] | str | Path | None = None, options: VerifyOptions | None = None,
+           log: Callable[[str], None] = lambda m: None) -> VerifyReport:
+    """Check edits on ``model`` (loaded, with its ``tokenizer``): an ``adapter`` folder written
+    by `factedit edit`, or an ``edited`` merged checkpoint. ``requests``: the edits to check
+    (default: the folder's ``edits.json``)."""
+    from factedit.integrity import check_folder_integrity
+
+    opts, folder = _check_args(model, tokenizer, adapter, edited, requests, options)
     manifest_path = folder / "edits.json" if adapter is not None else folder.parent / "edits.json"
     manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
     if manifest is not None and edited is not None:  # its requests: the merged checkpoint itself is not hashed
@@ -295,51 +350,8 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
         raise AdapterMismatchError(
             f"the edit in {folder} was made on another base model (fingerprint {manifest['base_fingerprint']}, "
             f"this model {fp}): pass the base model it was made on with --model")
-    if isinstance(requests, (str, Path)):
-        requests = load_requests(requests)
-    if requests is not None:
-        check_conflicts(requests)  # as edit refuses them: both cannot be met
-    plans: list[EditPlan | None]
-    circuits: list[RecallCircuit | None]
-    if requests is None:
-        if manifest is None:
-            raise FactEditError(f"no edits.json next to {folder}: pass --requests FILE")
-        try:
-            requests = [parse_record(r, i) for i, r in enumerate(manifest["requests"])]
-        except FactEditError as exc:
-            raise FactEditError(f"{manifest_path}: {exc}") from None
-        plans = [manifest_plan(p) for p in manifest.get("plans") or []] or [None] * len(requests)
-        circuits = [None if c is None else RecallCircuit.from_dict(c, f"{manifest_path} circuit {i}")
-                    for i, c in enumerate(manifest.get("circuits") or [])]
-        circuits = circuits or [None] * len(requests)
-    else:
-        plans, circuits = [None] * len(requests), [None] * len(requests)
-
-    if adapter is not None:
-        delta = load_adapter_delta(adapter, model, log)
-        if manifest is not None:  # after the checks of form: a changed file is refused here
-            check_folder_integrity(folder, manifest, log)
-
-        def ctx():
-            @contextmanager
-            def cm():
-                with applied(model, delta):
-                    yield None
-            return cm()
-    else:
-        from factedit.models.loading import load_model
-
-        try:
-            edited_model, _ = load_model(edited)
-        except FactEditError as exc:
-            raise FactEditError(f"--edited {edited}: {exc}") from None
-        if edited_model.config.model_type != model.config.model_type:
-            raise AdapterMismatchError(f"{edited} is a {edited_model.config.model_type} model, the base a "
-                                       f"{model.config.model_type}")
-
-        def ctx():
-            return nullcontext(edited_model)
-
+    requests, plans, circuits = _what_to_check(requests, manifest, manifest_path, folder)
+    ctx = _edited_model(model, adapter, edited, folder, manifest, log)
     world = World.of(model)
     lc = config_for_model(model)
     reports: list[EditReport] = []
