@@ -16,7 +16,7 @@ from factedit.editing.fit_cache import FitCache
 from factedit.editing.requests import EditRequest
 from factedit.editing.stats import world_corpus
 from factedit.errors import FactEditError
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.studies.world_edits import sample_world_edits
 
@@ -39,7 +39,7 @@ def _cache(tmp_path, monkeypatch):
 def _setup(family: str = "llama"):
     tok = word_tokenizer()
     tok.pad_token = "[UNK]"
-    adapter = ModelAdapter(tiny_model(family))
+    adapter = ModelLayout(tiny_model(family))
     cfg = EditConfig(steps=4, n_prefixes=2, kl_prompt="{} is")
     sites = values.ValueSites(1, [], "subject")
     return tok, adapter, cfg, sites

@@ -22,7 +22,7 @@ import torch
 from factedit.analysis.knockout import SOURCE_SETS, attention_knockout
 from factedit.analysis.locate import config_for_model, locate
 from factedit.analysis.spans import tokenize_with_subject
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.zoo import MANIFEST, ZOO
 
 MODELS = {
@@ -89,7 +89,7 @@ def test_named_model_brings_its_recipe(real):
 
 def test_fast_knockout_equals_naive_on_known_facts(real):
     model, tok, spec = real
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     window = config_for_model(model).knockout_window
     for prompt, subject, _ in _facts(spec, 3):
         tp = tokenize_with_subject(tok, prompt, subject)

@@ -192,7 +192,7 @@ def test_drifted_scores_each_edit_like_a_naive_forward(demo):
     from factedit.analysis.spans import target_token_ids
     from factedit.editing.stats import world_corpus
     from factedit.editing.values import context_prefixes
-    from factedit.models.adapter import ModelAdapter
+    from factedit.models.adapter import ModelLayout
 
     model, tok, world = demo
     reqs = _requests(world, 4)
@@ -209,7 +209,7 @@ def test_drifted_scores_each_edit_like_a_naive_forward(demo):
                 nll.append(-model(input_ids=ids).logits[0, -1].log_softmax(-1)[t].item())
             naive.append(sum(nll) / len(nll))
     st = SequenceState(edited=[(r, "last", after) for r, after in zip(reqs, [0.1, 0.1, 5.0, 0.5])])
-    got = seqmod().drifted(ModelAdapter(model), tok, prefixes, st, 0, cfg)
+    got = seqmod().drifted(ModelLayout(model), tok, prefixes, st, 0, cfg)
     assert [i for i, _ in got] == [0, 1, 3]  # edit 2 never held; new targets: every NLL is high
     for i, nll in got:
         assert nll == pytest.approx(naive[i], abs=1e-4)
@@ -305,7 +305,7 @@ def test_drifted_reads_only_the_check_window(demo):
     drifted (new targets, NLL far above 0.5), so what it reports is exactly the window."""
     from factedit.editing.stats import world_corpus
     from factedit.editing.values import context_prefixes
-    from factedit.models.adapter import ModelAdapter
+    from factedit.models.adapter import ModelLayout
 
     model, tok, world = demo
     reqs = _requests(world, 10)
@@ -313,7 +313,7 @@ def test_drifted_reads_only_the_check_window(demo):
                         "sequential_reassert_window": 3})
     prefixes = context_prefixes(tok, list(world_corpus(world).texts), cfg)
     st = SequenceState(edited=[(r, "last", 0.1) for r in reqs])
-    got = [i for i, _ in seqmod().drifted(ModelAdapter(model), tok, prefixes, st, 0, cfg)]
+    got = [i for i, _ in seqmod().drifted(ModelLayout(model), tok, prefixes, st, 0, cfg)]
     assert got == seqmod().checked(10, cfg) and len(got) == 3
 
 

@@ -47,7 +47,7 @@ from factedit.editing.insert import _solve, at_tokens, regularised
 from factedit.editing.requests import EditRequest
 from factedit.editing.values import ValueSites, context_prefixes, fit_values
 from factedit.editing.weights import WeightDelta, apply
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 Site = tuple[str, int, str]  # ("mlp", layer, position)
 
@@ -83,7 +83,7 @@ def held_for(req: EditRequest, state: SequenceState, n: int, seed: int, index: i
 
 
 @torch.no_grad()
-def keys_at_layers(adapter: ModelAdapter, tok, requests: list[EditRequest], prefixes: list[str],
+def keys_at_layers(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str],
                    layers: list[int], position: str) -> dict[int, torch.Tensor]:
     """{layer: (n, in)}: the MLP output projection's input at the last position (or the
     subject's last token) of each request's prompt, averaged over the prefixes; every layer
@@ -118,7 +118,7 @@ def sequential_row(C: torch.Tensor, gram: torch.Tensor | None, keys: torch.Tenso
     return _solve(S.T, P @ K[:1].T)[:, 0]
 
 
-def _sweep_one(adapter: ModelAdapter, tok, prefixes: list[str], req: EditRequest, pos: str,
+def _sweep_one(adapter: ModelLayout, tok, prefixes: list[str], req: EditRequest, pos: str,
                held: list[EditRequest], layers: list[int], stats, cfg: EditConfig, state: SequenceState,
                proj: dict[int, torch.Tensor], base: dict[str, torch.Tensor], step: WeightDelta,
                ) -> tuple[float, float, list[int]]:
@@ -151,7 +151,7 @@ def _sweep_one(adapter: ModelAdapter, tok, prefixes: list[str], req: EditRequest
     return first, last, used
 
 
-def _keep(adapter: ModelAdapter, tok, prefixes: list[str], req: EditRequest, pos: str, held: list[EditRequest],
+def _keep(adapter: ModelLayout, tok, prefixes: list[str], req: EditRequest, pos: str, held: list[EditRequest],
           layers: list[int], state: SequenceState, added: dict[Site, torch.Tensor]) -> None:
     """Read the request's and its held prompts' keys at every layer of the sweep (its update in
     place), add them to the kept sets and to ``added``."""
@@ -179,7 +179,7 @@ def checked(n: int, cfg: EditConfig) -> list[int]:
 
 
 @torch.no_grad()
-def drifted(adapter: ModelAdapter, tok, prefixes: list[str], state: SequenceState, layer: int,
+def drifted(adapter: ModelLayout, tok, prefixes: list[str], state: SequenceState, layer: int,
             cfg: EditConfig) -> list[tuple[int, float]]:
     """(index, NLL) of the earlier edits whose target NLL (mean over the contexts, as the value
     fit scores it) is now above ``sequential_reassert_nll`` although it was below once their
@@ -198,7 +198,7 @@ def drifted(adapter: ModelAdapter, tok, prefixes: list[str], state: SequenceStat
     return sorted(out)
 
 
-def sequential_sweep(adapter: ModelAdapter, tok, corpus, requests: list[EditRequest], positions: list[str],
+def sequential_sweep(adapter: ModelLayout, tok, corpus, requests: list[EditRequest], positions: list[str],
                      stats: Callable[[tuple[str, int]], torch.Tensor], cfg: EditConfig,
                      state: SequenceState, base: dict[str, torch.Tensor],
                      log: Callable[[str], None] = lambda m: None,

@@ -28,7 +28,7 @@ import torch
 from factedit.analysis.hooks import padding_safe
 from factedit.analysis.spans import target_token_ids
 from factedit.editing.targets import ScoredTargets
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def teacher_forced(model, tokenizer, prompts: list[str], targets: list[str], bat
     """Per (prompt, target): mean per-token NLL, the target's token ids, and the model's argmax
     at each target position. Right-padded batches with an attention mask."""
     device = next(model.parameters()).device
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll: list[float] = []
     tgt_ids: list[list[int]] = []

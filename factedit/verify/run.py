@@ -20,7 +20,7 @@ from factedit.editing.requests import EditRequest, check_conflicts, load_request
 from factedit.editing.weights import WeightDelta, applied
 from factedit.errors import FactEditError, shown
 from factedit.io import atomic_write_text, dumps_json, read_json
-from factedit.models.adapter import ModelAdapter
+from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.verify.checks import EditReport, Neighbour, VerifyOptions, verify_edit, world_prompts
 from factedit.world.generate import World
@@ -109,7 +109,7 @@ def load_adapter_delta(path: str | Path, model, log: Callable[[str], None] = lam
     except Exception as exc:  # safetensors raises its own error types
         raise FactEditError(f"{w_path} is not a readable safetensors file: {exc}") from exc
     lcfg = peft_targets(path, cfg, model)
-    adapter = ModelAdapter(model)
+    adapter = ModelLayout(model)
     delta = WeightDelta(conv1d=adapter.spec.conv1d)
     names = {}
     for k in tensors:
