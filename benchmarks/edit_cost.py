@@ -40,11 +40,14 @@ PHASES = {
 }
 
 
-def phase_seconds(prof: cProfile.Profile) -> dict[str, float]:
+def phase_seconds(prof: cProfile.Profile, phases: dict | None = None) -> dict[str, float]:
+    """Per phase, the cumulative seconds of the function(s) that implement it: ``phases`` maps a
+    label to (file, a function name or a tuple of names); default :data:`PHASES`."""
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
     out = {}
-    for label, (file, name) in PHASES.items():
-        out[label] = sum(v[3] for (f, _ln, n), v in stats.items() if f.endswith(file) and n == name)
+    for label, (file, names) in (phases or PHASES).items():
+        names = (names,) if isinstance(names, str) else names
+        out[label] = sum(v[3] for (f, _ln, n), v in stats.items() if f.endswith(file) and n in names)
     return out
 
 

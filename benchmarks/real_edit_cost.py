@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import cProfile
 import platform
-import pstats
 import resource
 import statistics
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from edit_cost import phase_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from factedit.analysis.locate import config_for_model, locate
@@ -41,15 +41,6 @@ PHASES = {  # label: (file, function) whose cumulative time is the phase
     "write": ("factedit/editing/export.py", "save_edit"),
     "verify": ("factedit/verify/run.py", "verify"),
 }
-
-
-def _phase_seconds(prof: cProfile.Profile) -> dict[str, float]:
-    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
-    out = {}
-    for label, (file, names) in PHASES.items():
-        names = (names,) if isinstance(names, str) else names
-        out[label] = sum(v[3] for (f, _ln, n), v in stats.items() if f.endswith(file) and n in names)
-    return out
 
 
 def _forward_seconds(model, ids: list[int], repeat: int = 20) -> float:
@@ -103,7 +94,7 @@ def real_model_cost(name: str, n: int, seed: int) -> None:
             prof.disable()
             total = time.perf_counter() - t
         ids = tok(r.filled_prompt)["input_ids"]
-        rows.append({"total": total, **_phase_seconds(prof), "forward": _forward_seconds(model, ids),
+        rows.append({"total": total, **phase_seconds(prof, PHASES), "forward": _forward_seconds(model, ids),
                      "passed": rep.all_passed})
         print(f"  {r.filled_prompt!r} -> {r.target_new!r}: {total:.1f} s, "
               + ", ".join(f"{k} {rows[-1][k]:.2f}" for k in PHASES), flush=True)
