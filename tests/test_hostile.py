@@ -14,7 +14,6 @@ target_modules exactly as peft resolves them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,20 +33,13 @@ from factedit.cli import main
 from factedit.errors import FactEditError
 from factedit.validate import MAX_TEXT_CHARS
 
+from .test_reliability import tree_hash
+
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 FACT = ["--prompt", "{} was born in", "--subject", "Roric Dunnford"]
 EDIT = [*FACT, "--target-new", "Paris"]
 REQ = {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris"}
 BIG = "x" * (MAX_TEXT_CHARS + 1)
-
-
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def invoke(args: list) -> object:
@@ -243,6 +235,17 @@ def test_hostile_datasets_are_refused_before_the_model_is_loaded(tmp_path_factor
     assert not (tmp / "out").exists() or not any((tmp / "out").iterdir())
 
 
+def _mutate(data, path: Path) -> str:
+    """Change one file that factedit wrote (a JSON file's content, or a safetensors file's
+    tensors) as ``data`` draws; returns what was changed, for the assertion message."""
+    if path.suffix == ".json":
+        new, what = data.draw(json_mutation(json.loads(path.read_text())))
+        _write(path, new)
+        return what
+    path.write_bytes(data.draw(_tensor_mutation(path)))
+    return "tensors"
+
+
 # ---- an edit's history: a sequence folder continued (--append) or undone (--undo) ------------------
 
 @FAST
@@ -252,12 +255,7 @@ def test_a_changed_history_is_refused_and_the_folder_kept(tmp_path_factory, art,
     tmp = tmp_path_factory.mktemp("hist")
     seq = Path(shutil.copytree(art["seq"], tmp / "seq"))
     path = seq / target
-    if target.endswith(".json"):
-        new, what = data.draw(json_mutation(json.loads(path.read_text())))
-        _write(path, new)
-    else:
-        new, what = data.draw(_tensor_mutation(path)), "tensors"
-        path.write_bytes(new)
+    what = _mutate(data, path)
     before = tree_hash(seq)
     res = invoke(["edit", "--undo", "1", "--out", seq])
     msg = refused(res)
@@ -346,12 +344,7 @@ def test_a_changed_adapter_is_refused_by_verify(tmp_path_factory, art, demo, dat
     tmp = tmp_path_factory.mktemp("ad")
     ad = Path(shutil.copytree(art["adapter"], tmp / "ad"))
     path = ad / target
-    if target.endswith(".json"):
-        new, what = data.draw(json_mutation(json.loads(path.read_text())))
-        _write(path, new)
-    else:
-        new, what = data.draw(_tensor_mutation(path)), "tensors"
-        path.write_bytes(new)
+    what = _mutate(data, path)
     with pytest.raises(FactEditError) as info:
         verify(model=model, tokenizer=tok, adapter=ad)
     assert str(ad) in str(info.value), (what, str(info.value))
