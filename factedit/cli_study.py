@@ -104,8 +104,9 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
 @click.option("--raw-unembed", is_flag=True, help="Project with the raw unembedding in the main measures "
               "(the logit-lens variant is reported beside it either way).")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (shown on a terminal, per stage and fact).")
 def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, out, limit, related, paraphrases,
-          description_tokens, no_two_hop, recipe_path, raw_unembed, overwrite) -> None:
+          description_tokens, no_two_hop, recipe_path, raw_unembed, overwrite, no_progress) -> None:
     """The paper's study (Geva et al. 2023) on a model, beside the paper's values: information
     flow, subject enrichment, attribute extraction, early MLPs, paraphrase stability, two hops."""
     import dataclasses
@@ -150,7 +151,7 @@ def study(model_path, dtype, device, allow_pickle, trust_remote_code, dataset, o
     s = run_study(facts, model=model, tokenizer=tok, config=cfg, limit=limit, world=world, dataset_name=name,
                   options=StudyOptions(related=related, paraphrases=paraphrases, two_hop=not no_two_hop,
                                        description_tokens=description_tokens),
-                  out=out, log=lambda m: click.echo(m, err=True)).summary
+                  out=out, log=lambda m: click.echo(m, err=True), progress=not no_progress).summary
     click.echo(f"{s['facts_known']} of {s['facts_scanned']} facts known; related text: {s['related_source']}; "
                f"{s['seconds']['total']:.0f} s")
     click.echo(format_table(s["table"], str(model_path or "demo world")))

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from factedit.io import atomic_write_bytes  # noqa: E402
 
@@ -24,9 +25,10 @@ def save_figure(fig, path: Path) -> None:
 
 
 def knockout_figure(curves: dict[str, list[float]], window: int, path: Path, title: str = "",
-                    bands: dict[str, list[float]] | None = None) -> None:
+                    bands: dict[str, list[float]] | None = None, band_label: str = "shaded: 95% band") -> None:
     """Relative change of the prediction's probability when edges into the last position
-    are blocked, per window centre layer; one line per source set."""
+    are blocked, per window centre layer; one line per source set; ``bands`` (named in the
+    legend by ``band_label``) shaded around them."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for s, ys in curves.items():
         xs = list(range(len(ys)))
@@ -39,7 +41,10 @@ def knockout_figure(curves: dict[str, list[float]], window: int, path: Path, tit
     ax.set_xlabel(f"centre layer of the blocked window (k={window})")
     ax.set_ylabel("change of p(prediction) [%]")
     ax.set_title(title or "Attention knockout: edges into the last position")
-    ax.legend(fontsize=8)
+    handles = ax.get_legend_handles_labels()[0]
+    if bands:
+        handles.append(Patch(color="grey", alpha=0.3, lw=0, label=band_label))
+    ax.legend(handles=handles, fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 
@@ -60,7 +65,10 @@ def knockout_panels(panels: list[tuple[str, dict[str, list[float]], dict[str, li
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("change of p(prediction) [%]")
-    axes[0][0].legend(fontsize=8)
+    handles = axes[0][0].get_legend_handles_labels()[0]
+    if any(bands for _t, _c, bands, _w in panels):
+        handles.append(Patch(color="grey", alpha=0.3, lw=0, label="shaded: 95% band"))
+    axes[0][0].legend(handles=handles, fontsize=8)
     save_figure(fig, path)
 
 
@@ -80,12 +88,16 @@ def attribute_rate_figure(rates: dict[str, list[float]], path: Path, title: str 
 
 
 def head_heatmap(scores: list[list[float]], path: Path, title: str = "", label: str = "score",
-                 marks: list[tuple[int, int]] | None = None) -> None:
-    """A layer x head heatmap; ``marks`` (layer, head) get a red box."""
+                 marks: list[tuple[int, int]] | None = None, mark_label: str = "marked head") -> None:
+    """A layer x head heatmap (viridis: dark purple low, yellow high; layer 0 at the bottom);
+    ``marks`` (layer, head) get a red box, named by ``mark_label`` in a legend below the plot."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     im = ax.imshow(scores, aspect="auto", origin="lower", cmap="viridis")
     for layer, head in marks or []:
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+    if marks:
+        ax.legend(handles=[Patch(fill=False, ec="red", lw=1.5, label=f"red box: {mark_label}")], fontsize=8,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title or "Extraction by head")
@@ -111,7 +123,7 @@ def trace_figure(traces: dict, tokens: list[str], subject_span: list[int], path:
         ax.set_xlabel("centre layer" + ("" if kind == "hidden" else f" (window {t.window})"))
         ax.set_title(f"restore {names[kind]}", fontsize=9)
         fig.colorbar(im, ax=ax, label="indirect effect (p)")
-    fig.suptitle(title or "Causal tracing", fontsize=9)
+    fig.suptitle((title or "Causal tracing") + " (*: a subject token)", fontsize=9)
     save_figure(fig, path)
 
 
@@ -159,6 +171,7 @@ def projection_figure(proj: dict[str, list[float]], path: Path, token: str, titl
         ax.plot(range(len(ys)), ys, marker="o", ms=3, color=c, label=lab)
         top = [i for i, r in enumerate(proj[f"{k}_rank"]) if r == 1]
         ax.scatter(top, [ys[i] for i in top], s=60, facecolors="none", edgecolors=c)
+    ax.scatter([], [], s=60, facecolors="none", edgecolors="grey", label=f"circle: {token.strip()} ranks first")
     ax.set_xlabel("layer")
     ax.set_ylabel(f"p({token.strip()}) in the projection")
     ax.set_title(title or "Vocabulary projection at the last position (circles: rank 1)")
@@ -178,7 +191,8 @@ def circuit_figures(circuit, out: Path) -> list[Path]:
                     title=f"Attention knockout: {fact}")
     projection_figure(circuit.projection, paths[1], tok)
     head_heatmap(circuit.head_prob, paths[2], title=f"p({tok.strip()}) in each head's output at the last position",
-                 label="probability", marks=[(h.layer, h.head) for h in circuit.extraction_heads])
+                 label="probability", marks=[(h.layer, h.head) for h in circuit.extraction_heads],
+                 mark_label="extraction head")
     sublayer_figure(circuit.sublayer_knockout, paths[3], title=f"Sublayer knockout at the subject: {fact}")
     if circuit.attribute_rate_by_position is not None:
         paths.append(out / "attribute_rate.png")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ import pytest
 from factedit.analysis.circuit import LocateConfig
 from factedit.audit.compare import audit_differences
 from factedit.audit.dataset import DatasetError, load_facts, world_facts
+from factedit.audit.relations import NO_RELATION, WIKIDATA_RELATIONS, relation_name
+from factedit.audit.report import FIGURES, HUB_MARKS
 from factedit.audit.run import run_audit, world_related
 from factedit.audit.store import FACTS, read_records
 from factedit.audit.summary import robustness
@@ -126,6 +129,62 @@ def test_unknown_facts_are_filtered_and_counted(demo, tmp_path):
     recs = read_records(tmp_path / "o" / FACTS)
     assert [r["status"] for r in recs] == ["known", "unknown", "error"]
     assert "Somebody" in recs[2]["error"]
+
+
+def test_every_known_1000_relation_has_its_label():
+    """Reports show known_1000's relation ids in words: the table covers every id of the file."""
+    ids = {r["relation_id"] for r in json.loads((ROOT / "factedit" / "data" / "known_1000.json").read_text())}
+    assert len(ids) >= 30 and ids <= set(WIKIDATA_RELATIONS), sorted(ids - set(WIKIDATA_RELATIONS))
+    for rid in ids:
+        assert relation_name(rid) == f"{rid} {WIKIDATA_RELATIONS[rid]}" and WIKIDATA_RELATIONS[rid].strip()
+    assert relation_name("P176") == "P176 manufacturer" and relation_name("P17") == "P17 country"
+    assert relation_name("city_country") == "city_country" and relation_name("") == NO_RELATION
+
+
+def test_report_names_relations_and_says_why_a_cell_is_empty(demo, tmp_path):
+    """A Wikidata relation appears with its label, records without a relation id under
+    NO_RELATION, and a cell without a number says why (no known fact, one prompt per fact)."""
+    model, tok, world = demo
+    ent = world.entities[0]
+    rid, prompt, attr = world.prompts(ent)[0]
+    wrong = next(a for a in world.relations[rid].attributes if a != attr)
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": prompt, "subject": ent.name, "attribute": attr, "relation_id": "P19"},
+        {"prompt": prompt, "subject": ent.name, "attribute": attr},
+        {"prompt": prompt, "subject": ent.name, "attribute": wrong, "relation_id": "P176"},
+    ]) + "\n")
+    run_audit(load_facts(data), model=model, tokenizer=tok, out=tmp_path / "o", config=_cfg(),
+              dataset_name=str(data), progress=False, log=lambda m: None)
+    html = (tmp_path / "o" / "report.html").read_text()
+    table = html[html.index("<h2>Per relation</h2>"):]
+    for text in ("P19 place of birth", "P176 manufacturer", NO_RELATION, "no known fact",
+                 "no fact with two known prompts"):
+        assert text in table, text
+    assert "n/a" not in table and "(none)" not in table
+
+
+# What each audit figure draws, which its caption must name: axes, colours, bands and marks.
+FIGURE_MARKS = {
+    "knockout_mean.png": ("x:", "y:", "blue", "orange", "green", "shaded bands", "95%", "grey line"),
+    "attribute_rate.png": ("x:", "y:", "legend", "marker"),
+    "extraction_rate.png": ("x:", "y:", "purple", "red"),
+    "knowledge_hubs.png": ("x: head", "y: layer", "colour", "dark purple", "yellow", f"red boxes: the {HUB_MARKS}"),
+    "enrichment_layers.png": ("rows: relations", "x: mlp layer", "colour", "black", "yellow"),
+    "robustness.png": ("(x)", "y:", "blue bars", "orange bars"),
+}
+
+
+def test_every_figure_caption_names_its_axes_and_marks(reference):
+    out, _s, _facts = reference
+    assert set(FIGURE_MARKS) == set(FIGURES)
+    for name, words in FIGURE_MARKS.items():
+        missing = [w for w in words if w not in FIGURES[name].lower()]
+        assert not missing, (name, missing)
+    html = (out / "report.html").read_text()
+    for name in FIGURES:
+        if (out / name).is_file():
+            assert escape(FIGURES[name]) in html, name
 
 
 def test_known_facts_and_counterfact_formats(tmp_path):

@@ -2,8 +2,10 @@
 attribute rate against a hand projection, the knockout against the paper's one-pass-per-row
 procedure, and the CLI (files written, bad input exits 2)."""
 
+import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,9 +183,29 @@ def test_limit_counts_subject_relation_groups(demo):
     assert len(prim) == 3 and len({f.group for f in prim}) == 3
 
 
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_per_stage_on_a_terminal_only(demo, monkeypatch):
+    model, tok, world = demo
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    args = dict(model=model, tokenizer=tok, config=_cfg(), limit=1, world=world,
+                options=StudyOptions(related="model", description_tokens=4, paraphrases=1, two_hop=False))
+    run_study(world_facts(world), **args, progress=False)
+    assert tty.getvalue() == ""
+    run_study(world_facts(world), **args)
+    for stage in ("checking which facts the model knows", "describing subjects", "locating known facts",
+                  "locating paraphrases"):
+        assert stage in tty.getvalue(), stage
+
+
 def test_cli_study_writes_and_refuses_bad_input(tmp_path):
     out = tmp_path / "st"
-    res = CliRunner().invoke(main, ["study", "--out", str(out), "--limit", "2", "--paraphrases", "0", "--no-two-hop"])
+    res = CliRunner().invoke(main, ["study", "--out", str(out), "--limit", "2", "--paraphrases", "0", "--no-two-hop",
+                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "paper GPT-2 XL" in res.output
     assert (out / "study.json").is_file() and (out / "knockout_bands.png").is_file()

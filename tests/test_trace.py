@@ -4,6 +4,9 @@ states before the subject are never corrupted."""
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 import torch
 
@@ -106,6 +109,39 @@ def test_trace_refuses_bad_arguments():
         causal_trace(adapter, TP, 0, positions=[99])
     with pytest.raises(FactEditError, match="samples"):
         causal_trace(adapter, TP, 0, samples=0)
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_trace_progress_counts_every_pass_and_shows_on_a_terminal_only(demo, monkeypatch, capsys):
+    """causal_trace reports each batch's rows to the bar (trace_rows in all); trace() shows the
+    bar, with its estimate, on a terminal and never with progress=False or off a terminal."""
+    from factedit.analysis.trace import trace, trace_rows
+
+    class Count:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    adapter = ModelLayout(tiny_model("gpt2"))
+    bar = Count()
+    causal_trace(adapter, TP, 0, "mlp", positions=[3, 7], samples=2, noise=1.0, max_rows=6, bar=bar)
+    assert bar.n == trace_rows(adapter.n_layers, 2, 2)
+    model, tok, _world = demo
+    fact = dict(prompt="{} was born in", subject="Roric Dunnford", model=model, tokenizer=tok, kinds=("mlp",),
+                samples=1)
+    trace(**fact)  # stderr captured: not a terminal
+    assert capsys.readouterr().err == ""
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    trace(**fact, progress=False)
+    assert tty.getvalue() == ""
+    trace(**fact)
+    assert "causal tracing (mlp)" in tty.getvalue() and "100%" in tty.getvalue()
 
 
 def test_trace_cli_and_locate_trace_field(tmp_path):

@@ -117,6 +117,50 @@ def test_real_edit_passes_and_report_is_written(edited, tmp_path):
     assert e["flow"]["c_gain_surviving_knockout"] <= 0.5 and e["flow"]["b_extraction"]["in_targeted_components"]
     html = (tmp_path / "v" / "report.html").read_text()
     assert "1 of 1 edits pass" in html and html.count("data:image/png;base64,") == 4
+    assert "(d) enrichment MLP layers, before the edit \u2192 after" in html and "circles: layers where" in html
+
+
+def _report(**flow) -> dict:
+    """A verify report of one edit, as report.json holds it (no circuits: no figures)."""
+    f = {"a_prediction": " Paris", "a_ok": True, "a_paraphrases_ok": None,
+         "b_extraction": {"where": "MLP layers 6", "targeted": ["MLP L5 (last subject)"],
+                          "in_targeted_components": False},
+         "c_read_window_centre": 3, "c_drop_percent": 80.0, "c_gain_surviving_knockout": 0.1,
+         "d_overlap": {"extraction_heads_jaccard": None, "enrichment_before": [5, 3, 14],
+                       "enrichment_after": [14, 3, 2]},
+         "e_neighbours": {}, **flow}
+    metrics = {"efficacy_score": 1.0, "paraphrase_score": None, "fluency_after": None}
+    return {"base_model": "demo", "edit": "e1", "summary": {"passed": 1, "n_edits": 1, **metrics},
+            "edits": [{"request": {"prompt": "{} was born in", "subject": "Roric Dunnford", "target_new": "Paris"},
+                       "passed": True, "reasons": [], "metrics": metrics, "flow": f, "circuits": {}}]}
+
+
+def test_html_labels_every_row_in_words():
+    """No bare list or "n/a": each row of the per-edit table says what it shows, and an
+    empty value why it is empty."""
+    from factedit.verify.html import render_html
+
+    html = render_html(_report())
+    row = "<tr><th>(d) enrichment MLP layers, before the edit \u2192 after (strongest first)</th>"
+    assert f"{row}<td>L5, L3, L14 &rarr; L14, L3, L2</td></tr>" in html
+    assert "[5, 3, 14]" not in html and "n/a" not in html
+    for text in ("no paraphrases located", "no extraction heads before or after", "no neighbour prompts",
+                 "no paraphrase prompts", "not measured (fluency off)", "extracted elsewhere",
+                 "window centred at layer 3: p(Paris) changes by -80.000 %"):
+        assert text in html, text
+    assert "<td>none &rarr; none</td>" in render_html(_report(d_overlap={
+        "extraction_heads_jaccard": 0.5, "enrichment_before": [], "enrichment_after": []}))
+
+
+def test_html_figure_captions_name_axes_lines_and_marks():
+    from factedit.verify.html import _captions
+
+    c = {"knockout": {"window": 3}, "prediction": " Paris"}
+    ko, proj = _captions(c, "edited model", "Paris")
+    for text in ("x: centre layer", "y: change of p(Paris)", "blue", "orange", "green", "grey line", "3 layers"):
+        assert text in ko, text
+    for text in ("x: layer", "y: p(Paris)", "black", "purple", "red", "circles: layers where Paris is the top"):
+        assert text in proj, text
 
 
 @pytest.mark.parametrize("variant,reason", [

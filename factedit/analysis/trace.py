@@ -23,9 +23,11 @@ one pass of the prompt, and a trace costs ``samples x (1 + layers x positions)``
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 from factedit.analysis.hooks import Hooks, as_btd, first_output, upcast, with_output
 from factedit.analysis.knockout import window_layers
@@ -102,9 +104,10 @@ def _site_module(adapter: ModelLayout, kind: str, layer: int) -> torch.nn.Module
 @torch.no_grad()
 def causal_trace(adapter: ModelLayout, tp: TokenizedPrompt, token: int, kind: str = "mlp", *,
                  positions: list[int] | None = None, window: int = 10, samples: int = 10,
-                 noise: float | None = None, seed: int = 0, max_rows: int = 256) -> TraceResult:
+                 noise: float | None = None, seed: int = 0, max_rows: int = 256, bar=None) -> TraceResult:
     """Trace ``kind`` ("hidden", "mlp" or "attn") at ``positions`` (default: every position)
-    for p(``token``) at the last position of ``tp``."""
+    for p(``token``) at the last position of ``tp``. ``bar`` (a tqdm bar, or None) hears each
+    batch's rows (``trace_rows`` of them in all)."""
     if kind not in KINDS:
         raise FactEditError(f"trace kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if samples < 1:
@@ -135,7 +138,7 @@ def causal_trace(adapter: ModelLayout, tp: TokenizedPrompt, token: int, kind: st
     eps = torch.randn(samples, s1 - s0, emb.weight.shape[1], generator=g) * noise  # (S, n_subj, d)
     # row r of the full list: sample r % S, restoring job r // S - 1 (job -1: nothing restored)
     jobs = [(c, p) for c in range(L) for p in positions]
-    n_rows = samples * (1 + len(jobs))
+    n_rows = trace_rows(L, len(positions), samples)  # = samples * (1 + len(jobs))
     probs = torch.empty(n_rows, dtype=torch.float64)
     per = max(samples, (max_rows // samples) * samples)  # whole jobs per batch
     for start in range(0, n_rows, per):
@@ -166,6 +169,8 @@ def causal_trace(adapter: ModelLayout, tp: TokenizedPrompt, token: int, kind: st
                 hooks.post(_site_module(adapter, kind, la), put)
             logits = model(input_ids=ids.expand(b, -1), **last_logits_only(model)).logits[:, -1]  # (b, V)
         probs[start: start + b] = torch.softmax(upcast(logits), -1)[:, token].double().cpu()
+        if bar is not None:
+            bar.update(b)
 
     by_job = probs.view(1 + len(jobs), samples).mean(1)  # (1 + jobs,)
     p_corrupt = float(by_job[0])
@@ -173,12 +178,18 @@ def causal_trace(adapter: ModelLayout, tp: TokenizedPrompt, token: int, kind: st
     return TraceResult(kind, k, noise, samples, seed, token, p_clean, p_corrupt, positions, eff.tolist())
 
 
+def trace_rows(n_layers: int, n_positions: int, samples: int) -> int:
+    """The forward-pass rows of one traced kind: ``samples x (1 + layers x positions)``."""
+    return samples * (1 + n_layers * n_positions)
+
+
 def trace(prompt: str, subject: str, target: str | None = None, *, model=None, tokenizer=None,
           kinds: tuple[str, ...] = KINDS, window: int = 10, samples: int = 10, noise: float | None = None,
-          seed: int = 0) -> tuple[TokenizedPrompt, dict[str, TraceResult]]:
+          seed: int = 0, progress: bool = True) -> tuple[TokenizedPrompt, dict[str, TraceResult]]:
     """The full trace of a fact (every position, each of ``kinds``), following ``target``'s
     first token or the model's prediction. ``model``: loaded (with ``tokenizer``), a path, a
-    named model, or None for the demo model."""
+    named model, or None for the demo model. ``progress``: a bar with its estimate on stderr,
+    shown on a terminal only (as the statistics text's sampling shows it); False: none."""
     from factedit.analysis.spans import target_token_ids, tokenize_with_subject
     from factedit.validate import bounded, check_model_args, check_prompt
 
@@ -205,5 +216,8 @@ def trace(prompt: str, subject: str, target: str | None = None, *, model=None, t
         with torch.no_grad():
             token = int(model(input_ids=torch.tensor([tp.input_ids], device=model.device)).logits[0, -1].argmax())
     noise = embedding_noise(adapter, tokenizer) if noise is None else noise
-    return tp, {k: causal_trace(adapter, tp, token, k, window=window, samples=samples, noise=noise, seed=seed)
-                for k in kinds}
+    rows = len(kinds) * trace_rows(adapter.n_layers, len(tp.input_ids), samples)
+    with tqdm(total=rows, desc=f"causal tracing ({', '.join(kinds)})", unit="pass", file=sys.stderr,
+              disable=None if progress else True, dynamic_ncols=True) as bar:
+        return tp, {k: causal_trace(adapter, tp, token, k, window=window, samples=samples, noise=noise, seed=seed,
+                                    bar=bar) for k in kinds}

@@ -36,6 +36,7 @@ importable from here too.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from factedit.analysis.circuit import LocateConfig
 from factedit.audit.dataset import AuditFact, relation_templates
@@ -117,8 +119,22 @@ def load_related_file(path: str | Path) -> dict[str, str]:
     return data
 
 
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "fact") -> tqdm:
+    """A bar with its estimate on stderr, shown on a terminal only (``progress`` False: never)."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if progress else True,
+                dynamic_ncols=True)
+
+
+def tqdm_iter(items: list, desc: str, progress: bool, unit: str = "fact"):
+    """``items`` under a ``progress_bar``."""
+    with progress_bar(len(items), desc, progress, unit) as bar:
+        for x in items:
+            yield x
+            bar.update(1)
+
+
 def related_texts(opt: StudyOptions, facts: list[AuditFact], subjects: list[str], model, tok,
-                  world) -> tuple[str, dict[str, str | list[str]]]:
+                  world, progress: bool = False) -> tuple[str, dict[str, str | list[str]]]:
     """(source, {subject: text}): the related-token text of each subject, from ``opt.related``
     ("auto" is the world's attributes for a world model, else the model's own descriptions)."""
     source = opt.related
@@ -134,7 +150,8 @@ def related_texts(opt: StudyOptions, facts: list[AuditFact], subjects: list[str]
             except KeyError:
                 pass
     elif source == "model":
-        texts = dict(describe_subjects(model, tok, subjects, opt.description_tokens, opt.describe_batch))
+        with progress_bar(len(set(subjects)), "describing subjects", progress, unit="subject") as bar:
+            texts = dict(describe_subjects(model, tok, subjects, opt.description_tokens, opt.describe_batch, bar=bar))
     elif source == "dataset":
         by_subject: dict[str, list[str]] = defaultdict(list)
         for f in facts:
@@ -148,25 +165,29 @@ def related_texts(opt: StudyOptions, facts: list[AuditFact], subjects: list[str]
 
 
 def _fact_records(adapter: ModelLayout, model, tok, kept: list, subjects: list[str], rel_sets: dict,
-                  cfg: LocateConfig, fp: str, log: Callable[[str], None]) -> list[dict]:
-    """Items 1-4: one record per known fact, with the next subject's related tokens as its control."""
+                  cfg: LocateConfig, fp: str, log: Callable[[str], None], progress: bool = False) -> list[dict]:
+    """Items 1-4: one record per known fact, with the next subject's related tokens as its control.
+    ``log`` hears the count every 25 facts where no bar is shown."""
     records = []
-    for i, (f, tp, clean) in enumerate(kept):
-        rel = rel_sets.get(f.subject)
-        other = subjects[(subjects.index(f.subject) + 1) % len(subjects)] if len(subjects) > 1 else None
-        control = rel_sets.get(other) if other is not None else None
-        records.append(fact_record(adapter, model, tok, tp, clean, f, cfg, fp, rel, control))
-        if (i + 1) % 25 == 0:
-            log(f"located {i + 1}/{len(kept)}")
+    with progress_bar(len(kept), "locating known facts", progress) as bar:
+        for i, (f, tp, clean) in enumerate(kept):
+            rel = rel_sets.get(f.subject)
+            other = subjects[(subjects.index(f.subject) + 1) % len(subjects)] if len(subjects) > 1 else None
+            control = rel_sets.get(other) if other is not None else None
+            records.append(fact_record(adapter, model, tok, tp, clean, f, cfg, fp, rel, control))
+            bar.update(1)
+            if (i + 1) % 25 == 0 and bar.disable:
+                log(f"located {i + 1}/{len(kept)}")
     return records
 
 
 def _paraphrase_records(adapter: ModelLayout, model, tok, records: list[dict], kept: list, templates: dict,
-                        rel_sets: dict, cfg: LocateConfig, fp: str, per_fact: int) -> tuple[list[dict], list[dict]]:
+                        rel_sets: dict, cfg: LocateConfig, fp: str, per_fact: int,
+                        progress: bool = False) -> tuple[list[dict], list[dict]]:
     """Item 5: (pairs, paraphrase records), up to ``per_fact`` known paraphrases of each fact,
     from its relation's other templates."""
     pairs, para_records = [], []
-    for rec, (f, _tp, _c) in zip(records, kept):
+    for rec, (f, _tp, _c) in tqdm_iter(list(zip(records, kept)), "locating paraphrases", progress):
         n = 0
         for tmpl in templates.get(f.relation, []):
             if n >= per_fact:
@@ -187,9 +208,12 @@ def _paraphrase_records(adapter: ModelLayout, model, tok, records: list[dict], k
 @torch.no_grad()
 def run_study(facts: list[AuditFact], *, model, tokenizer, config: LocateConfig, limit: int | None = None,
               options: StudyOptions | None = None, world=None, dataset_name: str = "",
-              out: str | Path | None = None, log: Callable[[str], None] = lambda m: None) -> Study:
+              out: str | Path | None = None, log: Callable[[str], None] = lambda m: None,
+              progress: bool = True) -> Study:
     """The study of ``facts`` (the first ``limit`` subject-relation groups) on ``model``; writes
-    ``study.json`` and the figures into ``out`` when given (checked by the caller)."""
+    ``study.json`` and the figures into ``out`` when given (checked by the caller). ``progress``:
+    a bar per stage (facts checked, subjects described, facts and paraphrases located) with its
+    estimate on stderr, shown on a terminal only; False: none."""
     opt = options or StudyOptions()
     tok = tokenizer
     adapter = ModelLayout(model)
@@ -202,7 +226,7 @@ def run_study(facts: list[AuditFact], *, model, tokenizer, config: LocateConfig,
     primaries = primary_facts(facts, limit)
     templates = relation_templates(facts)
     kept = []
-    for f in primaries:
+    for f in tqdm_iter(primaries, "checking which facts the model knows", progress):
         got = known_prompt(adapter, tok, f.prompt, f.subject, f.attribute)
         if got is not None:
             kept.append((f, *got))
@@ -212,13 +236,13 @@ def run_study(facts: list[AuditFact], *, model, tokenizer, config: LocateConfig,
     # related-token texts
     t = time.perf_counter()
     subjects = sorted({f.subject for f, _tp, _c in kept})
-    source, texts = related_texts(opt, facts, subjects, model, tok, world)
+    source, texts = related_texts(opt, facts, subjects, model, tok, world, progress)
     rel_sets = {s: related_set(tok, v, s) for s, v in texts.items()}
     times["related_texts"] = time.perf_counter() - t
 
     # items 1-4
     t = time.perf_counter()
-    records = _fact_records(adapter, model, tok, kept, subjects, rel_sets, cfg, fp, log)
+    records = _fact_records(adapter, model, tok, kept, subjects, rel_sets, cfg, fp, log, progress)
     times["locate"] = time.perf_counter() - t
 
     # item 5
@@ -226,7 +250,7 @@ def run_study(facts: list[AuditFact], *, model, tokenizer, config: LocateConfig,
     pairs, para_records = [], []
     if opt.paraphrases > 0:
         pairs, para_records = _paraphrase_records(adapter, model, tok, records, kept, templates, rel_sets, cfg, fp,
-                                                  opt.paraphrases)
+                                                  opt.paraphrases, progress)
     times["paraphrases"] = time.perf_counter() - t
 
     # item 6

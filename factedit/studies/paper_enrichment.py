@@ -20,12 +20,13 @@ DESCRIBE_PROMPT = "Here is a short article about {}.\n\n"
 
 
 @torch.no_grad()
-def describe_subjects(model, tok, subjects: list[str], max_new_tokens: int = 32, batch: int = 16) -> dict[str, str]:
+def describe_subjects(model, tok, subjects: list[str], max_new_tokens: int = 32, batch: int = 16,
+                      bar=None) -> dict[str, str]:
     """The offline default for the attribute rate's text about a subject: a short article the
     model writes itself, greedy, after ``DESCRIBE_PROMPT``. It is what the model associates
     with the subject (not necessarily true), the prompt does not end at the subject (so the
     text is not simply the last subject token's own next-token prediction), and it needs no
-    download. Left-padded batches."""
+    download. Left-padded batches; ``bar`` (a tqdm bar, or None) hears each batch's subjects."""
     device = next(model.parameters()).device
     out: dict[str, str] = {}
     side = tok.padding_side
@@ -43,6 +44,8 @@ def describe_subjects(model, tok, subjects: list[str], max_new_tokens: int = 32,
             n = enc["input_ids"].shape[1]
             for s, row in zip(chunk, gen):
                 out[s] = tok.decode(row[n:], skip_special_tokens=True)
+            if bar is not None:
+                bar.update(len(chunk))
     finally:
         tok.padding_side = side
     return out

@@ -22,22 +22,31 @@ td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 
 .note { color: #555; font-size: 14px; }
 """
 
+# (key, label, what a missing value means)
 METRICS = [
-    ("efficacy_score", "Efficacy score (ES): new beats true on the edit prompt"),
-    ("efficacy_magnitude", "Efficacy magnitude: p(new) - p(true)"),
-    ("paraphrase_score", "Paraphrase score (PS)"),
-    ("neighbourhood_score", "Neighbourhood score (NS): true still beats new on other subjects"),
-    ("reliability_accuracy", "Reliability (token accuracy, EasyEdit-style)"),
-    ("generalisation_accuracy", "Generalisation (token accuracy on paraphrases)"),
-    ("locality_accuracy", "Locality (neighbour tokens unchanged)"),
-    ("fluency_before", "Fluency before (n-gram entropy)"),
-    ("fluency_after", "Fluency after (n-gram entropy)"),
+    ("efficacy_score", "Efficacy score (ES): share of edit prompts where the new attribute beats the true one",
+     "not measured"),
+    ("efficacy_magnitude", "Efficacy magnitude: p(new) - p(true) on the edit prompt", "not measured"),
+    ("paraphrase_score", "Paraphrase score (PS): share of paraphrases where the new attribute beats the true one",
+     "no paraphrase prompts"),
+    ("neighbourhood_score", "Neighbourhood score (NS): share of other subjects' prompts where the true attribute "
+     "still beats the new one", "no neighbour prompts"),
+    ("reliability_accuracy", "Reliability: token accuracy of the new attribute on the edit prompt (EasyEdit-style)",
+     "not measured"),
+    ("generalisation_accuracy", "Generalisation: token accuracy of the new attribute on the paraphrases",
+     "no paraphrase prompts"),
+    ("locality_accuracy", "Locality: share of neighbour prompts whose top tokens along the true attribute "
+     "(teacher-forced) are unchanged", "no neighbour prompts"),
+    ("fluency_before", "Fluency before the edit: n-gram entropy of a text the base model generates",
+     "not measured (fluency off)"),
+    ("fluency_after", "Fluency after the edit: n-gram entropy of a text the edited model generates",
+     "not measured (fluency off)"),
 ]
 
-
-def _fmt(v) -> str:
+def _fmt(v, missing: str = "n/a") -> str:
+    """A value for a cell; ``missing`` says what None means there."""
     if v is None:
-        return "n/a"
+        return html.escape(missing)
     if isinstance(v, float):
         return f"{v:.3f}"
     return html.escape(str(v))
@@ -45,6 +54,21 @@ def _fmt(v) -> str:
 
 def embed_png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _captions(c: dict, label: str, tok: str) -> tuple[str, str]:
+    """The knockout and projection figures' captions: axes, lines, bands and marks."""
+    k = c["knockout"]["window"]
+    pred = html.escape(c["prediction"].strip())
+    ko = (f"{label}: attention knockout. x: centre layer of the window of {k} layers in which the last position's "
+          f"attention edges are blocked; y: change of p({pred}), the model's prediction [%]. Lines: edges from the "
+          "subject tokens (blue), from the other tokens before the last, the relation (orange), and from the last "
+          "token itself (green); grey line: no change.")
+    tok = html.escape(tok)
+    proj = (f"{label}: vocabulary projection at the last position. x: layer; y: p({tok}) in the projection of the "
+            "residual stream (black), of the MHSA output (purple) and of the MLP output (red); circles: layers where "
+            f"{tok} is the top token.")
+    return ko, proj
 
 
 def _figures(edit: dict, i: int, tmp: Path) -> str:
@@ -60,13 +84,46 @@ def _figures(edit: dict, i: int, tmp: Path) -> str:
         knockout_figure({s: c["knockout"][s] for s in ("subject", "non_subject", "last")}, c["knockout"]["window"],
                         k, title=f"{label}: knockout, p({c['prediction'].strip()})")
         projection_figure(c["projection"], p, tok, title=f"{label}: projection at the last position")
-        cells.append((label, k, p))
+        cells.append((k, p, *_captions(c, label, tok)))
     rows = []
-    for j, kind in ((1, "attention knockout"), (2, "vocabulary projection")):
+    for j in (0, 1):
         rows.append('<div class="figs">' + "".join(
-            f'<figure><img src="{embed_png(c[j])}"><figcaption>{c[0]}: {kind}</figcaption></figure>' for c in cells)
+            f'<figure><img src="{embed_png(c[j])}"><figcaption>{c[j + 2]}</figcaption></figure>' for c in cells)
             + "</div>")
     return "".join(rows)
+
+
+def _layers(layers: list[int]) -> str:
+    return ", ".join(f"L{la}" for la in layers) or "none"
+
+
+def _flow_rows(e: dict) -> list[tuple[str, str]]:
+    """The per-edit table: each check (a)-(e) and metric, labelled in words."""
+    f, b, d = e["flow"], e["flow"]["b_extraction"], e["flow"]["d_overlap"]
+    new = html.escape(e["request"]["target_new"])
+    targeted = ""
+    if b["targeted"]:
+        targeted = (f"; the edit wrote into {html.escape(', '.join(b['targeted']))}: "
+                    f"{'extracted there' if b['in_targeted_components'] else 'extracted elsewhere'}")
+    return [
+        ("(a) the edited model's prediction on the edit prompt",
+         f"{html.escape(f['a_prediction'].strip())} ({'the new attribute' if f['a_ok'] else 'not the new attribute'})"),
+        ("(a) share of the re-located paraphrases that predict the new attribute",
+         _fmt(f["a_paraphrases_ok"], "no paraphrases located")),
+        ("(b) where the edited model extracts the new attribute (rank 1 at the last position)",
+         html.escape(b["where"]) + targeted),
+        ("(c) blocking the subject's edges into the last position, in the window where the base model reads the "
+         "subject", f"window centred at layer {f['c_read_window_centre']}: p({new}) changes by "
+         f"{_fmt(-f['c_drop_percent'])} %"),
+        (f"(c) share of the edit's gain in p({new}) that survives that blocking",
+         _fmt(f["c_gain_surviving_knockout"], "not computed: the edit added nothing to p(new)")),
+        ("(d) extraction heads before and after the edit: Jaccard similarity",
+         _fmt(d["extraction_heads_jaccard"], "no extraction heads before or after")),
+        ("(d) enrichment MLP layers, before the edit \u2192 after (strongest first)",
+         f"{_layers(d['enrichment_before'])} &rarr; {_layers(d['enrichment_after'])}"),
+        ("(e) share of neighbour prompts whose prediction is unchanged",
+         _fmt(f["e_neighbours"].get("predictions_unchanged"), "no neighbour prompts")),
+    ] + [(label, _fmt(e["metrics"].get(k), missing)) for k, label, missing in METRICS[:7]]
 
 
 def render_html(report: dict) -> str:
@@ -85,10 +142,11 @@ def render_html(report: dict) -> str:
              "their predictions, and the scores reach their floors. (b) where the new attribute is extracted and "
              "(d) the overlap of the circuits are reported.</p>",
              "<h2>Summary (means over edits)</h2><table>"]
-    for k, label in METRICS:
+    for k, label, missing in METRICS:
         if k in s:
-            parts.append(f"<tr><th>{label}</th><td>{_fmt(s[k])}</td></tr>")
-    parts.append("</table><h2>Edits</h2><table><tr><th>#</th><th>edit</th><th>verdict</th><th>why</th></tr>")
+            parts.append(f"<tr><th>{label}</th><td>{_fmt(s[k], missing)}</td></tr>")
+    parts.append("</table><h2>Edits</h2><table><tr><th>#</th><th>edit prompt &rarr; new attribute</th>"
+                 "<th>verdict</th><th>why it did not pass</th></tr>")
     for i, e in enumerate(report["edits"]):
         r = e["request"]
         fill = r["prompt"].replace("{}", r["subject"])
@@ -98,25 +156,12 @@ def render_html(report: dict) -> str:
     parts.append("</table>")
     with tempfile.TemporaryDirectory() as tmp:
         for i, e in enumerate(report["edits"]):
-            r, f = e["request"], e["flow"]
+            r = e["request"]
             fill = r["prompt"].replace("{}", r["subject"])
-            b = f["b_extraction"]
             parts.append(f"<h3 id='e{i}'>{i + 1}. {html.escape(fill)} &rarr; {html.escape(r['target_new'])} "
                          f"<span class='{'pass' if e['passed'] else 'fail'}'>{'PASS' if e['passed'] else 'FAIL'}"
                          "</span></h3><table>")
-            rows = [
-                ("(a) edited prediction", f"{f['a_prediction'].strip()} ({'ok' if f['a_ok'] else 'wrong'}); "
-                 f"on paraphrases: {_fmt(f['a_paraphrases_ok'])}"),
-                ("(b) new attribute extracted at", b["where"] + (
-                    f"; targeted: {', '.join(b['targeted'])} "
-                    f"({'hit' if b['in_targeted_components'] else 'elsewhere'})" if b["targeted"] else "")),
-                ("(c) subject knockout at the read window", f"window at layer {f['c_read_window_centre']}: "
-                 f"p(new) changes by {_fmt(-f['c_drop_percent'])} %; share of the edit's gain that survives: "
-                 f"{_fmt(f['c_gain_surviving_knockout'])}"),
-                ("(d) extraction heads Jaccard / enrichment", f"{_fmt(f['d_overlap']['extraction_heads_jaccard'])} / "
-                 f"{f['d_overlap']['enrichment_before']} &rarr; {f['d_overlap']['enrichment_after']}"),
-                ("(e) neighbours unchanged", _fmt(f["e_neighbours"].get("predictions_unchanged"))),
-            ] + [(label, _fmt(e["metrics"].get(k))) for k, label in METRICS[:7]]
+            rows = _flow_rows(e)
             parts += [f"<tr><th>{a}</th><td>{c}</td></tr>" for a, c in rows]
             parts.append("</table>")
             if i < MAX_FIGURE_EDITS:
