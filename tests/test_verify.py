@@ -150,6 +150,9 @@ def test_html_labels_every_row_in_words():
         assert text in html, text
     assert "<td>none &rarr; none</td>" in render_html(_report(d_overlap={
         "extraction_heads_jaccard": 0.5, "enrichment_before": [], "enrichment_after": []}))
+    incomplete = _report()
+    incomplete["edits"][0].update(passed=False, verdict="incomplete")
+    assert "INCOMPLETE</span>" in render_html(incomplete) and ">incomplete</td>" in render_html(incomplete)
 
 
 def test_html_figure_captions_name_axes_lines_and_marks():

@@ -93,6 +93,12 @@ def _figures(edit: dict, i: int, tmp: Path) -> str:
     return "".join(rows)
 
 
+def _verdict(e: dict) -> str:
+    """"pass", "fail" or "incomplete" (a check that needs prompts did not run); reports without
+    a verdict field: from ``passed``."""
+    return html.escape(str(e.get("verdict") or ("pass" if e["passed"] else "fail")))
+
+
 def _layers(layers: list[int]) -> str:
     return ", ".join(f"L{la}" for la in layers) or "none"
 
@@ -152,14 +158,14 @@ def render_html(report: dict) -> str:
         fill = r["prompt"].replace("{}", r["subject"])
         parts.append(f"<tr><td><a href='#e{i}'>{i + 1}</a></td><td>{html.escape(fill)} &rarr; "
                      f"<b>{html.escape(r['target_new'])}</b></td><td class='{'pass' if e['passed'] else 'fail'}'>"
-                     f"{'pass' if e['passed'] else 'fail'}</td><td>{html.escape('; '.join(e['reasons']))}</td></tr>")
+                     f"{_verdict(e)}</td><td>{html.escape('; '.join(e['reasons']))}</td></tr>")
     parts.append("</table>")
     with tempfile.TemporaryDirectory() as tmp:
         for i, e in enumerate(report["edits"]):
             r = e["request"]
             fill = r["prompt"].replace("{}", r["subject"])
             parts.append(f"<h3 id='e{i}'>{i + 1}. {html.escape(fill)} &rarr; {html.escape(r['target_new'])} "
-                         f"<span class='{'pass' if e['passed'] else 'fail'}'>{'PASS' if e['passed'] else 'FAIL'}"
+                         f"<span class='{'pass' if e['passed'] else 'fail'}'>{_verdict(e).upper()}"
                          "</span></h3><table>")
             rows = _flow_rows(e)
             parts += [f"<tr><th>{a}</th><td>{c}</td></tr>" for a, c in rows]
