@@ -19,11 +19,12 @@ _WHERE = {
     "locate": "factedit.analysis.locate", "edit": "factedit.editing.api", "EditConfig": "factedit.editing.config",
     "EditRequest": "factedit.editing.requests", "load_requests": "factedit.editing.requests",
     "load_model": "factedit.models.loading", "VerifyOptions": "factedit.verify.checks",
-    "VerifyReport": "factedit.verify.run", "verify": "factedit.verify.run",
+    "VerifyReport": "factedit.verify.run", "verify": "factedit.verify.run", "PromptSet": "factedit.verify.checks",
+    "pool_prompts": "factedit.studies.verify_prompts",
 }
 
-__all__ = ["EditConfig", "EditRequest", "LocateConfig", "RecallCircuit", "VerifyOptions", "VerifyReport", "edit",
-           "load_model", "load_requests", "locate", "verify", "__version__"]
+__all__ = ["EditConfig", "EditRequest", "LocateConfig", "PromptSet", "RecallCircuit", "VerifyOptions", "VerifyReport",
+           "edit", "load_model", "load_requests", "locate", "pool_prompts", "verify", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -344,9 +344,15 @@ def _undo(k, out, model_path, dtype, device, allow_pickle, trust_remote_code, wi
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it holds files.")
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when an edit fails.")
 @click.option("--no-fluency", is_flag=True, help="Skip the generation-based fluency measure.")
+@click.option("--allow-missing", multiple=True, type=click.Choice(["paraphrases", "neighbours"]),
+              help="Let an edit pass without this check when it has no such prompts and none can be built "
+                   "(repeatable). Without it such an edit is 'incomplete' (exit 1).")
 def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_dir, edited_dir, requests_path, out,
-           overwrite, no_fail, no_fluency) -> None:
-    """Check edits: metrics and the flow re-analysis on the edited model, with a verdict each."""
+           overwrite, no_fail, no_fluency, allow_missing) -> None:
+    """Check edits: metrics and the flow re-analysis on the edited model, with a verdict each.
+
+    Paraphrase and neighbour prompts come from each request; where it has none, from the demo
+    world or, on a real model, from the request pools' relation templates and facts."""
     from factedit.editing.requests import load_requests
     from factedit.models.zoo import model_dir
     from factedit.paths import check_output_dir
@@ -356,22 +362,32 @@ def verify(model_path, dtype, device, allow_pickle, trust_remote_code, adapter_d
 
     check_output_dir(out, overwrite, model_dir(model_path))
     requests = load_requests(requests_path) if requests_path is not None else None  # before the model is loaded
+    options = VerifyOptions(fluency=not no_fluency, allow_missing=allow_missing)
     model, tok = _load(model_path, dtype, device, allow_pickle, trust_remote_code)
+    from factedit.studies.verify_prompts import pool_prompts
+
     report = run_verify(model=model, tokenizer=tok, adapter=adapter_dir, edited=edited_dir, requests=requests,
-                        options=VerifyOptions(fluency=not no_fluency), log=lambda m: click.echo(m, err=True))
+                        options=options, prompts=pool_prompts(model, tok), log=lambda m: click.echo(m, err=True))
     write_report(report, out)
+    _print_verdicts(report, out)
+    if not report.all_passed and not no_fail:
+        sys.exit(EXIT_EDIT_FAILED)
+
+
+def _print_verdicts(report, out: str) -> None:
+    """One row per edit (verdict, ES / PS / NS, the edit), what each check did, the summary."""
     s = report.summary
-    click.echo(f"{'#':>3}  {'verdict':7s} {'ES':>5s} {'PS':>5s} {'NS':>5s}  edit")
+    click.echo(f"{'#':>3}  {'verdict':10s} {'ES':>5s} {'PS':>5s} {'NS':>5s}  edit")
     for i, e in enumerate(report.edits, 1):
         m, r = e.metrics, e.request
         f = (lambda v: "  n/a" if v is None else f"{v:5.2f}")  # noqa: E731
-        click.echo(f"{i:3d}  {'pass' if e.passed else 'FAIL':7s} {f(m['efficacy_score'])} "
+        click.echo(f"{i:3d}  {e.verdict if e.passed else e.verdict.upper():10s} {f(m['efficacy_score'])} "
                    f"{f(m['paraphrase_score'])} {f(m['neighbourhood_score'])}  "
                    f"{r['prompt'].replace('{}', r['subject'])} -> {r['target_new']}"
                    + ("" if e.passed else f"  [{'; '.join(e.reasons)}]"))
-    click.echo(f"{s.passed}/{s.n_edits} edits pass; wrote {out}/report.json and {out}/report.html")
-    if not report.all_passed and not no_fail:
-        sys.exit(EXIT_EDIT_FAILED)
+        click.echo("     checks: " + "; ".join(f"{k} {v}" for k, v in e.checks.items() if v != "reported"))
+    extra = f", {s.incomplete} incomplete" if s.incomplete else ""
+    click.echo(f"{s.passed}/{s.n_edits} edits pass{extra}; wrote {out}/report.json and {out}/report.html")
 
 
 @main.command()

@@ -152,5 +152,15 @@ def test_edit_lands_loads_with_peft_and_merged_and_verify_passes(real, tmp_path,
     assert tok.decode([int(got.argmax())]).strip() == new
     torch.testing.assert_close(merged, got, atol=1e-3, rtol=0)  # float32: B(Ax) against (W + BA)x
     assert _top1(model, tok, prompt) == truth  # the base model in memory is left as it was
-    report = verify(model=model, tokenizer=tok, adapter=tmp_path / "e")
+    quick = factedit.VerifyOptions(fluency=False, max_flow_prompts=1, max_flow_neighbours=1)  # fewer re-locates
+    report = verify(model=model, tokenizer=tok, adapter=tmp_path / "e", prompts=factedit.pool_prompts(model, tok),
+                    options=quick)
     assert report.summary.passed == report.summary.n_edits == 1, report.edits[0].reasons
+    checks = report.edits[0].checks  # paraphrases and neighbours built from the pools' relations
+    assert checks["paraphrases"].startswith("pass: ") and checks["neighbours"].startswith("pass: "), checks
+    assert report.edits[0].metrics["paraphrase_score"] is not None
+    # without prompts, and not allowed to miss them, the same edit is not passed
+    bare = verify(model=model, tokenizer=tok, adapter=tmp_path / "e",
+                  options=factedit.VerifyOptions(fluency=False, max_flow_neighbours=0))
+    assert bare.edits[0].verdict == "incomplete" and not bare.all_passed
+    assert any("--allow-missing paraphrases" in r for r in bare.edits[0].reasons)

@@ -209,3 +209,47 @@ def test_merged_checkpoint_verifies_like_the_adapter(demo, edited, tmp_path):
     res = run_verify(edited / "good", tmp_path / "w")
     b = json.loads((tmp_path / "w" / "report.json").read_text())["edits"][0]["metrics"]
     assert a["nll_new"] == pytest.approx(b["nll_new"], abs=1e-3)
+
+
+def test_without_paraphrases_or_neighbours_an_edit_is_incomplete_not_passed(edited, tmp_path, monkeypatch):
+    """As on a real model whose prompt matches no pool relation: the world's prompts are not
+    found, no source builds any, so the verdict is "incomplete" (exit 1) with what to pass; the
+    same edit passes when both checks are allowed to be missing, and its checks say so."""
+    from factedit.studies import verify_prompts
+    from factedit.verify import run
+
+    monkeypatch.setattr(run.World, "of", staticmethod(lambda model: None))
+    # the world's "{} was born in" is also a known_1000 prompt: a source that matches nothing
+    monkeypatch.setattr(verify_prompts, "pool_prompts", lambda model, tok: lambda req, true: None)
+    res = run_verify(edited / "good", tmp_path / "v")
+    assert res.exit_code == 1, res.output
+    e = json.loads((tmp_path / "v" / "report.json").read_text())["edits"][0]
+    assert e["verdict"] == "incomplete" and not e["passed"]
+    assert e["checks"]["paraphrases"] == e["checks"]["neighbours"] == "not run: no prompts"
+    assert e["checks"]["(a) prediction"] == "pass" and e["metrics"]["paraphrase_score"] is None
+    assert "INCOMPLETE" in res.output and "--allow-missing paraphrases" in res.output
+    res = CliRunner().invoke(main, ["verify", "--adapter", str(edited / "good"), "--out", str(tmp_path / "w"),
+                                    "--no-fluency", "--allow-missing", "paraphrases", "--allow-missing", "neighbours"])
+    assert res.exit_code == 0, res.output
+    e = json.loads((tmp_path / "w" / "report.json").read_text())["edits"][0]
+    assert e["verdict"] == "pass" and e["checks"]["neighbours"] == "not run: no prompts (allowed)"
+    res = CliRunner().invoke(main, ["verify", "--adapter", str(edited / "good"), "--out", str(tmp_path / "x"),
+                                    "--no-fluency", "--allow-missing", "paraphrases"])
+    assert res.exit_code == 1 and "--allow-missing neighbours" in res.output
+
+
+def test_a_world_edit_lists_the_checks_that_ran(edited, tmp_path):
+    res = run_verify(edited / "good", tmp_path / "v")
+    e = json.loads((tmp_path / "v" / "report.json").read_text())["edits"][0]
+    assert e["verdict"] == "pass" and "checks:" in res.output
+    n_para = len(e["request"]["paraphrase_prompts"]) or None
+    assert e["checks"]["paraphrases"].startswith("pass: ") and "demo world" in e["checks"]["paraphrases"]
+    assert e["checks"]["neighbours"].startswith("pass: 10 prompts"), (e["checks"], n_para)
+
+
+def test_allow_missing_names_only_checks_that_need_prompts():
+    from factedit.errors import FactEditError
+    from factedit.verify.checks import VerifyOptions
+
+    with pytest.raises(FactEditError, match="'efficacy' is not a check that needs prompts"):
+        VerifyOptions(allow_missing=("efficacy",))

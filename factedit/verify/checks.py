@@ -14,9 +14,12 @@ Per edit, with o* the new target and o^c the true one:
 (d) overlap of the circuit before and after: Jaccard of the extraction heads, enrichment layers;
 (e) neighbours: their predictions (and circuits) unchanged.
 
-Verdict: pass unless (a), (c) or (e) fails, or a metric is below its floor (efficacy on the
-edit prompt, paraphrase score >= 0.5, neighbourhood score >= 0.8, where those prompts exist).
-(b) and (d) are reported, not judged: an edit may legitimately move extraction elsewhere.
+Verdict: ``pass`` when every check ran and none failed; ``fail`` when (a), (c) or (e) fails or
+a metric is below its floor (efficacy on the edit prompt, paraphrase score >= 0.5,
+neighbourhood score >= 0.8); ``incomplete`` when none failed but the paraphrase or neighbour
+checks could not run (no such prompts given or built) and the options do not allow that. So
+verify never passes on a metric it did not compute. (b) and (d) are reported, not judged: an
+edit may legitimately move extraction elsewhere. Each report lists the checks that ran.
 """
 
 from __future__ import annotations
@@ -42,23 +45,48 @@ class VerifyOptions:
     max_flow_prompts: int = 3  # paraphrases re-located per edit
     max_flow_neighbours: int = 3
     fluency: bool = True
+    allow_missing: tuple[str, ...] = ()  # of OPTIONAL_CHECKS: may be left out without an "incomplete" verdict
+
+    def __post_init__(self) -> None:
+        from factedit.errors import FactEditError
+
+        self.allow_missing = tuple(self.allow_missing)
+        bad = sorted(set(self.allow_missing) - set(OPTIONAL_CHECKS))
+        if bad:
+            raise FactEditError(f"allow_missing: {', '.join(map(repr, bad))} is not a check that needs prompts; "
+                                f"those are {', '.join(OPTIONAL_CHECKS)}")
+
+
+OPTIONAL_CHECKS = ("paraphrases", "neighbours")  # checks that need prompts beyond the edit's own
+
+
+@dataclass
+class PromptSet:
+    """The prompts verify measures an edit on beyond its own: paraphrases of the edit prompt and
+    CounterFact neighbours (other subjects, same relation and true attribute), and where they
+    came from (``source``: "request", "demo world", "places pool", ...)."""
+    paraphrases: list[str] = field(default_factory=list)
+    neighbours: list[Neighbour] = field(default_factory=list)
+    source: str = "request"
 
 
 @dataclass
 class EditReport:
     request: dict
-    passed: bool
-    reasons: list[str]
+    passed: bool  # verdict == "pass"
+    reasons: list[str]  # why it failed or is incomplete ([] when it passed)
     metrics: dict
     flow: dict
     circuits: dict = field(default_factory=dict)  # "before" / "after" circuits of the edit prompt
+    verdict: str = "pass"  # "pass" | "fail" | "incomplete"
+    checks: dict = field(default_factory=dict)  # check -> what ran ("pass", "fail", "not run: why", ...)
 
 
 def _jaccard(a: set, b: set) -> float | None:
     return None if not a and not b else len(a & b) / len(a | b)
 
 
-def world_prompts(world, req: EditRequest, n_neighbours: int = 10) -> tuple[list[str], list[Neighbour]]:
+def world_prompts(world, req: EditRequest, n_neighbours: int = 10) -> PromptSet | None:
     """For a world model: paraphrases (the relation's other templates) and neighbours: other
     entities that share the subject's true attribute for the relation (CounterFact's
     neighbourhood: same relation and object, other subject). Empty when the request's prompt
@@ -78,8 +106,9 @@ def world_prompts(world, req: EditRequest, n_neighbours: int = 10) -> tuple[list
             pool = [e for e in world.entities
                     if e.name != req.subject and (attribute is None or e.facts[rid] == attribute)]
             others = rng.sample(pool, min(n_neighbours, len(pool)))
-            return para, [Neighbour(tpl.format(e.name), e.name, e.facts[rid]) for e in others]
-    return [], []
+            return PromptSet(para, [Neighbour(tpl.format(e.name), e.name, e.facts[rid]) for e in others],
+                             "the demo world's templates and entities")
+    return None
 
 
 @dataclass
@@ -106,14 +135,19 @@ class _EditedRun:
 
 def verify_edit(base_model, tokenizer, edited: Callable[[], AbstractContextManager], req: EditRequest,
                 base_circuit: RecallCircuit | None, plan: EditPlan | None, lc: LocateConfig, opts: VerifyOptions,
-                paraphrases: list[str], neighbours: list[Neighbour]) -> EditReport:
+                prompts: PromptSet | Callable[[str], PromptSet | None] | None = None) -> EditReport:
     """Measure the base and the edited model, then run checks (a) to (e) and the floors.
     ``edited()`` is a context manager under which ``base_model`` is the edited model (an
     applied adapter), or which yields a separate edited model. ``plan``: the sites the edit
-    updated (from its ``edits.json``), when known."""
+    updated (from its ``edits.json``), when known. ``prompts``: the paraphrases and
+    neighbours, or a function of the true attribute giving them (called once the base
+    model's answer is known, when the request does not name it)."""
     if base_circuit is None:
         base_circuit = locate(req.prompt, req.subject, model=base_model, tokenizer=tokenizer, config=lc)
     true = req.target_true if req.target_true is not None else base_circuit.prediction.strip()
+    found = prompts(true) if callable(prompts) else prompts
+    found = found if found is not None else PromptSet(source="none")
+    paraphrases, neighbours = found.paraphrases, found.neighbours
     base = _run_base(base_model, tokenizer, req, true, neighbours, lc, opts)
     with edited() as em:
         ed = _run_edited(em if em is not None else base_model, tokenizer, req, true, paraphrases, neighbours, lc,
@@ -127,8 +161,44 @@ def verify_edit(base_model, tokenizer, edited: Callable[[], AbstractContextManag
     _check_floors(m, opts, reasons)
     flow = {**a, "b_extraction": _extraction(ed.circuit, plan), **c, "d_overlap": _overlap(base_circuit, ed.circuit),
             "e_neighbours": e}
-    return EditReport(req.to_dict(), not reasons, reasons, m, flow,
-                      {"before": base_circuit.to_dict(), "after": ed.circuit.to_dict()})
+    checks, missing = checks_run(m, flow, found, opts, reasons)
+    verdict = "fail" if reasons else "incomplete" if missing else "pass"
+    return EditReport(req.to_dict(), verdict == "pass", reasons + missing, m, flow,
+                      {"before": base_circuit.to_dict(), "after": ed.circuit.to_dict()}, verdict, checks)
+
+
+def checks_run(m: dict, flow: dict, found: PromptSet, opts: VerifyOptions,
+               reasons: list[str]) -> tuple[dict[str, str], list[str]]:
+    """What each check did ("pass", "fail", "reported", "not run: why") and, for a check that
+    needs prompts and did not run without being allowed to, the reason the verdict is
+    incomplete."""
+    failed = " ".join(reasons)
+
+    def judged(*tags: str) -> str:
+        return "fail" if any(t in failed for t in tags) else "pass"
+
+    src = f" ({found.source})" if found.source not in ("none", "request") else ""
+    c = {"(a) prediction": judged("(a)"),
+         "efficacy": judged("efficacy:"),
+         "(b) extraction site": "reported",
+         "(c) subject dependence": ("not run: the edit prompt does not predict the new target"
+                                    if not flow["a_ok"] else "not run: the edit added nothing to p(new target)"
+                                    if flow["c_gain_surviving_knockout"] is None else judged("(c)")),
+         "(d) circuit overlap": "reported"}
+    missing = []
+    for name, n, tags in (("paraphrases", len(found.paraphrases), ("paraphrase score",)),
+                          ("neighbours", len(found.neighbours), ("(e)", "neighbourhood score"))):
+        if n:
+            c[name] = f"{judged(*tags)}: {n} prompt{'s' * (n != 1)}{src}"
+        elif name in opts.allow_missing:
+            c[name] = "not run: no prompts (allowed)"
+        else:
+            c[name] = "not run: no prompts"
+            missing.append(f"{name} not checked: the request has no {name} prompts and none could be built for it; "
+                           f"add {'paraphrase_prompts' if name == 'paraphrases' else 'neighborhood_prompts'} to the "
+                           f"request (--requests FILE), or allow it (--allow-missing {name})")
+    c["fluency"] = "reported" if m["fluency_after"] is not None else "not run (switched off)"
+    return c, missing
 
 
 def _run_base(model, tokenizer, req: EditRequest, true: str, neighbours: list[Neighbour], lc: LocateConfig,

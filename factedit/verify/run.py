@@ -22,7 +22,7 @@ from factedit.errors import FactEditError, shown
 from factedit.io import atomic_write_text, dumps_json, read_json
 from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
-from factedit.verify.checks import EditReport, Neighbour, VerifyOptions, verify_edit, world_prompts
+from factedit.verify.checks import EditReport, Neighbour, PromptSet, VerifyOptions, verify_edit, world_prompts
 from factedit.world.generate import World
 
 
@@ -218,7 +218,8 @@ REPORT_FORMAT = "factedit.verify/1"
 
 @dataclass
 class VerifySummary:
-    """Over all edits: how many pass, and the mean of each metric (None where no edit has it)."""
+    """Over all edits: how many pass (and how many are incomplete: not failed, but a check that
+    needs prompts could not run), and the mean of each metric (None where no edit has it)."""
     n_edits: int
     passed: int
     efficacy_score: float | None = None
@@ -229,14 +230,16 @@ class VerifySummary:
     locality_accuracy: float | None = None
     fluency_before: float | None = None
     fluency_after: float | None = None
+    incomplete: int = 0
 
     @classmethod
     def of(cls, reports: list[EditReport]) -> VerifySummary:
         means = {}
-        for f in fields(cls)[2:]:
+        for f in fields(cls)[2:-1]:  # the metrics
             vals = [r.metrics[f.name] for r in reports if r.metrics.get(f.name) is not None]
             means[f.name] = sum(vals) / len(vals) if vals else None
-        return cls(len(reports), sum(r.passed for r in reports), **means)
+        return cls(len(reports), sum(r.passed for r in reports), **means,
+                   incomplete=sum(r.verdict == "incomplete" for r in reports))
 
 
 @dataclass
@@ -332,12 +335,20 @@ def _edited_model(model, adapter, edited, folder: Path, manifest: dict | None, l
     return lambda: nullcontext(edited_model)
 
 
+PromptSource = Callable[[EditRequest, str], "PromptSet | None"]  # (request, true attribute) -> prompts
+
+
 def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str | Path | None = None,
            requests: list[EditRequest] | str | Path | None = None, options: VerifyOptions | None = None,
-           log: Callable[[str], None] = lambda m: None) -> VerifyReport:
+           prompts: PromptSource | None = None, log: Callable[[str], None] = lambda m: None) -> VerifyReport:
     """Check edits on ``model`` (loaded, with its ``tokenizer``): an ``adapter`` folder written
     by `factedit edit`, or an ``edited`` merged checkpoint. ``requests``: the edits to check
-    (default: the folder's ``edits.json``)."""
+    (default: the folder's ``edits.json``).
+
+    Paraphrase and neighbour prompts come from the request itself; else, on the demo world,
+    from its templates and entities; else from ``prompts`` (e.g.
+    :func:`factedit.studies.verify_prompts.pool_prompts`, which the command line uses). An edit
+    with neither is judged "incomplete", unless ``options.allow_missing`` allows it."""
     from factedit.integrity import check_folder_integrity
 
     opts, folder = _check_args(model, tokenizer, adapter, edited, requests, options)
@@ -356,16 +367,32 @@ def verify(*, model, tokenizer, adapter: str | Path | None = None, edited: str |
     lc = config_for_model(model)
     reports: list[EditReport] = []
     for i, (req, plan, circuit) in enumerate(zip(requests, plans, circuits)):
-        para = list(req.paraphrase_prompts)
-        neigh = [Neighbour(p) for p in req.neighborhood_prompts]
-        if world is not None and not para and not neigh:
-            para, neigh = world_prompts(world, req)
-        rep = verify_edit(model, tokenizer, ctx, req, circuit, plan, lc, opts, para, neigh)
+        rep = verify_edit(model, tokenizer, ctx, req, circuit, plan, lc, opts, _prompts_for(req, world, prompts))
         reports.append(rep)
-        log(f"[{i + 1}/{len(requests)}] {'PASS' if rep.passed else 'FAIL'} {req.filled_prompt!r} -> "
+        log(f"[{i + 1}/{len(requests)}] {rep.verdict.upper()} {req.filled_prompt!r} -> "
             f"{req.target_new!r}" + ("" if rep.passed else ": " + "; ".join(rep.reasons)))
     return VerifyReport(str(getattr(model, "name_or_path", "")), fp, str(folder), opts, VerifySummary.of(reports),
                         reports)
+
+
+def _prompts_for(req: EditRequest, world, source: PromptSource | None) -> Callable[[str], PromptSet | None]:
+    """The prompts beyond the edit's own, as a function of the true attribute: the request's
+    own where it gives any; else the demo world's; else ``source``'s; each list filled from
+    the first that has it."""
+    def found(true: str) -> PromptSet | None:
+        own = PromptSet(list(req.paraphrase_prompts), [Neighbour(p) for p in req.neighborhood_prompts], "request")
+        if own.paraphrases and own.neighbours:
+            return own
+        built = world_prompts(world, req) if world is not None else None
+        if built is None and source is not None:
+            built = source(req, true)
+        if built is None:
+            return own
+        if not own.paraphrases and not own.neighbours:
+            return built
+        return PromptSet(own.paraphrases or built.paraphrases, own.neighbours or built.neighbours,
+                         f"request and {built.source}")
+    return found
 
 
 def write_report(report: VerifyReport, out: str | Path) -> list[Path]:
