@@ -31,10 +31,13 @@ from factedit.errors import FactEditError, shown
               help="Attention-knockout window k (overrides the recipe).")
 @click.option("--overwrite", is_flag=True, help="Restart: remove factedit's audit files in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--processes", type=_Bounded("processes"), default=1, show_default=True,
+              help="Audit in N processes on this machine (data parallel, as under `accelerate launch`); the "
+                   "input is checked once, before they start.")
 def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map, dataset, out, limit, relations,
-          heldout, paraphrases, recipe_path, window, overwrite, no_progress) -> None:
+          heldout, paraphrases, recipe_path, window, overwrite, no_progress, processes) -> None:
     """Map where a model retrieves its knowledge across a dataset (resumable; data-parallel
-    under `accelerate launch -m factedit audit ...`)."""
+    with --processes N, or under `accelerate launch -m factedit audit ...`)."""
     import dataclasses
 
     from factedit.analysis.circuit import load_locate_config
@@ -49,6 +52,9 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
 
     check_output_dir(out, True, model_dir(model_path))  # never inside the base model's folder
     facts = check_facts(load_facts(dataset), f"--dataset {dataset}", bundled(dataset)) if dataset else None
+    if processes > 1:
+        _launch(click.get_current_context(), processes, model_path, allow_pickle, trust_remote_code, recipe_path)
+        return
     shard = current_shard()
     if device is None and device_map is None and shard.state is not None:
         device = str(shard.state.device)
@@ -79,6 +85,25 @@ def audit(model_path, dtype, device, allow_pickle, trust_remote_code, device_map
         click.echo(f"subject knockout strongest at layer {s['subject_knockout_strongest_layer']}; "
                    f"knowledge hubs: {hubs or 'none'}")
     click.echo(f"wrote {out}/facts.jsonl, summary.json, report.html and figures")
+
+
+def _launch(ctx: click.Context, processes: int, model_path, allow_pickle, trust_remote_code, recipe_path) -> None:
+    """The input checked here, then the audit in ``processes`` processes (factedit/cli_launch.py)."""
+    import os
+    import sys
+
+    from factedit.analysis.circuit import load_locate_config
+    from factedit.cli_launch import command_args, run_processes
+    from factedit.models.loading import check_model_source
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FactEditError("--processes starts its own processes: drop it under `accelerate launch` or torchrun")
+    check_model_source(model_path, allow_pickle, trust_remote_code)
+    if recipe_path:
+        load_locate_config(recipe_path).validate()
+    code = run_processes(command_args(ctx), processes, lambda m: click.echo(m, err=True))
+    if code:
+        sys.exit(code)
 
 
 @click.command()

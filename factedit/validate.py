@@ -43,6 +43,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "description_tokens": (1, 4_096),
     "facts": (1, 1_000_000),
     "undo": (1, 10**9),
+    "processes": (1, 256),
 }
 
 

@@ -352,6 +352,36 @@ def test_two_processes_equal_one(tmp_path):
     assert json.loads((two / "summary.json").read_text())["run"]["processes"] == 2
 
 
+@pytest.mark.slow
+def test_processes_option_equals_one_process_and_fails_in_one_line(tmp_path):
+    """`--processes 2` (factedit starts the processes itself) gives the records of one process
+    within the stated tolerance; a mistake found before the start, and one every process finds
+    after loading the model, are each one line `error: ...` and exit 2, with no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _cli("--out", str(one), "--limit", "8", env=env).wait(timeout=300) == 0
+    p = _cli("--out", str(two), "--limit", "8", "--processes", "2", env=env)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert "on 2 processes" in p.stderr.read().decode()
+    assert not audit_differences(two, one)
+    assert json.loads((two / "summary.json").read_text())["run"]["processes"] == 2
+    for bad in (["--dataset", str(tmp_path / "known_1000.json")], ["--window", "500"]):
+        p = _cli("--out", str(tmp_path / "bad"), "--processes", "2", *bad, env=env)
+        assert p.wait(timeout=300) == 2
+        err = [ln for ln in p.stderr.read().decode().splitlines() if ln.strip() and "Loading weights" not in ln]
+        assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_processes_under_a_launcher_is_refused(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from factedit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(main, ["audit", "--out", str(tmp_path / "a"), "--processes", "2"])
+    assert res.exit_code == 2 and "drop it under `accelerate launch`" in res.output
+
+
 def _full_word_tokenizer(vocab_size: int):
     """A word-level tokenizer whose every id is a word, so a random model's prediction decodes."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -23,8 +23,8 @@ LAYERS = [
     {"verify"},
     {"audit"},
     {"studies"},
-    {"demo", "demo_real", "cli", "cli_common", "cli_models", "cli_pools", "cli_recipe", "cli_study", "__init__",
-     "__main__"},
+    {"demo", "demo_real", "cli", "cli_common", "cli_launch", "cli_models", "cli_pools", "cli_recipe", "cli_study",
+     "__init__", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -123,6 +123,31 @@ def _check_weights_match(info: dict, source: str) -> None:
                              "the checkpoint's config.json and weights from the same save")
 
 
+def check_model_source(name_or_path: str | Path | None, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> tuple[str, object]:
+    """``(source, config)``: what :func:`load_model` would load, checked without loading the
+    weights (the folder exists, holds safetensors weights unless ``allow_pickle``, its config
+    reads, its family is supported). A named model or GGUF file is provisioned first."""
+    source = str(demo_checkpoint()) if name_or_path is None else zoo.resolve(str(name_or_path), echo=_say)
+    local = Path(source)
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_local and not local.exists():
+        raise ModelLoadError(f"model folder {source} does not exist: check the path")
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"{local} is a file: pass the model's folder")
+        _check_local_weights(local, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model from {source}: {type(exc).__name__}: {first} "
+                             "(check that it is a complete Hugging Face checkpoint: config.json, "
+                             "*.safetensors weights and tokenizer files)") from exc
+    family_for(config.model_type)  # (a hub model: once its config is read)
+    return source, config
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     *,
@@ -151,18 +176,8 @@ def load_model(
     for flag, label in ((allow_pickle, "allow_pickle"), (trust_remote_code, "trust_remote_code")):
         check_instance(flag, bool, label, "True or False", optional=False)
     dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
-    source = str(demo_checkpoint()) if name_or_path is None else zoo.resolve(str(name_or_path), echo=_say)
-    local = Path(source)
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-    if looks_local and not local.exists():
-        raise ModelLoadError(f"model folder {source} does not exist: check the path")
-    if local.exists():
-        if not local.is_dir():
-            raise ModelLoadError(f"{local} is a file: pass the model's folder")
-        _check_local_weights(local, allow_pickle)
+    source, config = check_model_source(name_or_path, allow_pickle, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        family_for(config.model_type)  # (a hub model: once its config is read)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         verbosity = tf_logging.get_verbosity()
         tf_logging.set_verbosity_error()  # its load report of missing weights: refused below, in one line
