@@ -461,7 +461,8 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
             # adds its own key space, so a large λ (little change to other keys) can be afforded
             first = None
             for _i, la in sweep:
-                fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(la, [], position), cfg)
+                fitted = fit_values(adapter, tok, requests, prefixes, ValueSites(la, [], position), cfg,
+                                    progress=progress)
                 first = first or fitted
                 # a request the model already meets (NLL below stop_nll) asks for no change here:
                 # its key stays in the solve with a zero residual, which holds its output in place
@@ -476,7 +477,8 @@ def _batch(adapter, tok, corpus, requests, circuits, cfg, res: EditResult, progr
             z_layer = layers[-1]
             res.fit_site = (z_layer, str(position))
             fitted = _reused(reuse_fit, requests, res.fit_site, cfg, res.base_fingerprint) or fit_values(
-                adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg, cache=cache)
+                adapter, tok, requests, prefixes, ValueSites(z_layer, [], position), cfg, cache=cache,
+                progress=progress)
             res.fit = fitted
             res.nll = [{"before": b, "after_fit": a} for b, a in zip(fitted.base_nll, fitted.nll)]
             log(f"fitted {len(requests)} residuals at L{z_layer}: mean NLL "

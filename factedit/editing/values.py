@@ -183,14 +183,24 @@ def fit_chunk_size(adapter: ModelLayout, rows_per_request: int, cfg: EditConfig,
 
 @torch.enable_grad()
 def fit_values(adapter: ModelLayout, tok, requests: list[EditRequest], prefixes: list[str],
-               sites: ValueSites, cfg: EditConfig, chunk: int = 64, cache: FitCache | None = None) -> FittedValues:
+               sites: ValueSites, cfg: EditConfig, chunk: int = 64, cache: FitCache | None = None,
+               progress: bool = False) -> FittedValues:
     """Fit the deltas of ``requests`` (at most ``chunk`` requests per batch, fewer where the
     batch would exceed ``edit.fit_memory_gib``: :func:`fit_chunk_size`). With ``cache`` (for
     the model as it is now) a chunk fitted before is read back, and each new one is saved as
-    soon as it is fitted: a stopped fit resumes where it stopped."""
+    soon as it is fitted: a stopped fit resumes where it stopped. ``progress``: a bar over the
+    requests, with an estimate, when there is more than one chunk (shown on a terminal)."""
+    import sys
+
+    from tqdm import tqdm
+
     chunk = fit_chunk_size(adapter, len(prefixes) + (cfg.kl_weight > 0), cfg, chunk)
-    parts = [_cached_chunk(adapter, tok, requests[i : i + chunk], prefixes, sites, cfg, cache)
-             for i in range(0, len(requests), chunk)]
+    parts = []
+    with tqdm(total=len(requests), desc=f"fitting new values at L{sites.mlp_layer}", unit="request",
+              file=sys.stderr, disable=None if progress and len(requests) > chunk else True) as bar:
+        for i in range(0, len(requests), chunk):
+            parts.append(_cached_chunk(adapter, tok, requests[i : i + chunk], prefixes, sites, cfg, cache))
+            bar.update(len(parts[-1].nll))
 
     def cat(xs: list) -> torch.Tensor | None:
         return None if xs[0] is None else torch.cat(xs, 0)
