@@ -230,6 +230,10 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
               help="circuit: the located circuit's sites (default); mlp: ROME-style MLP only; heads: heads "
                    "only; lora: plain LoRA fine-tuning baseline; ft: constrained fine-tuning of one MLP "
                    "(FT-L) baseline.")
+@click.option("--scope", type=click.Choice(["both", "subject", "relation"]), default=None,
+              help="Method circuit: which located components to update: both (the subject's MLP and the "
+                   "extraction heads; the default), subject (the subject's MLP only), relation (the last position's "
+                   "MLP just after the subject is read). Overrides the recipe's edit.site.scope.")
 @click.option("--mode", type=click.Choice(["single", "sequential", "batch"]), default=None,
               help="Many requests: batch (MEMIT-style, default) or sequential.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
@@ -250,7 +254,7 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
               help="Keep the value fits in this folder, chunk by chunk: a stopped batch resumes its fit, "
                    "and a rerun with other insertion settings reuses it.")
 def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt, subject, target_new, target_true,
-             requests_path, out, method, mode, recipe_path, circuit_paths, stats_corpus, merge, overwrite,
+             requests_path, out, method, scope, mode, recipe_path, circuit_paths, stats_corpus, merge, overwrite,
              seed, append, undo, fit_cache) -> None:
     """Edit facts with targeted low-rank updates; writes a PEFT LoRA adapter."""
     import dataclasses
@@ -280,7 +284,7 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
     check_output_dir(out, overwrite or append, model_dir(model_path))
     given = [o for o, on in (("--circuit", circuit_paths), ("--fit-cache", fit_cache is not None), ("--append", append),
                              ("--mode sequential", mode == "sequential"), ("--stats-corpus", stats_corpus),
-                             ("--seed", seed is not None)) if on]
+                             ("--seed", seed is not None), ("--scope", scope is not None)) if on]
     cfg = load_edit_config(recipe_path, method) if recipe_path else None
     if cfg is not None or method is not None:
         check_options(method or cfg.method, given)  # before the model is loaded
@@ -297,6 +301,8 @@ def edit_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt,
         check_options(cfg.method, given)
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
+    if scope is not None:
+        cfg = dataclasses.replace(cfg, scope=scope)
     cfg.validate()
     res = edit(requests, model=model, tokenizer=tok, config=cfg, mode=mode, circuits=circuits,
                stats_corpus=list(stats_corpus) or None, out=out, merge=merge, overwrite=overwrite,

@@ -14,6 +14,7 @@ from factedit.editing.insert import least_squares, rank_one, regularised
 from factedit.editing.requests import EditRequest, RequestError, held_requests, load_requests
 from factedit.editing.stats import Corpus, second_moments, world_corpus
 from factedit.editing.weights import NonFiniteEditError, WeightDelta, applied, apply, restore
+from factedit.errors import FactEditError
 from factedit.models.adapter import ModelLayout
 from factedit.models.fingerprint import model_fingerprint
 from factedit.world.evaluate import top1_tokens
@@ -235,6 +236,48 @@ def test_max_heads_zero_edits_no_head_and_says_none(demo):
     assert plan.mechanism == "extraction" and plan.heads == [(6, 1)] and "heads: located" in plan.why
     plan = plan_for(c, EditConfig(method="circuit", max_heads=0), 8)
     assert plan.heads == [] and "heads:" not in plan.why
+
+
+def test_scope_chooses_the_components(demo):
+    """``site.scope``: subject edits the subject's MLP and no head, whatever the mechanism;
+    relation the last position's MLP at the first layer of the subject-knockout window (found
+    here by hand from the curve), with no head; both is the circuit's plan as before."""
+    import copy
+
+    from factedit.analysis.circuit import ExtractionHead, LocateConfig
+    from factedit.analysis.locate import locate
+    from factedit.editing.plan import plan_for
+
+    model, tok, _ = demo
+    c = copy.deepcopy(locate("{} was born in", "Roric Dunnford", model=model, tokenizer=tok,
+                             config=LocateConfig(knockout_window=3)))
+    c.knockout.subject = [0.0, -1.0, 0.0, 0.0, -10.0, -50.0, -20.0, 0.0]  # read at L5, window L4-L6
+    c.extraction_heads = [ExtractionHead(6, 1, 0.4, 1)]
+    both = plan_for(c, EditConfig(method="circuit"), 8)
+    assert both.mechanism == "extraction" and both.heads == [(6, 1)] and both.mlp_position == "subject"
+    subj = plan_for(c, EditConfig(method="circuit", scope="subject"), 8)
+    assert (subj.mlp_layer, subj.mlp_position, subj.heads) == (both.mlp_layer, "subject", [])
+    rel = plan_for(c, EditConfig(method="circuit", scope="relation", mlp_layers=[1]), 8)
+    worst = min(range(8), key=lambda la: c.knockout.subject[la])
+    assert (rel.mlp_layer, rel.mlp_position, rel.heads) == (worst - 1, "last", [])  # window 3: worst-1..worst+1
+    assert rel.read_layers == [worst - 1] and "scope relation" in rel.why
+    c.knockout.subject = [0.0] * 8
+    c.knockout.subject[6] = -5.0  # a lookup fact: subject scope keeps it at the subject
+    assert plan_for(c, EditConfig(method="circuit", scope="subject"), 8).mlp_position == "subject"
+    with pytest.raises(FactEditError, match="scope"):
+        EditConfig(method="circuit", scope="everything").validate()
+
+
+def test_scope_relation_edit_lands_and_keeps_the_subjects_other_facts(demo, corpus):
+    model, tok, world = demo
+    e, rel, req = fact(world)
+    res = compute_edit([req], model, tok, corpus, cfg=EditConfig(**FAST, scope="relation"), progress=False)
+    assert res.plans[0].mlp_position == "last" and res.plans[0].heads == []
+    other_rids = [r for r in world.relations if r != "birthplace"]
+    with applied(model, res.delta):
+        assert top1(model, tok, [rel.templates[0].format(e.name)]) == [req.target_new]
+        same = top1(model, tok, [world.relations[r].templates[0].format(e.name) for r in other_rids])
+    assert sum(s == e.facts[r] for s, r in zip(same, other_rids)) >= len(other_rids) - 1
 
 
 def test_second_moments_match_naive_and_are_cached(demo, tmp_path):

@@ -75,12 +75,24 @@ class MlpPosition(Choice):
     LAST = "last"
 
 
+class Scope(Choice):
+    """Where a circuit edit takes effect, by the components it updates: ``both`` the subject's
+    MLP and the extraction heads (which read the subject from the last position); ``subject``
+    the subject's MLP only (the subject's representation: every prompt about it); ``relation``
+    the last position's MLP just after the subject is read (keyed on subject and prompt
+    together: this relation's prompts)."""
+    BOTH = "both"
+    SUBJECT = "subject"
+    RELATION = "relation"
+
+
 METHODS = Method.values()
 # the EditConfig fields with a fixed set of values, and their types
 CHOICES: dict[str, type[Choice]] = {"method": Method, "mlp_site": MlpSite, "head_fallback": HeadFallback,
-                                    "sequential_strategy": SequentialStrategy, "batch_strategy": BatchStrategy,
-                                    "insert_keys": InsertKeys, "lookup_position": MlpPosition,
-                                    "batch_insert_keys": InsertKeys, "head_position": HeadPosition}
+                                    "scope": Scope, "sequential_strategy": SequentialStrategy,
+                                    "batch_strategy": BatchStrategy, "insert_keys": InsertKeys,
+                                    "lookup_position": MlpPosition, "batch_insert_keys": InsertKeys,
+                                    "head_position": HeadPosition}
 
 FIT = LOCATED + ("lora",)  # the value fit's memory limit and the context prefixes serve LoRA too
 RANDOM = LOCATED + ("lora",)  # FT-L trains on the bare prompts: nothing in it is random
@@ -100,6 +112,10 @@ class EditConfig:
     seed: int = setting(0, group=GENERAL, valid=at_least(0), methods=RANDOM,
                         help="seed of the context prefixes, the batch's held prompts and the LoRA initialisation")
 
+    scope: Scope = setting(Scope.BOTH, group="site", methods=("circuit",),
+                           help="which located components an edit updates: both (the subject's MLP and the "
+                                "extraction heads), subject (the subject's MLP only), relation (the last position's "
+                                "MLP just after the subject is read)")
     # site. mlp_layers: the located enrichment MLP is used when it lies among them, else the
     # candidate layer nearest to it (or the first, when none was located)
     mlp_layers: list[int] | None = setting(
@@ -322,7 +338,7 @@ def with_method(cfg: EditConfig, method: str) -> EditConfig:
 # and draws nothing at random
 EDIT_OPTIONS: dict[str, tuple[str, ...]] = {
     "--circuit": LOCATED, "--fit-cache": LOCATED, "--mode sequential": LOCATED, "--append": LOCATED,
-    "--stats-corpus": FIT, "--seed": RANDOM,
+    "--stats-corpus": FIT, "--seed": RANDOM, "--scope": ("circuit",),
 }
 
 

@@ -12,7 +12,7 @@ from factedit.analysis.circuit import RecallCircuit
 from factedit.analysis.knockout import window_layers
 from factedit.analysis.rerun import clean_run
 from factedit.analysis.spans import tokenize_with_subject
-from factedit.editing.config import EditConfig, MlpPosition
+from factedit.editing.config import EditConfig, MlpPosition, Scope
 from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError, shown
 from factedit.models.adapter import ModelLayout
@@ -69,8 +69,13 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     cands = cfg.mlp_layers or list(range(n_layers))
     mlp, position, why = None, MlpPosition.SUBJECT, []
     mech = mechanism_of(circuit, cfg.extraction_threshold) if circuit is not None else "extraction"
+    scope = Scope.parse(cfg.scope, "edit.site.scope") if cfg.method == "circuit" else Scope.BOTH
+    if scope == Scope.RELATION and circuit is not None:
+        return _relation_plan(circuit, mech, n_layers)
     lookup_mlp = None
-    if cfg.method == "circuit" and mech == "lookup" and cfg.lookup_position == MlpPosition.SUBJECT:
+    if cfg.method == "circuit" and mech == "lookup" and scope == Scope.SUBJECT:
+        why.append("lookup mechanism, edited at the subject (edit.site.scope subject)")
+    elif cfg.method == "circuit" and mech == "lookup" and cfg.lookup_position == MlpPosition.SUBJECT:
         read = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)[0]
         why.append(f"lookup mechanism (the subject is read at L{read}), edited at the subject "
                    "(edit.site.lookup_position)")
@@ -114,7 +119,9 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     heads: list[tuple[int, int]] = []
     # heads: in the extraction mechanism (or when asked for alone); in a lookup the heads read
     # raw subject tokens shared with other subjects, so a value edit there would not be specific
-    if circuit is not None and (cfg.method == "heads" or (cfg.method == "circuit" and mech == "extraction")):
+    if scope == Scope.SUBJECT:
+        why.append("no heads (edit.site.scope subject)")
+    elif circuit is not None and (cfg.method == "heads" or (cfg.method == "circuit" and mech == "extraction")):
         if circuit.extraction_heads:
             heads = [(h.layer, h.head) for h in circuit.extraction_heads[: cfg.max_heads]]
             if heads:  # none with max_heads 0
@@ -132,6 +139,20 @@ def plan_for(circuit: RecallCircuit | None, cfg: EditConfig, n_layers: int) -> E
     plan = EditPlan(mlp, heads, "; ".join(why), position, mech)
     if position == MlpPosition.LAST:
         plan.read_layers = [la for la in read_window if la <= mlp]
+    return plan
+
+
+def _relation_plan(circuit: RecallCircuit, mech: str, n_layers: int) -> EditPlan:
+    """``scope: relation``: the last position's MLP at the first layer of the window where
+    blocking the subject's edges into the last position hurts most: the first MLP after the
+    attention that reads the subject, so that its key holds the subject and the prompt
+    together. Any layer may be chosen (``mlp_layers`` lists subject-site candidates)."""
+    read_window = window_layers(circuit.knockout.strongest("subject"), circuit.knockout.window, n_layers)
+    mlp = read_window[0]
+    plan = EditPlan(mlp, [], f"scope relation: last-position MLP L{mlp}, the first after the subject is read "
+                             f"(subject knockout window L{read_window[0]}-L{read_window[-1]}); {mech} mechanism",
+                    MlpPosition.LAST, mech)
+    plan.read_layers = [la for la in read_window if la <= mlp]
     return plan
 
 
