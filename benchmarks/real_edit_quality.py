@@ -5,6 +5,7 @@
         [--methods circuit,rome,mlp,heads,lora,ft] [--batch 0] [--batch-methods circuit,memit]
         [--set KEY=JSON ...] [--stats-corpus sampled|pydoc|FILES] [--json FILE]
         [--fit-cache DIR] [--sequential N [--sequence-dir DIR --sequence-chunk 10]]
+        [--retention 200] [--single-retention 50] [--no-perplexity] [--single-perplexity 10]
 
 Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
 - ``circuit``: factedit's edit of the fact's located circuit (MLP at the subject + extraction heads);
@@ -30,8 +31,25 @@ record's other known facts); the default, known_1000, builds them here as before
 
 Each fact's circuit is located once (recipe analysis settings) and shared by the methods that
 read it; its time is reported separately. Prints one row per method (ES, PS, NS, S by
-CounterFact's probability comparison, top-1 efficacy, fluency, SF: the subject's other facts
-kept, seconds per edit), the unedited model's row first, then a Markdown table.
+CounterFact's probability comparison, top-1 efficacy, fluency, then what the edit keeps, each
+with its n and 95% interval, seconds per edit), the unedited model's row first, then a
+Markdown table. What is kept (factedit/studies/edit_metrics.py; a fact is "kept" when the
+model's top-1 next token is still its attribute's first token):
+- SF, subject specificity: the edited subjects' other known facts;
+- RS true / RS new, relation specificity: the hard neighbours (other subjects of the edited
+  relation whose attribute is the old / the new target; known_1000: its known facts so) apart
+  from NS's neighbours;
+- retention: ``--retention N`` (200) known facts of subjects no request edits, fixed by the seed
+  (places: the main, other and hard-neighbour facts of the pool's next N requests and of the
+  requests' held-out neighbours; known_1000: its known facts), after the whole batch or
+  sequence; for a sequence also after every tenth of it (``retention_curve``); for single
+  edits the mean over edits of the share kept of the first ``--single-retention`` (50) of them;
+- perplexity on fixed held-out English text (factedit/data/heldout_text.json, about 1,900
+  tokens), before and after, and its rise in %: after the whole batch or sequence; for single
+  edits the mean rise over the first ``--single-perplexity`` (10) edits; ``--no-perplexity``
+  skips it.
+Intervals: Wilson for the shares of facts (pooled over the edits for single edits), normal
+(mean ± 1.96 sd / √n) for means over single edits (retention, perplexity rise).
 """
 
 from __future__ import annotations
@@ -55,6 +73,18 @@ from factedit.errors import FactEditError
 from factedit.io import atomic_write_text
 from factedit.models.fingerprint import model_fingerprint
 from factedit.models.loading import load_model
+from factedit.studies.edit_metrics import (
+    EditProbe,
+    Fact,
+    cell,
+    checkpoints,
+    hard_neighbours_of,
+    kept,
+    pick_retention,
+    ppl_cell,
+    prefix_delta,
+    subject_specificity,
+)
 from factedit.studies.known_edits import (
     KnownFact,
     build_requests,
@@ -73,35 +103,48 @@ BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_ins
          "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}}  # the bare prompts, as single
 
 
-def _mean_rows(rows: list[dict]) -> dict:
+def _mean_rows(rows: list[dict], probe: EditProbe) -> dict:
     out = {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "PS", "NS", "top1", "fluency")}
     sf = [(r["SF"], r["n_SF"]) for r in rows if r.get("n_SF")]
     n_sf = sum(n for _, n in sf)
     out["SF"] = sum(s * n for s, n in sf) / n_sf if n_sf else None
     out["n_SF"] = n_sf
+    out["k_SF"] = sum(r.get("k_SF", 0) for r in rows)
     out["S"] = harmonic_s(out)
-    return out
+    out["subject_specificity"] = subject_specificity(out)
+    return {**out, **probe.pooled(rows)}
 
 
-def pool_requests(name: str, model, tok, seed: int, n: int,
-                  relations: tuple[str, ...] | None = None) -> tuple[int, list, dict]:
-    """The known facts among those the pool scanned to build its first ``n`` requests (all of
-    them where the pool is cached), the requests, and their subjects' other known facts, for SF."""
-    built = build_pool(name, model, tok, seed=seed, limit=n, log=lambda m: print(m, flush=True), relations=relations)
-    requests = [p.request for p in built.requests]
+def pool_requests(name: str, model, tok, seed: int, n: int, relations: tuple[str, ...] | None = None,
+                  extra: int = 0) -> tuple[int, list, dict, dict, list[Fact]]:
+    """The known facts among those the pool scanned to build its first ``n + extra`` requests
+    (all of them where the pool is cached), the first ``n`` requests, their subjects' other known facts (for SF),
+    their hard neighbours (by case id) and the candidate retention facts: the known facts of the
+    pool's next ``extra`` requests (main, other and hard-neighbour facts) and the requests'
+    hard neighbours."""
+    built = build_pool(name, model, tok, seed=seed, limit=n + extra, log=lambda m: print(m, flush=True),
+                       relations=relations)
+    mine, more = built.requests[:n], built.requests[n:]
+    requests = [p.request for p in mine]
     others = {p.request.case_id: [KnownFact(f["prompt"], f["prompt"].replace(p.request.subject, "{}", 1),
                                             p.request.subject, f["attribute"], f["relation"]) for f in p.other_facts]
-              for p in built.requests}
-    return sum(built.stats.get("known", {}).values()), requests, others
+              for p in mine}
+    hard = {p.request.case_id: p.hard_neighbours for p in mine}
+    candidates = [Fact(p.request.filled_prompt, p.request.target_true, p.request.subject, p.relation) for p in more]
+    candidates += [Fact(f["prompt"], f["attribute"], p.request.subject, f["relation"])
+                   for p in more for f in p.other_facts]
+    candidates += [Fact(h["prompt"], h["attribute"], h["subject"], p.relation)
+                   for p in built.requests for h in p.hard_neighbours]
+    return sum(built.stats.get("known", {}).values()), requests, others, hard, candidates
 
 
 def sequence_in_folder(seq: list, model, tok, cfg, stats_corpus: list[str], folder: str,
-                       chunk: int) -> tuple[WeightDelta, list[dict]]:
+                       chunk: int) -> tuple[WeightDelta, list[WeightDelta], list[dict]]:
     """Edit ``seq`` one after another through ``folder`` as a user continues a sequence
     (``factedit.edit(..., append=True)``), ``chunk`` requests per call, each call locating its
     facts on the model edited so far. Resumes from the edits the folder already holds (they
     must be the first of ``seq``); each call's seconds go to ``<folder>.timings.json``.
-    Returns the sequence's composed update and the timings."""
+    Returns the sequence's composed update, its steps and the timings."""
     from factedit.editing.api import edit
     from factedit.editing.history import load_sequence
 
@@ -123,10 +166,11 @@ def sequence_in_folder(seq: list, model, tok, cfg, stats_corpus: list[str], fold
         atomic_write_text(timings_file, json.dumps(timings, indent=1))
         done += len(part)
         print(f"  sequence: {done}/{len(seq)} edits, {timings[-1]['seconds'] / len(part):.1f} s / edit", flush=True)
-    return load_sequence(out).delta(), timings
+    held_seq = load_sequence(out)
+    return held_seq.delta(), held_seq.steps, timings
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=100, help="single edits per method (0: none)")
@@ -164,7 +208,156 @@ def main() -> None:
     ap.add_argument("--pool-relations", default=None, metavar="A,B",
                     help="with --pool places: only these relations (e.g. without the continents, which a model "
                          "may answer by default; docs/pools.md)")
+    ap.add_argument("--retention", type=int, default=200, metavar="N",
+                    help="known facts of unedited subjects scored for retention (fixed by --seed; up to N)")
+    ap.add_argument("--single-retention", type=int, default=50, metavar="M",
+                    help="single edits: retention on the first M of those facts, per edit")
+    ap.add_argument("--no-perplexity", action="store_true", help="no perplexity on the held-out text")
+    ap.add_argument("--single-perplexity", type=int, default=10, metavar="K",
+                    help="single edits: perplexity after the first K edits of each method (0: none)")
     ap.add_argument("--json", default=None)
+    return ap
+
+
+def _requests(args, ap, model, tok) -> tuple[int, list, dict, bool, dict, list[Fact]]:
+    """The requests (first ``max(--n, --batch, --sequential)``), what the scores need of them
+    (other facts, hard neighbours) and the candidate retention facts."""
+    wanted = max(args.n, args.batch, args.sequential)
+    if args.pool == "known_1000":
+        facts = known_facts(model, tok)
+        disjoint = args.neighbours == "disjoint" or (args.neighbours == "auto" and bool(args.batch or args.sequential))
+        requests = build_requests(facts, tok, wanted, seed=args.seed, disjoint=disjoint)
+        others = subject_facts(facts, requests)
+        hard = hard_neighbours_of(facts, requests, {r.subject for r in requests})
+        candidates = [Fact(f.prompt, f.attribute, f.subject, f.relation) for f in facts]
+        return len(facts), requests, others, disjoint, hard, candidates
+    if args.pool == "insertion":
+        ap.error("--pool insertion: its requests have no true target, which ES / PS / NS compare against")
+    chosen = tuple(args.pool_relations.split(",")) if args.pool_relations else None
+    n_known, requests, others, hard, candidates = pool_requests(args.pool, model, tok, args.seed, wanted, chosen,
+                                                                extra=args.retention)
+    return n_known, requests, others, True, hard, candidates
+
+
+def _singles(name: str, cfg, single: list, circuits: list, model, tok, corpus, others: dict, probe: EditProbe,
+             args, progress) -> dict:
+    """One method's single edits, each scored on the model with it alone; ``progress(row)``
+    hears the row so far after every edit."""
+    per, seconds, sites, refused = [], 0.0, [], []
+    for r, c in zip(single, circuits):
+        try:
+            res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False,
+                               fit_cache=args.fit_cache)
+        except RequestError as exc:  # e.g. a lookup edit of a multi-token target: not scored, counted
+            refused.append(f"{r.filled_prompt!r} -> {r.target_new!r}: {exc}")
+            print(f"{name}: refused {refused[-1]}", flush=True)
+            continue
+        seconds += res.seconds
+        sites.append(res.plans[0].why)
+        with applied(model, res.delta):
+            per.append(score_requests(model, tok, [r], fluency=True, others=others))
+            per[-1].update(probe.single(model, tok, r, with_perplexity=len(per) <= args.single_perplexity))
+        per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
+        print(f"  {name} {len(per)}/{len(single)}: {r.filled_prompt!r} -> {r.target_new!r}: ES {per[-1]['ES']:.0f} "
+              f"PS {per[-1]['PS']:.0f} NS {per[-1]['NS']:.0f}, {res.seconds:.0f} s; {sites[-1]}", flush=True)
+        progress({"method": f"{name} (single), running", "n": len(per), **_mean_rows(per, probe),
+                  "s_per_edit": round(seconds / len(per), 2), "sites": sites, "per_request": per})
+    return {"method": f"{name} (single)" + (f", {len(refused)} refused" if refused else ""),
+            "n": len(per), **(_mean_rows(per, probe) if per else {}),
+            "s_per_edit": round(seconds / max(1, len(per)), 2), "sites": sites, "per_request": per, "refused": refused}
+
+
+def _batches(batch: list, batch_methods: list[str], base, circuits: list, model, tok, corpus, others: dict,
+             probe: EditProbe, args, save) -> list[dict]:
+    """One batch per batch method (and λ), each scored on the model with it."""
+    rows: list[dict] = []
+    fitted = None  # a batch spread's fit, shared by the next batch method where its site and settings match
+    lambdas = [float(x) for x in args.batch_lambdas.split(",")] if args.batch_lambdas else [None]
+    for name, lam in [(m, lam) for lam in lambdas for m in batch_methods]:
+        cfg = dataclasses.replace(base, **BATCH[name])
+        if lam is not None:
+            cfg = dataclasses.replace(cfg, batch_lambda=lam)
+        try:
+            res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
+                               progress=False, reuse_fit=fitted, fit_cache=args.fit_cache)
+        except FactEditError as exc:
+            if fitted is None or "reuse_fit" not in str(exc):
+                raise
+            print(f"{name}: its own value fit ({exc})", flush=True)
+            res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
+                               progress=False, fit_cache=args.fit_cache)
+        shared = fitted is not None and res.fit is fitted.fit
+        fitted = fitted or (res if res.fit is not None else None)
+        with applied(model, res.delta):
+            m = _scored(model, tok, batch, others, probe)
+        label = f"{name} (batch of {len(batch)}" + (f", λ {lam:g})" if lam is not None else ")")
+        rows.append({"method": label, "n": len(batch), **m, "batch_lambda": cfg.batch_lambda,
+                     "update_norms": res.delta.norms(),
+                     "s_per_edit": round(res.seconds / len(batch), 2), "fit_shared": shared,
+                     "sites": [res.plans[0].why]})
+        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+        save(rows)
+    return rows
+
+
+def _scored(model, tok, requests: list, others: dict, probe: EditProbe) -> dict:
+    """Every score of the model as it is now on ``requests`` applied together (or none)."""
+    m = score_requests(model, tok, requests, fluency=True, others=others)
+    return {**m, "subject_specificity": subject_specificity(m), **probe.scores(model, tok, requests)}
+
+
+def _retention_curve(model, tok, steps: list[WeightDelta], probe: EditProbe) -> list[dict]:
+    """Retention after every tenth of a sequence (its first k steps applied)."""
+    curve = []
+    for k in checkpoints(len(steps)):
+        with applied(model, prefix_delta(steps, k)):
+            curve.append({"edits": k, **kept(model, tok, probe.retention)})
+    return curve
+
+
+def _sequence(seq: list, base, circuits: list, model, tok, corpus, others: dict, probe: EditProbe, args) -> dict:
+    """The sequence (circuit, the recipe's strategy), scored after the whole of it; retention
+    also after every tenth."""
+    if args.sequence_dir:  # through a folder, resumable
+        delta, steps, timings = sequence_in_folder(seq, model, tok, base, args.stats_corpus, args.sequence_dir,
+                                                   args.sequence_chunk)
+        first, last = timings[0], timings[-1]
+        row = {"method": f"circuit (sequential via --append, {base.sequential_strategy})", "n": len(seq),
+               "s_per_edit": round(sum(t["seconds"] for t in timings) / len(seq), 2),
+               "s_per_edit_first_chunk": round(first["seconds"] / first["n"], 2),
+               "s_per_edit_last_chunk": round(last["seconds"] / last["n"], 2), "chunks": timings}
+    else:  # one after another, scored once at the end
+        res = compute_edit(seq, model, tok, corpus, cfg=base, circuits=circuits[: len(seq)], mode="sequential",
+                           progress=False)
+        delta, steps = res.delta, res.steps
+        row = {"method": f"circuit (sequential, {base.sequential_strategy})", "n": len(seq),
+               "s_per_edit": round(res.seconds / len(seq), 2), "sites": [p.why for p in res.plans]}
+    with applied(model, delta):
+        m = _scored(model, tok, seq, others, probe)
+    row = {**row, **m, "retention_curve": _retention_curve(model, tok, steps, probe)}
+    print({k: v for k, v in row.items() if k not in ("chunks", "sites")}, flush=True)
+    return row
+
+
+def _table(rows: list[dict]) -> None:
+    print("| method | n | ES | PS | NS | S | top-1 | fluency | SF [95% CI] (n) | RS true [95% CI] (n) | "
+          "RS new [95% CI] (n) | retention [95% CI] (n) | perplexity before → after (rise [95% CI], n) | s / edit |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "ES" not in r:  # every single edit refused
+            print(f"| {r['method']} | 0 | — | — | — | — | — | — | — | — | — | — | — | — |")
+            continue
+        print(f"| {r['method']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {r['S']:.1f} | "
+              f"{r['top1']:.1f} | {r['fluency']:.2f} | {cell(r.get('subject_specificity'))} | "
+              f"{cell(r.get('relation_true'))} | {cell(r.get('relation_new'))} | {cell(r.get('retention'))} | "
+              f"{ppl_cell(r.get('perplexity'))} | {r['s_per_edit']} |")
+    curves = [(r["method"], r["retention_curve"]) for r in rows if r.get("retention_curve")]
+    for name, curve in curves:
+        print(f"\nretention along {name}: " + ", ".join(f"{c['edits']}: {cell(c)}" for c in curve))
+
+
+def main() -> None:
+    ap = _parser()
     args = ap.parse_args()
     cases = [int(x) for x in args.cases.split(",")] if args.cases else None
     if cases and (args.batch or args.sequential or max(cases) >= args.n):
@@ -174,28 +367,19 @@ def main() -> None:
     for kv in args.set:
         key, _, val = kv.partition("=")
         base = dataclasses.replace(base, **{key: json.loads(val)})
-    wanted = max(args.n, args.batch, args.sequential)
-    if args.pool == "known_1000":
-        facts = known_facts(model, tok)
-        n_known = len(facts)
-        disjoint = args.neighbours == "disjoint" or (args.neighbours == "auto" and bool(args.batch or args.sequential))
-        requests = build_requests(facts, tok, wanted, seed=args.seed, disjoint=disjoint)
-        others = subject_facts(facts, requests)
-    else:
-        if args.pool == "insertion":
-            ap.error("--pool insertion: its requests have no true target, which ES / PS / NS compare against")
-        chosen = tuple(args.pool_relations.split(",")) if args.pool_relations else None
-        n_known, requests, others = pool_requests(args.pool, model, tok, args.seed, wanted, chosen)
-        disjoint = True
+    n_known, requests, others, disjoint, hard, candidates = _requests(args, ap, model, tok)
     if max(args.batch, args.sequential) > len(requests):
         ap.error(f"{max(args.batch, args.sequential)} requests asked for, {len(requests)} can be built "
                  f"({'disjoint ' if disjoint else ''}neighbours, seed {args.seed})")
+    retention = pick_retention(candidates, {r.subject for r in requests}, args.retention, args.seed, model, tok)
+    probe = EditProbe.build(model, tok, hard, retention, not args.no_perplexity, args.single_retention)
     fp = model_fingerprint(model)
     corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
     scanned = "" if args.pool == "known_1000" else " scanned"
     print(f"{args.model}: {args.pool}, {n_known} known facts{scanned}, {len(requests)} requests (seed {args.seed}, "
           f"{'disjoint' if disjoint else 'all'} neighbours), corpus "
-          f"{corpus.name}, settings {args.set or 'recipe'}", flush=True)
+          f"{corpus.name}, settings {args.set or 'recipe'}; {len(retention)} retention facts, perplexity "
+          f"{'not scored' if probe.ppl_before is None else f'{probe.ppl_before:.2f} unedited'}", flush=True)
     single = requests[: args.n]
     if cases:
         single = requests = [single[i] for i in cases]
@@ -223,95 +407,30 @@ def main() -> None:
                 {"model": args.model, "pool": args.pool, "pool_relations": args.pool_relations, "seed": args.seed,
                  "settings": args.set, "cases": cases,
                  "neighbours": "disjoint" if disjoint else "all",
-                 "corpus": corpus.name, "locate_s": locate_s, "partial": partial, "rows": rows}, indent=1))
+                 "corpus": corpus.name, "locate_s": locate_s,
+                 "retention_facts": [dataclasses.asdict(f) for f in retention],
+                 "perplexity_text": "factedit/data/heldout_text.json" if probe.texts else None,
+                 "partial": partial, "rows": rows}, indent=1))
 
     unedited = single or requests  # the single edits' requests, else the batch's or sequence's
-    rows = [{"method": "none (unedited)", "n": len(unedited),
-             **score_requests(model, tok, unedited, fluency=True, others=others), "s_per_edit": 0.0}]
+    rows = [{"method": "none (unedited)", "n": len(unedited), **_scored(model, tok, unedited, others, probe),
+             "s_per_edit": 0.0}]
     print(rows[-1], flush=True)
     save(rows, True)
     for name in methods:
         cfg = dataclasses.replace(base, **SINGLE[name])
-        per, seconds, sites = [], 0.0, []
-        refused = []
-        for r, c in zip(single, circuits):
-            try:
-                res = compute_edit([r], model, tok, corpus, cfg=cfg, circuits=[c], mode="single", progress=False,
-                                   fit_cache=args.fit_cache)
-            except RequestError as exc:  # e.g. a lookup edit of a multi-token target: not scored, counted
-                refused.append(f"{r.filled_prompt!r} -> {r.target_new!r}: {exc}")
-                print(f"{name}: refused {refused[-1]}", flush=True)
-                continue
-            seconds += res.seconds
-            sites.append(res.plans[0].why)
-            with applied(model, res.delta):
-                per.append(score_requests(model, tok, [r], fluency=True, others=others))
-            per[-1]["fit_nll"] = res.nll[0] if res.nll else None  # target NLL: before, after the fit
-            print(f"  {name} {len(per)}/{len(single)}: {r.filled_prompt!r} -> {r.target_new!r}: ES {per[-1]['ES']:.0f} "
-                  f"PS {per[-1]['PS']:.0f} NS {per[-1]['NS']:.0f}, {res.seconds:.0f} s; {sites[-1]}", flush=True)
-            save(rows + [{"method": f"{name} (single), running", "n": len(per), **_mean_rows(per),
-                          "s_per_edit": round(seconds / len(per), 2), "sites": sites, "per_request": per}], True)
-        rows.append({"method": f"{name} (single)" + (f", {len(refused)} refused" if refused else ""),
-                     "n": len(per), **_mean_rows(per), "s_per_edit": round(seconds / max(1, len(per)), 2),
-                     "sites": sites, "per_request": per, "refused": refused})
+        rows.append(_singles(name, cfg, single, circuits, model, tok, corpus, others, probe, args,
+                             lambda row: save(rows + [row], True)))
         print({k: v for k, v in rows[-1].items() if k not in ("sites", "per_request")}, flush=True)
         save(rows, True)
-    batch = requests[: args.batch]
-    fitted = None  # a batch spread's fit, shared by the next batch method where its site and settings match
-    lambdas = [float(x) for x in args.batch_lambdas.split(",")] if args.batch_lambdas else [None]
-    for name, lam in [(m, lam) for lam in lambdas for m in batch_methods]:
-        cfg = dataclasses.replace(base, **BATCH[name])
-        if lam is not None:
-            cfg = dataclasses.replace(cfg, batch_lambda=lam)
-        try:
-            res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
-                               progress=False, reuse_fit=fitted, fit_cache=args.fit_cache)
-        except FactEditError as exc:
-            if fitted is None or "reuse_fit" not in str(exc):
-                raise
-            print(f"{name}: its own value fit ({exc})", flush=True)
-            res = compute_edit(batch, model, tok, corpus, cfg=cfg, circuits=circuits[: len(batch)], mode="batch",
-                               progress=False, fit_cache=args.fit_cache)
-        shared = fitted is not None and res.fit is fitted.fit
-        fitted = fitted or (res if res.fit is not None else None)
-        with applied(model, res.delta):
-            m = score_requests(model, tok, batch, fluency=True, others=others)
-        label = f"{name} (batch of {len(batch)}" + (f", λ {lam:g})" if lam is not None else ")")
-        rows.append({"method": label, "n": len(batch), **m, "batch_lambda": cfg.batch_lambda,
-                     "update_norms": res.delta.norms(),
-                     "s_per_edit": round(res.seconds / len(batch), 2), "fit_shared": shared,
-                     "sites": [res.plans[0].why]})
-        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
-        save(rows, True)
-    if args.sequential and args.sequence_dir:  # through a folder, resumable
-        seq = requests[: args.sequential]
-        delta, timings = sequence_in_folder(seq, model, tok, base, args.stats_corpus, args.sequence_dir,
-                                            args.sequence_chunk)
-        with applied(model, delta):
-            m = score_requests(model, tok, seq, fluency=True, others=others)
-        first, last = timings[0], timings[-1]
-        rows.append({"method": f"circuit (sequential via --append, {base.sequential_strategy})", "n": len(seq), **m,
-                     "s_per_edit": round(sum(t["seconds"] for t in timings) / len(seq), 2),
-                     "s_per_edit_first_chunk": round(first["seconds"] / first["n"], 2),
-                     "s_per_edit_last_chunk": round(last["seconds"] / last["n"], 2), "chunks": timings})
-        print({k: v for k, v in rows[-1].items() if k != "chunks"}, flush=True)
-    elif args.sequential:  # one after another, scored once at the end
-        seq = requests[: args.sequential]
-        res = compute_edit(seq, model, tok, corpus, cfg=base, circuits=circuits[: len(seq)], mode="sequential",
-                           progress=False)
-        with applied(model, res.delta):
-            m = score_requests(model, tok, seq, fluency=True, others=others)
-        rows.append({"method": f"circuit (sequential, {base.sequential_strategy})", "n": len(seq), **m,
-                     "s_per_edit": round(res.seconds / len(seq), 2), "sites": [p.why for p in res.plans]})
-        print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+    done = list(rows)
+    rows += _batches(requests[: args.batch], batch_methods, base, circuits, model, tok, corpus, others, probe, args,
+                     lambda batch_rows: save(done + batch_rows, True))
+    if args.sequential:
+        rows.append(_sequence(requests[: args.sequential], base, circuits, model, tok, corpus, others, probe, args))
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"model {args.model}; corpus {corpus.name}; locate {locate_s:.1f} s per fact (not in s / edit)")
-    print("| method | n | ES | PS | NS | S | top-1 | fluency | SF (n) | s / edit |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        sf = "—" if r.get("SF") is None else f"{r['SF']:.0f} ({r['n_SF']})"
-        print(f"| {r['method']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {r['S']:.1f} | "
-              f"{r['top1']:.1f} | {r['fluency']:.2f} | {sf} | {r['s_per_edit']} |")
+    _table(rows)
     save(rows, partial=False)
 
 

@@ -145,7 +145,7 @@ def score_requests(model, tok, requests: list[EditRequest], *, fluency: bool = F
                    others: dict[int | str | None, list[KnownFact]] | None = None) -> dict[str, float]:
     """ES, PS, NS, S and top-1 efficacy, in %, of the model as it is now (apply the edit first);
     with ``fluency``, the mean generation entropy ("fluency", bits); with ``others`` (see
-    :func:`subject_facts`), SF in % over ``n_SF`` facts (None where there are none)."""
+    :func:`subject_facts`), SF in % over ``n_SF`` facts (None where there are none), ``k_SF`` of them kept."""
     es, ps, ns, top1, flu, sf = [], [], [], [], [], []
     for r in requests:
         c = compare(model, tok, [r.filled_prompt], r.target_new, r.target_true)
@@ -164,6 +164,7 @@ def score_requests(model, tok, requests: list[EditRequest], *, fluency: bool = F
     if others is not None:
         m["SF"] = 100 * sum(sf) / len(sf) if sf else None
         m["n_SF"] = len(sf)
+        m["k_SF"] = sum(sf)
     return m
 
 
