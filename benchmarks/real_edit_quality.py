@@ -9,6 +9,8 @@
 
 Methods (each from the model's recipe, ``edit:`` section, with the overrides below):
 - ``circuit``: factedit's edit of the fact's located circuit (MLP at the subject + extraction heads);
+- ``circuit-subject`` / ``circuit-relation``: the same with ``site.scope`` subject (the
+  subject's MLP only) / relation (the last position's MLP just after the subject is read);
 - ``rome``: ROME as its authors set it up: one rank-one MLP update at the layer causal tracing
   selects on average (the recipe's ``mlp_layers``), ROME's value-fitting settings, the value
   inserted for the mean of the contexts' keys (``insert_keys: mean``, whatever ``--set`` says);
@@ -39,6 +41,10 @@ model's top-1 next token is still its attribute's first token):
 - RS true / RS new, relation specificity: the hard neighbours (other subjects of the edited
   relation whose attribute is the old / the new target; known_1000: its known facts so) apart
   from NS's neighbours;
+- portability (places pool): the edited city's or region's continent, official language and
+  currency asked through the edited link (factedit/studies/portability.py), kept where the
+  unedited model answers them for the original country; "portability" when the top-1 is the
+  new country's, "moved" when the new one beats the old by mean token NLL;
 - retention: ``--retention N`` (200) known facts of subjects no request edits, fixed by the seed
   (places: the main, other and hard-neighbour facts of the pool's next N requests and of the
   requests' held-out neighbours; known_1000: its known facts), after the whole batch or
@@ -96,6 +102,8 @@ from factedit.studies.known_edits import (
 from factedit.studies.pools import build_pool
 
 SINGLE = {"circuit": {"method": "circuit"}, "rome": {"method": "mlp", "insert_keys": "mean"},
+          "circuit-subject": {"method": "circuit", "scope": "subject"},
+          "circuit-relation": {"method": "circuit", "scope": "relation"},
           "mlp": {"method": "mlp"}, "heads": {"method": "heads"},
           "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}, "ft": {"method": "ft"}}
 BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_insert_keys": "mean",
@@ -116,7 +124,7 @@ def _mean_rows(rows: list[dict], probe: EditProbe) -> dict:
 
 
 def pool_requests(name: str, model, tok, seed: int, n: int, relations: tuple[str, ...] | None = None,
-                  extra: int = 0) -> tuple[int, list, dict, dict, list[Fact]]:
+                  extra: int = 0) -> tuple[int, list, dict, dict, list[Fact], list]:
     """The known facts among those the pool scanned to build its first ``n + extra`` requests
     (all of them where the pool is cached), the first ``n`` requests, their subjects' other known facts (for SF),
     their hard neighbours (by case id) and the candidate retention facts: the known facts of the
@@ -135,7 +143,19 @@ def pool_requests(name: str, model, tok, seed: int, n: int, relations: tuple[str
                    for p in more for f in p.other_facts]
     candidates += [Fact(h["prompt"], h["attribute"], h["subject"], p.relation)
                    for p in built.requests for h in p.hard_neighbours]
-    return sum(built.stats.get("known", {}).values()), requests, others, hard, candidates
+    return sum(built.stats.get("known", {}).values()), requests, others, hard, candidates, mine
+
+
+def portability_probes(mine: list, model, tok) -> dict:
+    """The requests' portability probes the unedited model answers (factedit/studies/portability.py),
+    by case id; none for a request that edits no city's or region's country."""
+    from factedit.studies.places import country_table
+    from factedit.studies.portability import candidate_probes, known_probes
+
+    probes: dict = {}
+    for p in known_probes(model, tok, candidate_probes(mine, country_table(), tok)):
+        probes.setdefault(p.case_id, []).append(p)
+    return probes
 
 
 def sequence_in_folder(seq: list, model, tok, cfg, stats_corpus: list[str], folder: str,
@@ -219,9 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _requests(args, ap, model, tok) -> tuple[int, list, dict, bool, dict, list[Fact]]:
+def _requests(args, ap, model, tok) -> tuple[int, list, dict, bool, dict, list[Fact], dict]:
     """The requests (first ``max(--n, --batch, --sequential)``), what the scores need of them
-    (other facts, hard neighbours) and the candidate retention facts."""
+    (other facts, hard neighbours, portability probes) and the candidate retention facts."""
     wanted = max(args.n, args.batch, args.sequential)
     if args.pool == "known_1000":
         facts = known_facts(model, tok)
@@ -230,13 +250,14 @@ def _requests(args, ap, model, tok) -> tuple[int, list, dict, bool, dict, list[F
         others = subject_facts(facts, requests)
         hard = hard_neighbours_of(facts, requests, {r.subject for r in requests})
         candidates = [Fact(f.prompt, f.attribute, f.subject, f.relation) for f in facts]
-        return len(facts), requests, others, disjoint, hard, candidates
+        return len(facts), requests, others, disjoint, hard, candidates, {}
     if args.pool == "insertion":
         ap.error("--pool insertion: its requests have no true target, which ES / PS / NS compare against")
     chosen = tuple(args.pool_relations.split(",")) if args.pool_relations else None
-    n_known, requests, others, hard, candidates = pool_requests(args.pool, model, tok, args.seed, wanted, chosen,
-                                                                extra=args.retention)
-    return n_known, requests, others, True, hard, candidates
+    n_known, requests, others, hard, candidates, mine = pool_requests(args.pool, model, tok, args.seed, wanted,
+                                                                      chosen, extra=args.retention)
+    probes = portability_probes(mine, model, tok) if args.pool == "places" else {}
+    return n_known, requests, others, True, hard, candidates, probes
 
 
 def _singles(name: str, cfg, single: list, circuits: list, model, tok, corpus, others: dict, probe: EditProbe,
@@ -341,15 +362,17 @@ def _sequence(seq: list, base, circuits: list, model, tok, corpus, others: dict,
 
 def _table(rows: list[dict]) -> None:
     print("| method | n | ES | PS | NS | S | top-1 | fluency | SF [95% CI] (n) | RS true [95% CI] (n) | "
-          "RS new [95% CI] (n) | retention [95% CI] (n) | perplexity before → after (rise [95% CI], n) | s / edit |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "RS new [95% CI] (n) | portability [95% CI] (n) | moved [95% CI] (n) | retention [95% CI] (n) | "
+          "perplexity before → after (rise [95% CI], n) | s / edit |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "ES" not in r:  # every single edit refused
-            print(f"| {r['method']} | 0 | — | — | — | — | — | — | — | — | — | — | — | — |")
+            print(f"| {r['method']} | 0 |" + " — |" * 14)
             continue
         print(f"| {r['method']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {r['S']:.1f} | "
               f"{r['top1']:.1f} | {r['fluency']:.2f} | {cell(r.get('subject_specificity'))} | "
-              f"{cell(r.get('relation_true'))} | {cell(r.get('relation_new'))} | {cell(r.get('retention'))} | "
+              f"{cell(r.get('relation_true'))} | {cell(r.get('relation_new'))} | {cell(r.get('portability'))} | "
+              f"{cell(r.get('portability_moved'))} | {cell(r.get('retention'))} | "
               f"{ppl_cell(r.get('perplexity'))} | {r['s_per_edit']} |")
     curves = [(r["method"], r["retention_curve"]) for r in rows if r.get("retention_curve")]
     for name, curve in curves:
@@ -367,19 +390,21 @@ def main() -> None:
     for kv in args.set:
         key, _, val = kv.partition("=")
         base = dataclasses.replace(base, **{key: json.loads(val)})
-    n_known, requests, others, disjoint, hard, candidates = _requests(args, ap, model, tok)
+    n_known, requests, others, disjoint, hard, candidates, probes = _requests(args, ap, model, tok)
     if max(args.batch, args.sequential) > len(requests):
         ap.error(f"{max(args.batch, args.sequential)} requests asked for, {len(requests)} can be built "
                  f"({'disjoint ' if disjoint else ''}neighbours, seed {args.seed})")
     retention = pick_retention(candidates, {r.subject for r in requests}, args.retention, args.seed, model, tok)
     probe = EditProbe.build(model, tok, hard, retention, not args.no_perplexity, args.single_retention)
+    probe.probes = probes
     fp = model_fingerprint(model)
     corpus = resolve_corpus(model, tok, None, args.stats_corpus, fp, base.stats_samples, log=print)
     scanned = "" if args.pool == "known_1000" else " scanned"
     print(f"{args.model}: {args.pool}, {n_known} known facts{scanned}, {len(requests)} requests (seed {args.seed}, "
           f"{'disjoint' if disjoint else 'all'} neighbours), corpus "
           f"{corpus.name}, settings {args.set or 'recipe'}; {len(retention)} retention facts, perplexity "
-          f"{'not scored' if probe.ppl_before is None else f'{probe.ppl_before:.2f} unedited'}", flush=True)
+          f"{'not scored' if probe.ppl_before is None else f'{probe.ppl_before:.2f} unedited'}; "
+          f"{sum(map(len, probes.values()))} portability probes for {len(probes)} requests", flush=True)
     single = requests[: args.n]
     if cases:
         single = requests = [single[i] for i in cases]

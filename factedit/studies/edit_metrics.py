@@ -27,7 +27,7 @@ import json
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,8 @@ class EditProbe:
     texts: list[str]
     ppl_before: float | None
     single_retention: int = 50
+    # case id -> the request's portability probes (factedit.studies.portability), where it has any
+    probes: dict[Any, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model, tok, hard: dict[Any, list[dict[str, str]]], retention: list[Fact],
@@ -235,10 +237,23 @@ class EditProbe:
         after = perplexity(model, tok, self.texts)
         return {"before": self.ppl_before, "after": after, "rise_pct": 100 * (after / self.ppl_before - 1)}
 
+    def portability(self, model, tok, requests: Sequence[Any]) -> dict[str, dict[str, Any]] | None:
+        """The requests' portability probes that port (top-1 the new consequence) and that moved
+        (the new consequence beats the old), as proportions; None without probes."""
+        from factedit.studies.portability import score_probes
+
+        probes = [p for r in requests for p in self.probes.get(r.case_id, [])]
+        if not probes:
+            return None
+        s = score_probes(model, tok, probes)
+        return {k: proportion(sum(v), len(v)) for k, v in s.items()}
+
     def scores(self, model, tok, requests: Sequence[Any]) -> dict[str, Any]:
         """The model as it is now (apply the batch or sequence first)."""
         rel = self.relation(model, tok, requests)
-        return {"relation_true": rel["target_true"], "relation_new": rel["target_new"],
+        port = self.portability(model, tok, requests) or {}
+        return {"portability": port.get("ported"), "portability_moved": port.get("moved"),
+                "relation_true": rel["target_true"], "relation_new": rel["target_new"],
                 "retention": {**kept(model, tok, self.retention), "how": "after the whole run"},
                 "perplexity": self.perplexity_after(model, tok)}
 
@@ -246,10 +261,13 @@ class EditProbe:
         """One single edit's raw scores (apply it first): relation counts, retention share on the
         sample (in %), perplexity (None unless ``with_perplexity``)."""
         rel = self.relation(model, tok, [request])
+        port = self.portability(model, tok, [request]) or {}
+        counts = {f"{name}_{x}": port[key][x] if key in port else 0 for name, key in
+                  (("portability", "ported"), ("portability_moved", "moved")) for x in ("k", "n")}
         sample = self.retention[: self.single_retention]
         ret = kept(model, tok, sample)
         ppl = self.perplexity_after(model, tok) if with_perplexity else None
-        return {"relation_true_k": rel["target_true"]["k"], "relation_true_n": rel["target_true"]["n"],
+        return {**counts, "relation_true_k": rel["target_true"]["k"], "relation_true_n": rel["target_true"]["n"],
                 "relation_new_k": rel["target_new"]["k"], "relation_new_n": rel["target_new"]["n"],
                 "retention_pct": ret["pct"], "retention_n": ret["n"],
                 "ppl_after": None if ppl is None else ppl["after"],
@@ -258,8 +276,9 @@ class EditProbe:
     def pooled(self, per: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Single edits' scores (:meth:`single`) together."""
         out: dict[str, Any] = {}
-        for key in ("relation_true", "relation_new"):
-            out[key] = proportion(sum(p[f"{key}_k"] for p in per), sum(p[f"{key}_n"] for p in per))
+        for key in ("relation_true", "relation_new", "portability", "portability_moved"):
+            n = sum(p.get(f"{key}_n", 0) for p in per)
+            out[key] = proportion(sum(p.get(f"{key}_k", 0) for p in per), n) if n else None
         shares = [p["retention_pct"] for p in per if p["retention_pct"] is not None]
         ret, facts = mean_summary(shares), min(self.single_retention, len(self.retention))
         out["retention"] = {"pct": ret["mean"], "n": len(shares), "facts": facts, "ci": ret["ci"], "interval": "normal",
