@@ -5,7 +5,10 @@ intervals computed again as one run computes them.
     python benchmarks/merge_cases.py A.json B.json [--json MERGED.json]
 
 The runs must share model, pool, seed, settings and retention facts (checked). The unedited
-row is pooled from each run's own: means weighted by n, proportions by their counts.
+row is pooled from each run's own: means weighted by n, proportions by their counts. With
+``--same-requests`` every method keeps, in each run, only the edits that every method of that
+run finished (runs cut short: the methods run one after another over the same requests in
+the same order).
 """
 
 from __future__ import annotations
@@ -38,10 +41,16 @@ def _pool_unedited(rows: list[dict]) -> dict:
     return out
 
 
+def _name(row: dict) -> str:
+    return row["method"].split(",")[0].removesuffix(" running").removesuffix(",")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--same-requests", action="store_true",
+                    help="per run, only the first k edits of every method, k the fewest any method finished")
     args = ap.parse_args()
     runs = [json.loads(Path(p).read_text()) for p in args.runs]
     for key in SAME:
@@ -54,12 +63,19 @@ def main() -> None:
         raise SystemExit("the runs share cases: each edit must be counted once")
     before = next((r["rows"][0].get("perplexity") or {}).get("before") for r in runs)
     probe = EditProbe({}, [None] * len(runs[0]["retention_facts"]), [], before)
-    methods = list(dict.fromkeys(row["method"].split(",")[0].removesuffix(", running") for r in runs
-                                 for row in r["rows"]))
+    methods = list(dict.fromkeys(_name(row) for r in runs for row in r["rows"]))
+    if args.same_requests:
+        for r in runs:
+            edited = [row for row in r["rows"] if not _name(row).startswith("none")]
+            if any(row.get("refused") for row in edited):
+                raise SystemExit("--same-requests: a method refused edits, so its rows are not in the others' order")
+            k = min(len(row.get("per_request", [])) for row in edited)
+            for row in edited:
+                row["per_request"] = row["per_request"][:k]
+                row["n"] = k
     merged = []
     for name in methods:
-        rows = [row for r in runs for row in r["rows"] if row["method"].split(",")[0].removesuffix(", running")
-                == name]
+        rows = [row for r in runs for row in r["rows"] if _name(row) == name]
         if name.startswith("none"):
             merged.append(_pool_unedited(rows))
             continue
