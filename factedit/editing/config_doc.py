@@ -59,7 +59,7 @@ measurement on that model). Module paths never come from a recipe: they come fro
 | `recipes/demo-world.yaml` | the embedded demo model | the world, the model and its training; `analysis:` and \
 `edit:` as embedded in the checkpoint (batch and sequence `refit`, re-assertion) |
 | `recipes/smollm2-135m.yaml` | SmolLM2-135M | knockout window 6, MLP layer 3 (causal tracing), batch layers 1-5, \
-`site.lookup_position: subject`, `batch.lambda: 50`, `batch.insert_keys: contexts` |
+`site.max_heads: 0`, `site.lookup_position: subject`, `batch.lambda: 50`, `batch.insert_keys: contexts` |
 | `recipes/smollm2-135m-fast.yaml` | SmolLM2-135M | the same with 10 context prefixes and 15 Adam steps: a \
 third of the value fit's arithmetic, the same scores on 100 single edits ([edit cost](results/performance.md)) |
 | `recipes/gemma3-270m.yaml` | Gemma-3-270M | knockout window 3, MLP layer 3 (causal tracing), `site.max_heads: 0`, \
