@@ -423,6 +423,7 @@ ALLOWED_WRITES = {  # file -> the writes allowed there, and why they are atomic
     "factedit/plots.py": ("savefig(buf",),  # to memory, then atomic_write_bytes
     "factedit/audit/store.py": ("os.open(",),  # append-only journal: one write + fsync per record
     "factedit/models/zoo.py": ("save_file(", "save_pretrained(", 'open(src_dir', "copyfileobj("),  # staging folder
+    "factedit/cli_launch.py": ('open(logs[r], "w")',),  # a worker's stderr, in a temporary folder removed after
 }
 
 
