@@ -111,6 +111,15 @@ BATCH = {"circuit": {"method": "circuit"}, "memit": {"method": "mlp", "batch_ins
          "lora": {"method": "lora", "mlp_layers": None, "n_prefixes": 0}}  # the bare prompts, as single
 
 
+def parse_cases(spec: str) -> list[int]:
+    """``--cases``: indices and inclusive ranges, e.g. ``0..99`` or ``3,7,10..12``."""
+    out: list[int] = []
+    for part in spec.split(","):
+        a, _, b = part.partition("..")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
 def _mean_rows(rows: list[dict], probe: EditProbe) -> dict:
     out = {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "PS", "NS", "top1", "fluency")}
     sf = [(r["SF"], r["n_SF"]) for r in rows if r.get("n_SF")]
@@ -206,9 +215,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override an edit setting for every method, e.g. --set 'mlp_layers=[4]'")
     ap.add_argument("--stats-corpus", nargs="*", default=["sampled"])
-    ap.add_argument("--cases", default=None, metavar="I,J,...",
-                    help="single edits of these requests only (indices among the first --n), to re-measure the "
-                         "requests a change affects; with --batch 0 and --sequential 0")
+    ap.add_argument("--cases", default=None, metavar="I,J,A..B",
+                    help="single edits of these requests only (indices among the first --n; A..B: A to B "
+                         "inclusive), to re-measure the requests a change affects or to split a run across "
+                         "processes; with --batch 0 and --sequential 0")
     ap.add_argument("--fit-cache", default=None, metavar="DIR",
                     help="keep every value fit on the unedited model in DIR (chunk by chunk) and reuse what "
                          "is there: a stopped batch resumes its fit, a λ study refits nothing")
@@ -382,7 +392,7 @@ def _table(rows: list[dict]) -> None:
 def main() -> None:
     ap = _parser()
     args = ap.parse_args()
-    cases = [int(x) for x in args.cases.split(",")] if args.cases else None
+    cases = parse_cases(args.cases) if args.cases else None
     if cases and (args.batch or args.sequential or max(cases) >= args.n):
         ap.error("--cases: indices below --n, single edits only")
     model, tok = load_model(args.model)
