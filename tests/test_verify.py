@@ -36,6 +36,30 @@ def test_teacher_forced_nll_matches_a_hand_computation(demo):
     assert argmax[0] == [int(logp[len(p_ids) - 1 + j].argmax()) for j in range(len(t_ids))]
 
 
+def test_portability_scores_each_consequence_by_hand(demo):
+    """(f): a consequence ports when the top-1 after its prompt is the first token of " new",
+    and moved when new beats old by mean per-token NLL; both recomputed here from the logits."""
+    from factedit.verify.checks import Consequence, _consequences
+
+    model, tok, _ = demo
+    qs = [Consequence("Roric Dunnford was born in", old, new) for old, new in
+          (("Madrid", "Paris"), ("Paris", "Madrid"), ("Tokyo", "Madrid Paris"))]
+    got = _consequences(model, tok, qs)
+
+    def mean_nll(prompt, target):
+        p_ids, t_ids = tok(prompt)["input_ids"], tok.encode(" " + target)
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0].log_softmax(-1)
+        return -sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(t_ids)) / len(t_ids)
+
+    with torch.no_grad():
+        top = [int(model(input_ids=torch.tensor([tok(q.prompt)["input_ids"]])).logits[0, -1].argmax()) for q in qs]
+    assert got["ported"] == [t == tok.encode(" " + q.new)[0] for t, q in zip(top, qs)]
+    assert got["moved"] == [mean_nll(q.prompt, q.new) < mean_nll(q.prompt, q.old) for q in qs]
+    assert got["moved"][0] != got["moved"][1]  # the two orders of one pair disagree
+    assert _consequences(model, tok, []) == {}
+
+
 def test_peft_key_round_trips():
     key = peft_key("transformer.h.3.mlp.c_proj", "B")
     assert key == "base_model.model.transformer.h.3.mlp.c_proj.lora_B.weight"
@@ -245,6 +269,8 @@ def test_a_world_edit_lists_the_checks_that_ran(edited, tmp_path):
     n_para = len(e["request"]["paraphrase_prompts"]) or None
     assert e["checks"]["paraphrases"].startswith("pass: ") and "demo world" in e["checks"]["paraphrases"]
     assert e["checks"]["neighbours"].startswith("pass: 10 prompts"), (e["checks"], n_para)
+    assert e["checks"]["(f) portability"] == "not run: no consequences known"  # the world has no two-hop facts
+    assert e["metrics"]["portability"] is None and e["flow"]["f_portability"] == {"consequences": []}
 
 
 def test_allow_missing_names_only_checks_that_need_prompts():

@@ -79,3 +79,30 @@ def test_unknown_neighbours_are_used_and_said_when_none_is_known(source):
 
 def test_a_prompt_of_no_relation_gets_nothing(source):
     assert source(EditRequest("{} is famous for", "Paris", "cheese"), "art") is None
+
+
+def test_places_country_edits_get_the_consequences_the_model_answers(monkeypatch):
+    """A city's country edited: its continent, language and currency asked through the link,
+    where the two countries' first tokens differ and the model answers the true country's."""
+    from factedit.studies import portability
+
+    monkeypatch.setattr(verify_prompts, "model_known_fn", lambda model, tok: lambda prompts, attributes: [
+        "currency" not in p for p in prompts])  # the stated test: the model knows no currency
+    monkeypatch.setattr(verify_prompts.places, "place_subjects", lambda: [
+        Subject("Lyon", "city", (("city_country", "France"),)), Subject("Osaka", "city", (("city_country", "Japan"),))])
+    monkeypatch.setattr(verify_prompts.places, "RELATIONS", (
+        Relation("city_country", "city", ("{} is a city in the country of", "{} lies in"), "country"),))
+    monkeypatch.setattr(verify_prompts.places, "country_table", lambda: {
+        "France": {"continent": "Europe", "language": "French", "currency": "Euro", "capital": "Paris"},
+        "Japan": {"continent": "Asia", "language": "Japanese", "currency": "Yen", "capital": "Tokyo"},
+        "Spain": {"continent": "Europe", "language": "Spanish", "currency": "Euro", "capital": "Madrid"}})
+    source = verify_prompts.pool_prompts(object(), WordTok())
+    got = source(EditRequest("{} is a city in the country of", "Lyon", "Japan", "France"), "France")
+    t = portability.TEMPLATES
+    assert [(c.what, c.prompt, c.old, c.new) for c in got.consequences] == [
+        ("continent", t["continent"].format("Lyon", kind="city"), "Europe", "Asia"),
+        ("language", t["language"].format("Lyon", kind="city"), "French", "Japanese")]
+    same_continent = source(EditRequest("{} is a city in the country of", "Lyon", "Spain", "France"), "France")
+    assert [c.what for c in same_continent.consequences] == ["language"]  # Europe = Europe, currency unknown
+    other = source(EditRequest("{} lies in", "Osaka", "France", "Japan"), "Japan")
+    assert [c.new for c in other.consequences] == ["Europe", "French"]

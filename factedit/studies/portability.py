@@ -47,17 +47,20 @@ class Probe:
 def candidate_probes(requests: Sequence[PoolRequest], countries: dict[str, dict[str, str]], tok) -> list[Probe]:
     """Every probe of the requests that edit a city's or a region's country, where both
     countries' attribute is known and the first tokens differ (no model needed)."""
-    out = []
-    for pr in requests:
-        kind, r = KINDS.get(pr.relation), pr.request
-        a, b = countries.get(r.target_true or ""), countries.get(r.target_new)
-        if kind is None or a is None or b is None:
-            continue
-        for attr, template in TEMPLATES.items():
-            old, new = a[attr], b[attr]
-            if old and new and first_token(tok, old) != first_token(tok, new):
-                out.append(Probe(r.case_id, attr, template.format(r.subject, kind=kind), old, new))
-    return out
+    return [p for pr in requests for p in probes_of(pr.relation, pr.request.subject, pr.request.target_true,
+                                                    pr.request.target_new, countries, tok, pr.request.case_id)]
+
+
+def probes_of(relation: str, subject: str, true: str | None, new: str, countries: dict[str, dict[str, str]], tok,
+              case_id: int | str | None = None) -> list[Probe]:
+    """One edit's probes (no model needed): none unless ``relation`` is a city's or a region's
+    country and both countries' attribute is known with different first tokens."""
+    kind, a, b = KINDS.get(relation), countries.get(true or ""), countries.get(new)
+    if kind is None or a is None or b is None:
+        return []
+    return [Probe(case_id, attr, template.format(subject, kind=kind), a[attr], b[attr])
+            for attr, template in TEMPLATES.items()
+            if a[attr] and b[attr] and first_token(tok, a[attr]) != first_token(tok, b[attr])]
 
 
 def known_probes(model, tok, probes: Sequence[Probe]) -> list[Probe]:

@@ -5,6 +5,9 @@ or a prompt of known_1000's Wikidata relations) gets:
 
 - paraphrases: the relation's other templates filled with the subject (places: two;
   known_1000: up to ``n_paraphrases`` of the relation's other prompts, seeded);
+- consequences, for portability (places pool, a city's or a region's country): the
+  subject's continent, official language and currency asked through the edited link
+  (factedit/studies/portability.py), kept where the model answers them for the true country;
 - neighbours, as CounterFact's neighbourhood: other subjects of the same relation whose
   attribute has the true attribute's first token, that the model knows (its top-1 after the
   main prompt is that token), up to ``n_neighbours``, seeded by the subject. Where the model
@@ -27,7 +30,7 @@ from factedit.editing.requests import EditRequest
 from factedit.errors import FactEditError
 from factedit.studies import places
 from factedit.studies.pool_base import first_token, mentions, model_known_fn
-from factedit.verify.checks import Neighbour, PromptSet
+from factedit.verify.checks import Consequence, Neighbour, PromptSet
 
 
 @dataclass
@@ -35,6 +38,7 @@ class _Relation:
     """One relation's templates (``{}`` = subject) and its facts by attribute."""
     source: str
     templates: list[str]
+    name: str = ""  # the places pool's relation name ("" for known_1000)
     by_attribute: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # attribute -> subjects
 
 
@@ -56,7 +60,7 @@ def _places_relations() -> list[_Relation]:
         subjects = places.place_subjects()
     except FactEditError:  # the pools extra is not installed: known_1000 only
         return []
-    rels = {r.name: _Relation(f"places pool, {r.name}", list(r.templates)) for r in places.RELATIONS}
+    rels = {r.name: _Relation(f"places pool, {r.name}", list(r.templates), r.name) for r in places.RELATIONS}
     for s in subjects:
         for name, attribute in s.facts:
             rels[name].by_attribute[attribute].append(s.name)
@@ -69,6 +73,7 @@ def pool_prompts(model, tokenizer, n_neighbours: int = 10, n_paraphrases: int = 
     (None where the request's prompt is no pool relation's template). The pools' data is read
     on the first request that needs it."""
     relations: list[_Relation] = []
+    countries: dict[str, dict[str, str]] = {}  # the places pool's country table, read when first needed
     known = model_known_fn(model, tokenizer)
 
     def source(req: EditRequest, true: str) -> PromptSet | None:
@@ -84,9 +89,22 @@ def pool_prompts(model, tokenizer, n_neighbours: int = 10, n_paraphrases: int = 
             others = rng.sample(others, n_paraphrases)
         paraphrases = [t.format(req.subject) for t in others]
         neighbours, note = _neighbours(rel, template, req.subject, true, tokenizer, known, rng, n_neighbours)
-        return PromptSet(paraphrases, neighbours, rel.source + note)
+        consequences = _consequences(rel, req, true, tokenizer, known, countries)
+        return PromptSet(paraphrases, neighbours, rel.source + note, consequences)
 
     return source
+
+
+def _consequences(rel: _Relation, req: EditRequest, true: str, tok, known,
+                  countries: dict[str, dict[str, str]]) -> list[Consequence]:
+    """The edit's portability probes that the model answers for the true attribute."""
+    from factedit.studies.portability import probes_of
+
+    if rel.name in ("city_country", "region_country") and not countries:
+        countries.update(places.country_table())
+    probes = probes_of(rel.name, req.subject, true, req.target_new, countries, tok)
+    ok = known([p.prompt for p in probes], [p.old for p in probes]) if probes else []
+    return [Consequence(p.prompt, p.old, p.new, p.attribute) for p, k in zip(probes, ok) if k]
 
 
 def _neighbours(rel: _Relation, template: str, subject: str, true: str, tok, known, rng: random.Random,

@@ -12,21 +12,27 @@ Per edit, with o* the new target and o^c the true one:
     written at the last position whatever the subject. (Comparing with the base model under
     the same knockout matters when o* is what the model guesses without any subject.)
 (d) overlap of the circuit before and after: Jaccard of the extraction heads, enrichment layers;
-(e) neighbours: their predictions (and circuits) unchanged.
+(e) neighbours: their predictions (and circuits) unchanged;
+(f) portability, reported: where the prompts include one-hop consequences of the edit (a
+    city's language, currency or continent after its country is edited), the share whose top-1
+    follows the new target (``portability``) and the share where the new consequence beats the
+    old by mean token NLL (``portability_moved``). Measured, not inferred: over 200 SmolLM2
+    edits, (c) passing did not predict which edits port (docs/results/verify-predicts.md).
 
 Verdict: ``pass`` when every check ran and none failed; ``fail`` when (a), (c) or (e) fails or
 a metric is below its floor (efficacy on the edit prompt, paraphrase score >= 0.5,
 neighbourhood score >= 0.8); ``incomplete`` when none failed but the paraphrase or neighbour
 checks could not run (no such prompts given or built) and the options do not allow that. So
-verify never passes on a metric it did not compute. (b) and (d) are reported, not judged: an
-edit may legitimately move extraction elsewhere. Each report lists the checks that ran.
+verify never passes on a metric it did not compute. (b), (d) and (f) are reported, not judged:
+an edit may legitimately move extraction elsewhere, and whether a consequence should follow is
+the user's call. Each report lists the checks that ran.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from factedit.analysis.circuit import LocateConfig, RecallCircuit
 from factedit.analysis.locate import locate
@@ -60,14 +66,28 @@ class VerifyOptions:
 OPTIONAL_CHECKS = ("paraphrases", "neighbours")  # checks that need prompts beyond the edit's own
 
 
+@dataclass(frozen=True)
+class Consequence:
+    """A one-hop consequence of an edit, for portability: ``prompt`` asks for an attribute of
+    the subject through the edited link (e.g. "Moers is a city in a country whose currency is
+    the"); ``old`` follows from the true target (Euro), ``new`` from the new one (Zloty), and
+    the base model answers ``old``."""
+    prompt: str
+    old: str
+    new: str
+    what: str = ""  # e.g. "currency"
+
+
 @dataclass
 class PromptSet:
-    """The prompts verify measures an edit on beyond its own: paraphrases of the edit prompt and
-    CounterFact neighbours (other subjects, same relation and true attribute), and where they
-    came from (``source``: "request", "demo world", "places pool", ...)."""
+    """The prompts verify measures an edit on beyond its own: paraphrases of the edit prompt,
+    CounterFact neighbours (other subjects, same relation and true attribute) and one-hop
+    consequences (portability), and where they came from (``source``: "request", "demo world",
+    "places pool", ...)."""
     paraphrases: list[str] = field(default_factory=list)
     neighbours: list[Neighbour] = field(default_factory=list)
     source: str = "request"
+    consequences: list[Consequence] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +151,7 @@ class _EditedRun:
     circuit: RecallCircuit  # the edit prompt's circuit, towards the new target
     paraphrase_circuits: list[RecallCircuit]
     generation: list[str]
+    consequences: dict = field(default_factory=dict)  # "ported" / "moved": one bool per consequence
 
 
 def verify_edit(base_model, tokenizer, edited: Callable[[], AbstractContextManager], req: EditRequest,
@@ -152,6 +173,7 @@ def verify_edit(base_model, tokenizer, edited: Callable[[], AbstractContextManag
     with edited() as em:
         ed = _run_edited(em if em is not None else base_model, tokenizer, req, true, paraphrases, neighbours, lc,
                          opts)
+        ed.consequences = _consequences(em if em is not None else base_model, tokenizer, found.consequences)
     m = _metrics(base, ed)
     reasons: list[str] = []
     new_tok, a = _check_prediction(req, ed, m, reasons)
@@ -160,7 +182,8 @@ def verify_edit(base_model, tokenizer, edited: Callable[[], AbstractContextManag
     e = _check_neighbours(base, ed, neighbours, opts, reasons)
     _check_floors(m, opts, reasons)
     flow = {**a, "b_extraction": _extraction(ed.circuit, plan), **c, "d_overlap": _overlap(base_circuit, ed.circuit),
-            "e_neighbours": e}
+            "e_neighbours": e, "f_portability": {"consequences": [asdict(q) for q in found.consequences],
+                                                 **ed.consequences}}
     checks, missing = checks_run(m, flow, found, opts, reasons)
     verdict = "fail" if reasons else "incomplete" if missing else "pass"
     return EditReport(req.to_dict(), verdict == "pass", reasons + missing, m, flow,
@@ -198,6 +221,9 @@ def checks_run(m: dict, flow: dict, found: PromptSet, opts: VerifyOptions,
                            f"add {'paraphrase_prompts' if name == 'paraphrases' else 'neighborhood_prompts'} to the "
                            f"request (--requests FILE), or allow it (--allow-missing {name})")
     c["fluency"] = "reported" if m["fluency_after"] is not None else "not run (switched off)"
+    k = len(found.consequences)
+    c["(f) portability"] = (f"reported: {sum(flow['f_portability']['ported'])} of {k} consequence"
+                            f"{'s' * (k != 1)} follow the new target" if k else "not run: no consequences known")
     return c, missing
 
 
@@ -248,7 +274,33 @@ def _metrics(base: _BaseRun, ed: _EditedRun) -> dict:
         "fluency_after": metrics.ngram_entropy(gen[0]) if gen else None,
         "generation_after": gen[0] if gen else None,
         "nll_new": ed.edit["nll_new"][0], "nll_true": ed.edit.get("nll_true", [None])[0],
+        "portability": _share(ed.consequences.get("ported")),
+        "portability_moved": _share(ed.consequences.get("moved")),
     }
+
+
+def _share(xs: list[bool] | None) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _consequences(model, tokenizer, consequences: list[Consequence]) -> dict:
+    """(f) on the edited model: per consequence, whether its top-1 is the new consequence's
+    first token (``ported``) and whether the new consequence beats the old by mean token NLL
+    (``moved``); {} without consequences."""
+    if not consequences:
+        return {}
+    tops = top1_ids(model, tokenizer, [q.prompt for q in consequences])
+    ported = [t == _first(tokenizer, q.new) for t, q in zip(tops, consequences)]
+    moved = []
+    for q in consequences:
+        cmp = metrics.compare(model, tokenizer, [q.prompt], q.new, q.old)
+        moved.append(cmp["nll_new"][0] < cmp["nll_true"][0])
+    return {"ported": ported, "moved": moved}
+
+
+def _first(tokenizer, text: str) -> int:
+    """The first token id of ``" " + text`` (no special tokens)."""
+    return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][0]
 
 
 def _check_prediction(req: EditRequest, ed: _EditedRun, m: dict, reasons: list[str]) -> tuple[str, dict]:
@@ -362,14 +414,20 @@ class Neighbour:
 
 
 def top1(model, tokenizer, prompts: list[str]) -> list[str]:
+    """The top-1 next token after each prompt, decoded."""
+    return [tokenizer.decode([i]) for i in top1_ids(model, tokenizer, prompts)]
+
+
+def top1_ids(model, tokenizer, prompts: list[str]) -> list[int]:
+    """The top-1 next token id after each prompt (one pass each)."""
     import torch
 
     out = []
     device = next(model.parameters()).device
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([tokenizer(p)["input_ids"]], device=device)
-            out.append(tokenizer.decode([int(model(input_ids=ids).logits[0, -1].argmax())]))
+            ids = torch.tensor([tokenizer(p)["input_ids"]], device=device)  # (1, T)
+            out.append(int(model(input_ids=ids).logits[0, -1].argmax()))
     return out
 
 

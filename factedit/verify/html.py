@@ -37,6 +37,10 @@ METRICS = [
      "no paraphrase prompts"),
     ("locality_accuracy", "Locality: share of neighbour prompts whose top tokens along the true attribute "
      "(teacher-forced) are unchanged", "no neighbour prompts"),
+    ("portability", "Portability: share of one-hop consequences (e.g. the currency of the city's country) whose "
+     "top-1 follows the new attribute", "no consequences known"),
+    ("portability_moved", "Portability, moved: share of consequences where the new one beats the old by mean "
+     "token NLL", "no consequences known"),
     ("fluency_before", "Fluency before the edit: n-gram entropy of a text the base model generates",
      "not measured (fluency off)"),
     ("fluency_after", "Fluency after the edit: n-gram entropy of a text the edited model generates",
@@ -129,7 +133,7 @@ def _flow_rows(e: dict) -> list[tuple[str, str]]:
          f"{_layers(d['enrichment_before'])} &rarr; {_layers(d['enrichment_after'])}"),
         ("(e) share of neighbour prompts whose prediction is unchanged",
          _fmt(f["e_neighbours"].get("predictions_unchanged"), "no neighbour prompts")),
-    ] + [(label, _fmt(e["metrics"].get(k), missing)) for k, label, missing in METRICS[:7]]
+    ] + [(label, _fmt(e["metrics"].get(k), missing)) for k, label, missing in METRICS[:9]]
 
 
 def render_html(report: dict) -> str:
@@ -146,7 +150,8 @@ def render_html(report: dict) -> str:
              "at least half of what the edit added to p(new) (so it is recalled from the subject, not written "
              "regardless of it), (e) neighbouring subjects keep "
              "their predictions, and the scores reach their floors. (b) where the new attribute is extracted and "
-             "(d) the overlap of the circuits are reported.</p>",
+             "(d) the overlap of the circuits are reported, and (f) portability where the request's one-hop "
+             "consequences are known (it is measured: the flow checks do not predict it).</p>",
              "<h2>Summary (means over edits)</h2><table>"]
     for k, label, missing in METRICS:
         if k in s:

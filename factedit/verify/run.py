@@ -230,6 +230,8 @@ class VerifySummary:
     locality_accuracy: float | None = None
     fluency_before: float | None = None
     fluency_after: float | None = None
+    portability: float | None = None  # share of consequences that follow the new target, where any
+    portability_moved: float | None = None
     incomplete: int = 0
 
     @classmethod
