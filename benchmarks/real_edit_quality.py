@@ -424,7 +424,9 @@ def main() -> None:
     batch_methods = [m for m in args.batch_methods.split(",") if m and args.batch]
     # a site depends on the circuit for the circuit and heads methods, and for the MLP methods
     # when the recipe leaves them more than one candidate layer (or asks for the traced one)
-    site_free = (not {"circuit", "heads"} & {*methods, *batch_methods}
+    located = {m for m in methods if SINGLE[m]["method"] in ("circuit", "heads")} | (
+        {"circuit"} & set(batch_methods))
+    site_free = (not located
                  and (not args.sequential or args.sequence_dir is not None)
                  and len(base.mlp_layers or []) == 1 and base.mlp_site != "trace")
     t0 = time.perf_counter()
