@@ -393,6 +393,8 @@ def _print_verdicts(report, out: str) -> None:
                    + ("" if e.passed else f"  [{'; '.join(e.reasons)}]"))
         click.echo("     checks: " + "; ".join(f"{k} {v}" for k, v in e.checks.items() if v != "reported"))
     extra = f", {s.incomplete} incomplete" if s.incomplete else ""
+    if s.portability is not None:
+        extra += f"; portability {s.portability:.2f} (mean over the edits whose consequences are known)"
     click.echo(f"{s.passed}/{s.n_edits} edits pass{extra}; wrote {out}/report.json and {out}/report.html")
 
 

@@ -279,3 +279,28 @@ def test_allow_missing_names_only_checks_that_need_prompts():
 
     with pytest.raises(FactEditError, match="'efficacy' is not a check that needs prompts"):
         VerifyOptions(allow_missing=("efficacy",))
+
+
+def test_consequences_from_the_prompt_source_are_reported_not_judged(edited, tmp_path, monkeypatch):
+    """(f) from the CLI: consequences a prompt source gives are scored on the edited model,
+    listed in the checks, averaged in the summary and printed; the verdict ignores them."""
+    from factedit.studies import verify_prompts
+    from factedit.verify import run
+    from factedit.verify.checks import Consequence, PromptSet
+
+    req = json.loads((edited / "good" / "edits.json").read_text())["requests"][0]
+    prompt = req["prompt"].replace("{}", req["subject"])
+    qs = [Consequence(prompt, req["target_true"], req["target_new"], "itself"),  # the edit prompt: follows
+          Consequence(prompt, req["target_new"], req["target_true"], "reversed")]  # cannot follow both ways
+    monkeypatch.setattr(run.World, "of", staticmethod(lambda model: None))
+    monkeypatch.setattr(verify_prompts, "pool_prompts", lambda model, tok: lambda r, true: PromptSet(
+        source="test", consequences=qs))
+    res = CliRunner().invoke(main, ["verify", "--adapter", str(edited / "good"), "--out", str(tmp_path / "v"),
+                                    "--no-fluency", "--allow-missing", "paraphrases", "--allow-missing", "neighbours"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "v" / "report.json").read_text())
+    e = rep["edits"][0]
+    assert e["verdict"] == "pass" and e["flow"]["f_portability"]["ported"] == [True, False]
+    assert e["metrics"]["portability"] == 0.5 and rep["summary"]["portability"] == 0.5
+    assert e["checks"]["(f) portability"] == "reported: 1 of 2 consequences follow the new target"
+    assert "portability 0.50" in res.output
