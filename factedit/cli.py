@@ -233,7 +233,8 @@ def trace_cmd(model_path, dtype, device, allow_pickle, trust_remote_code, prompt
 @click.option("--scope", type=click.Choice(["both", "subject", "relation"]), default=None,
               help="Method circuit: which located components to update: both (the subject's MLP and the "
                    "extraction heads; the default), subject (the subject's MLP only), relation (the last position's "
-                   "MLP just after the subject is read). Overrides the recipe's edit.site.scope.")
+                   "MLP just after the subject is read; on SmolLM2 it changed the answer for most other subjects too: "
+                   "verify it with neighbours). Overrides the recipe's edit.site.scope.")
 @click.option("--mode", type=click.Choice(["single", "sequential", "batch"]), default=None,
               help="Many requests: batch (MEMIT-style, default) or sequential.")
 @click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
