@@ -31,13 +31,32 @@ def models_list(as_json: bool) -> None:
 @models.command("pull")
 @click.argument("names", nargs=-1)
 @click.option("--force", is_flag=True, help="Dequantise again even if a cached folder exists.")
-def models_pull(names: tuple[str, ...], force: bool) -> None:
+@click.option("--warm", is_flag=True,
+              help="Also sample the text for the model's key statistics now (its recipe's edit.stats.samples "
+                   "tokens; minutes on a CPU), which the first edit would otherwise do; cached, once per model.")
+def models_pull(names: tuple[str, ...], force: bool, warm: bool) -> None:
     """Install, check and dequantise named models (all of them without NAMES)."""
     from factedit.models.zoo import ZOO, pull
 
     for name in names or tuple(ZOO):
         folder = pull(name, force=force, echo=lambda m: click.echo(m, err=True), verify=True)
+        if warm:
+            _warm(folder)
         click.echo(f"{name}: {folder}")
+
+
+def _warm(folder) -> None:
+    """The statistics corpus the first edit of this model would sample (factedit.editing.corpora)."""
+    from factedit.editing.api import edit_config_for_model
+    from factedit.editing.corpora import resolve_corpus
+    from factedit.models.fingerprint import model_fingerprint
+    from factedit.models.loading import load_model
+
+    model, tok = load_model(folder)
+    cfg = edit_config_for_model(model)
+    corpus = resolve_corpus(model, tok, None, None, model_fingerprint(model), cfg.stats_samples,
+                            log=lambda m: click.echo(m, err=True))
+    click.echo(f"statistics corpus ready: {corpus.name}", err=True)
 
 
 @models.command("where")

@@ -791,3 +791,30 @@ def test_verify_resolves_target_modules_as_peft_does(art, demo, tmp_path, target
             ours = model(input_ids=ids).logits
     torch.testing.assert_close(ours, peft_logits, atol=1e-4, rtol=1e-4)
     assert (targets is None) == torch.allclose(plain, peft_logits)  # gpt2's default targets: c_attn only
+
+
+def test_pull_warm_samples_the_statistics_corpus_the_first_edit_would(tmp_path, monkeypatch):
+    """`models pull --warm`: the model's recipe's sample size and the model's fingerprint, the
+    same call the first edit makes (here on the demo checkpoint, the sampler recorded)."""
+    from factedit.editing import corpora
+    from factedit.editing.api import edit_config_for_model
+    from factedit.models import zoo
+    from factedit.models.fingerprint import model_fingerprint
+    from factedit.models.loading import load_model
+    from factedit.paths import demo_checkpoint
+
+    monkeypatch.setattr(zoo, "pull", lambda name, **kw: demo_checkpoint())
+    calls = []
+
+    def sampled(model, tok, fingerprint, tokens, log=None):
+        calls.append((fingerprint, tokens))
+        return corpora.Corpus("sampled-test", [])
+
+    monkeypatch.setattr(corpora, "sampled_corpus", sampled)
+    res = invoke(["models", "pull", "smollm2-135m", "--warm"])
+    assert res.exit_code == 0, res.output
+    model, _ = load_model(demo_checkpoint())
+    assert calls == [(model_fingerprint(model), edit_config_for_model(model).stats_samples)]
+    assert "statistics corpus ready: sampled-test" in res.stderr
+    calls.clear()
+    assert invoke(["models", "pull", "smollm2-135m"]).exit_code == 0 and calls == []
